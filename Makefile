@@ -1,0 +1,37 @@
+# One entry point for people and CI: `make demo`, `make test`, `make dev`.
+PYTHON ?= python3
+VENV ?= .venv
+# CI and these targets install PyTorch's CPU wheel; on a GPU machine use e.g.
+# `make TORCH_SPEC=torch demo` or install the project into your own environment.
+TORCH_SPEC ?= torch==2.13.0
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+
+.PHONY: install demo test dev clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "setuptools>=68" wheel
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	# DeepSpeed ships only a source archive whose build imports torch: build it
+	# against the torch just installed instead of downloading another one.
+	$(BIN)/pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m blues_train.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+dev: $(STAMP)
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+clean:
+	rm -rf data_cache runs sample_corpus .dagster_home

@@ -1,0 +1,1 @@
+"""The Blues platform library: token store, mixtures, loader, training, generation."""

@@ -1,0 +1,57 @@
+"""`blues <command> ARGS`: one console script for every step of the platform.
+
+Each command lives in the module that owns it and exposes `main(argv) -> int`, so
+`blues train ...` and `python -m blues_train.train ...` run the same code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from blues_train.errors import BluesError
+
+COMMANDS = {
+    "prepare": ("blues_train.prepare", "tokenize raw corpora into a token store (data.py)"),
+    "merge": ("blues_train.mixture", "blend token stores into a mixture (merge_data.py)"),
+    "verify": ("blues_train.verify", "check token stores and mixtures, print statistics"),
+    "train": ("blues_train.train", "train a Blues model with DeepSpeed (train.py)"),
+    "generate": ("blues_train.generate", "sample text or measure perplexity (generate.py)"),
+    "sample-corpus": ("blues_train.sample_corpus", "write the offline sample corpus"),
+    "demo": ("blues_train.demo", "run the whole pipeline on the sample corpus"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: blues <command> [args]", "", "commands:"]
+    lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def run_command(main_fn, argv: list[str]) -> int:
+    """Run a command's main, turning a BluesError into a one-line message and exit 2."""
+    try:
+        return int(main_fn(argv) or 0)
+    except BluesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return run_command(module.main, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

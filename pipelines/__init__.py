@@ -1,0 +1,1 @@
+"""Dagster code location for Blues (Dagster only; logic lives in blues_train)."""
