@@ -38,3 +38,42 @@ def reference_encoding(tmp_path_factory):
         else:
             os.environ["TIKTOKEN_CACHE_DIR"] = old
     return enc
+
+
+SAMPLE_MB = 1.0
+FIXTURE_CHUNK_TOKENS = 65536  # a few chunks per store, so chunk boundaries get exercised
+
+
+@pytest.fixture(scope="session")
+def sample_corpus_inputs(tmp_path_factory):
+    """{"code": [paths], "prose": [paths]}: the sample corpus, about 1 MB per dataset."""
+    from blues_train.sample_corpus import write_sample_corpus
+
+    return write_sample_corpus(tmp_path_factory.mktemp("sample_corpus"), max_mb=SAMPLE_MB)
+
+
+@pytest.fixture(scope="session")
+def sample_corpus_dir(sample_corpus_inputs):
+    """Folder of the sample corpus: code/stdlib.jsonl.zst, prose/{topics.parquet,
+    docstrings.csv,texts/}."""
+    return sample_corpus_inputs["code"][0].parents[1]
+
+
+def _prepared(tmp_path_factory, inputs, name):
+    from blues_train.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("stores") / name
+    prepare_dataset(inputs, out, workers=1, chunk_tokens=FIXTURE_CHUNK_TOKENS, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def code_store(tmp_path_factory, sample_corpus_inputs):
+    """Path of a token store prepared from the sample corpus' code (JSONL.zst)."""
+    return _prepared(tmp_path_factory, sample_corpus_inputs["code"], "code")
+
+
+@pytest.fixture(scope="session")
+def prose_store(tmp_path_factory, sample_corpus_inputs):
+    """Path of a token store prepared from the sample corpus' prose (Parquet, CSV, text)."""
+    return _prepared(tmp_path_factory, sample_corpus_inputs["prose"], "prose")

@@ -1,0 +1,423 @@
+"""`blues prepare`: raw corpora -> a token store (the original `data.py`).
+
+The main process reads documents in order and cuts them into batches of about a MiB of
+text; worker processes tokenize the batches; the main process collects the results in
+order and cuts chunks at document boundaries once `chunk_tokens` is reached. Chunk
+boundaries depend only on the documents' token counts, so the chunks, their hashes and
+the fingerprint are the same for every worker count. At most a few batches per worker
+are in flight, so memory does not grow with the corpus.
+
+Each finished chunk is renamed into place and then recorded in a journal
+(`.prepare-journal.jsonl`, keyed on the sources' content hashes and the settings); the
+manifest is written last. A killed run leaves no manifest (no visible dataset); the same
+command re-reads the documents of the journal's chunks without tokenizing them and goes on.
+
+Statistics: `input_bytes` counts the UTF-8 bytes of the documents' text (what the
+tokenizer saw), `stored_bytes` the chunk files' bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from blues_train import store, tokenizer
+from blues_train.errors import BluesError
+from blues_train.sources import FORMATS, SkipLog, discover_sources, iter_documents, repair_text
+
+DEFAULT_CHUNK_TOKENS = 1 << 21
+BATCH_CHARS = 1 << 20
+BATCHES_IN_FLIGHT_PER_WORKER = 3
+JOURNAL = ".prepare-journal.jsonl"
+LOG_EVERY_S = 5.0
+
+
+def prepare_dataset(
+    inputs,
+    out_dir,
+    *,
+    fmt=None,
+    text_field="text",
+    glob="**/*.txt",
+    workers=None,
+    chunk_tokens=DEFAULT_CHUNK_TOKENS,
+    progress=True,
+) -> dict:
+    """Tokenize `inputs` (files and folders) into the token store `out_dir`; its manifest."""
+    workers = workers or os.cpu_count() or 1
+    if workers < 1 or chunk_tokens < 1:
+        raise BluesError("--workers and --chunk_tokens must be positive integers")
+    say = print if progress else _silent
+    sources = discover_sources(inputs, fmt, glob)
+    described = [_describe(source) for source in sources]
+    settings = {"chunk_tokens": chunk_tokens, "text_field": text_field, "format": fmt, "glob": glob}
+    key = run_key(described, settings)
+    out = Path(out_dir)
+    current = _finished_manifest(out, key)
+    if current is not None:
+        say(f"{out}: up to date with its {len(sources)} source(s), nothing to do")
+        return current
+    journal = Journal(out, key)
+    tally = Tally()
+    if journal.chunks:
+        tally.resume(out, journal.chunks)
+        say(f"{out}: resuming after {len(journal.chunks)} finished chunk(s), {tally.docs} documents")
+    skips = SkipLog()
+    docs = iter_documents(sources, text_field, skips)
+    docs = itertools.islice(docs, tally.docs, None)  # read again, not tokenized again
+    builder = ChunkBuilder(out, journal, tally, chunk_tokens)
+    with Meter(progress) as meter:
+        for batch, tokenized in tokenize_batches(_batches(docs), workers):
+            builder.add(batch, tokenized)
+            meter.update(int(tokenized[2].sum()), int(tokenized[1].sum()))
+        builder.flush()
+    if not tally.docs:
+        raise BluesError(f"no documents found in {', '.join(map(str, inputs))} ({_skip_text(skips)})")
+    manifest = build_manifest(described, settings, tally, skips)
+    journal.finish(manifest)
+    say(format_summary(manifest, out))
+    return manifest
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _describe(source) -> dict:
+    size = source.path.stat().st_size
+    return {"path": source.label, "bytes": size, "sha256": store.file_sha256(source.path),
+            "format": source.fmt}
+
+
+def run_key(sources: list[dict], settings: dict) -> str:
+    """What a store is made from: tokenizer, sources' content and settings."""
+    what = {"format_version": store.FORMAT_VERSION, "tokenizer": tokenizer.tokenizer_info(),
+            "sources": sources, "settings": settings}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def _finished_manifest(out: Path, key: str) -> dict | None:
+    """The existing manifest if it was made from the same inputs and all its chunks are there."""
+    try:
+        manifest = store.read_manifest(out)
+    except BluesError:
+        return None
+    if run_key(manifest["sources"], manifest.get("settings", {})) != key:
+        return None
+    for chunk in manifest["chunks"]:
+        path = store.chunk_path(out, chunk)
+        if not path.is_file() or path.stat().st_size != chunk["bytes"]:
+            return None
+    return manifest
+
+
+def _batches(docs):
+    """Consecutive documents, about BATCH_CHARS of text per batch."""
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc.text)
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def tokenize_texts(texts: list[str]):
+    """Token ids of each text, concatenated, with per-text lengths, UTF-8 sizes and repairs.
+
+    `encode_to_numpy` with no special tokens allowed gives `encode_ordinary`'s ids
+    straight into a uint32 buffer, without a Python list (about 9% faster, and a 50 MB
+    document needs no 450 MB list of ints).
+    """
+    encoding = tokenizer.get_encoding()
+    arrays, sizes, repaired = [], [], []
+    for text in texts:
+        try:
+            size = len(text) if text.isascii() else len(text.encode("utf-8"))
+            fixed = False
+        except UnicodeEncodeError:
+            text = repair_text(text)
+            size, fixed = len(text.encode("utf-8")), True
+        arrays.append(encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=()))
+        sizes.append(size)
+        repaired.append(fixed)
+    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
+    return tokens, lengths, np.array(sizes, dtype=np.int64), np.array(repaired, dtype=bool)
+
+
+def tokenize_batches(batches, workers: int):
+    """(batch, tokenize_texts result) in input order; `workers` processes, bounded in flight."""
+    if workers == 1:
+        for batch in batches:
+            yield batch, tokenize_texts([doc.text for doc in batch])
+        return
+    tokenizer.get_encoding()  # built once here, inherited by the forked workers
+    with ProcessPoolExecutor(workers, mp_context=_fork_context()) as pool:
+        pending = deque()
+        for batch in batches:
+            pending.append((batch, pool.submit(tokenize_texts, [doc.text for doc in batch])))
+            if len(pending) >= workers * BATCHES_IN_FLIGHT_PER_WORKER:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+
+
+def _fork_context():
+    """Fork where there is one: workers start at once with the encoding already built."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else None)
+
+
+class Tally:
+    """Running totals of the chunks written so far (this run's and a resumed run's)."""
+
+    def __init__(self):
+        self.chunks, self.docs, self.tokens, self.input_bytes, self.repaired = [], 0, 0, 0, 0
+        self.lengths = Counter()
+
+    def add(self, entry: dict, lengths, input_bytes: int, repaired: int) -> None:
+        self.chunks.append({k: entry[k] for k in ("file", "sha256", "n_docs", "n_tokens", "bytes")})
+        self.docs += entry["n_docs"]
+        self.tokens += entry["n_tokens"]
+        self.input_bytes += input_bytes
+        self.repaired += repaired
+        self.lengths.update(lengths.tolist())
+
+    def resume(self, out: Path, records: list[dict]) -> None:
+        for record in records:
+            table = store.read_chunk(store.chunk_path(out, record))
+            self.add(record, store.doc_lengths(table), record["input_bytes"], record["repaired"])
+
+
+class Journal:
+    """Finished chunks of an unfinished run, so that the same command skips them."""
+
+    def __init__(self, out: Path, key: str):
+        self.out, self.key, self.path = out, key, out / JOURNAL
+        self.chunks = self._valid_records()
+        self.handle = None
+
+    def _valid_records(self) -> list[dict]:
+        """The journal's chunks whose files are intact, up to the first that is not."""
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return []
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                break  # the line a killed run was writing
+        if not records or records[0].get("key") != self.key:
+            return []
+        valid = []
+        for number, record in enumerate(records[1:]):
+            path = store.chunk_path(self.out, record)
+            if record.get("file") != store.chunk_name(number) or not _has_hash(path, record):
+                break
+            valid.append(record)
+        return valid
+
+    def record(self, record: dict) -> None:
+        self.claim()
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def claim(self) -> None:
+        """Before this run's first write: the old manifest goes (the folder is now a partial store)."""
+        if self.handle is not None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / store.MANIFEST).unlink(missing_ok=True)
+        lines = [json.dumps({"key": self.key})] + [json.dumps(c) for c in self.chunks]
+        store.write_atomic(self.path, ("\n".join(lines) + "\n").encode())
+        self.handle = open(self.path, "a", encoding="utf-8")
+
+    def finish(self, manifest: dict) -> None:
+        """Remove chunks of an older, larger store, write the manifest, drop the journal."""
+        self.claim()
+        self.handle.close()
+        keep = {c["file"] for c in manifest["chunks"]}
+        for stale in [*self.out.glob("chunk-*.arrow"), *self.out.glob(".*.tmp")]:
+            if stale.name not in keep:
+                stale.unlink()
+        store.write_manifest(self.out, manifest)
+        self.path.unlink()
+        store.sync_dir(self.out)
+
+
+def _has_hash(path: Path, record: dict) -> bool:
+    return path.is_file() and store.file_sha256(path) == record.get("sha256")
+
+
+class ChunkBuilder:
+    """Collects tokenized documents and writes a chunk whenever chunk_tokens is reached."""
+
+    def __init__(self, out: Path, journal: Journal, tally: Tally, chunk_tokens: int):
+        self.out, self.journal, self.tally, self.chunk_tokens = out, journal, tally, chunk_tokens
+        self._reset()
+
+    def _reset(self) -> None:
+        self.arrays, self.sources, self.indices = [], [], []
+        self.n_tokens, self.input_bytes, self.repaired = 0, 0, 0
+
+    def add(self, batch, tokenized) -> None:
+        tokens, lengths, sizes, repaired = tokenized
+        ends = np.cumsum(lengths)
+        for doc, length, end, size, fixed in zip(batch, lengths, ends, sizes, repaired):
+            self.arrays.append(tokens[end - length : end])
+            self.sources.append(doc.source)
+            self.indices.append(doc.index)
+            self.n_tokens += int(length)
+            self.input_bytes += int(size)
+            self.repaired += int(fixed)
+            if self.n_tokens >= self.chunk_tokens:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.arrays:
+            return
+        lengths = np.array([len(a) for a in self.arrays], dtype=np.int64)
+        data = store.encode_chunk(np.concatenate(self.arrays), lengths, self.sources, self.indices)
+        name = store.chunk_name(len(self.tally.chunks))
+        self.journal.claim()
+        store.write_atomic(self.out / name, data)
+        entry = {"file": name, "sha256": hashlib.sha256(data).hexdigest(),
+                 "n_docs": len(lengths), "n_tokens": self.n_tokens, "bytes": len(data),
+                 "input_bytes": self.input_bytes, "repaired": self.repaired}
+        self.journal.record(entry)
+        self.tally.add(entry, lengths, self.input_bytes, self.repaired)
+        self._reset()
+
+
+def build_manifest(sources: list[dict], settings: dict, tally: Tally, skips: SkipLog) -> dict:
+    info = tokenizer.tokenizer_info()
+    stored = sum(c["bytes"] for c in tally.chunks)
+    return {
+        "format_version": store.FORMAT_VERSION,
+        "kind": store.KIND,
+        "tokenizer": info,
+        "sources": sources,
+        "chunks": tally.chunks,
+        "totals": {"docs": tally.docs, "tokens": tally.tokens,
+                   "input_bytes": tally.input_bytes, "stored_bytes": stored},
+        "stats": {
+            "input_bytes_per_token": round(tally.input_bytes / max(tally.tokens, 1), 4),
+            "stored_bytes_per_token": round(stored / max(tally.tokens, 1), 4),
+            "doc_tokens_percentiles": store.percentiles(tally.lengths),
+            "replacement_char_docs": tally.repaired,
+        },
+        "skipped": skips.as_dict(),
+        "settings": settings,
+        "fingerprint": store.fingerprint(info["vocab_sha256"], [c["sha256"] for c in tally.chunks]),
+    }
+
+
+def _skip_text(skips: SkipLog) -> str:
+    if not skips.reasons:
+        return "nothing skipped"
+    parts = [f"{r}: {e['count']} (e.g. {', '.join(e['examples'][:2])})" for r, e in skips.as_dict().items()]
+    return "skipped " + "; ".join(parts)
+
+
+def format_summary(manifest: dict, out) -> str:
+    totals, stats = manifest["totals"], manifest["stats"]
+    pct = " ".join(f"{k}={v}" for k, v in stats["doc_tokens_percentiles"].items())
+    skipped = {reason: entry["count"] for reason, entry in manifest["skipped"].items()}
+    return "\n".join([
+        f"token store {out}: {len(manifest['chunks'])} chunk(s), fingerprint {manifest['fingerprint'][:16]}",
+        f"  documents {totals['docs']:,}  tokens {totals['tokens']:,}",
+        f"  input {stats['input_bytes_per_token']} bytes/token  stored {stats['stored_bytes_per_token']} bytes/token",
+        f"  tokens per document: {pct}",
+        f"  invalid UTF-8 repaired in {stats['replacement_char_docs']} document(s); skipped {skipped or 'none'}",
+    ])
+
+
+class Meter:
+    """A tqdm bar (MB/s, tokens/s) on a terminal, a log line every few seconds otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+        self.start = self.last_log = time.perf_counter()
+        self.bytes = self.tokens = 0
+
+    def __enter__(self):
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit="B", unit_scale=True, unit_divisor=1 << 20, desc="prepare")
+        return self
+
+    def update(self, n_bytes: int, n_tokens: int) -> None:
+        self.bytes += n_bytes
+        self.tokens += n_tokens
+        if self.bar is not None:
+            self.bar.update(n_bytes)
+            self.bar.set_postfix_str(f"{self._rate(self.tokens) / 1e6:.2f}M tok/s", refresh=False)
+        elif self.enabled and time.perf_counter() - self.last_log >= LOG_EVERY_S:
+            self.last_log = time.perf_counter()
+            print(self._line(), file=sys.stderr, flush=True)
+
+    def _rate(self, amount: int) -> float:
+        return amount / max(time.perf_counter() - self.start, 1e-9)
+
+    def _line(self) -> str:
+        return (f"prepare: {self.bytes / 1e6:.1f} MB, {self.tokens:,} tokens, "
+                f"{self._rate(self.bytes) / 1e6:.1f} MB/s, {self._rate(self.tokens) / 1e6:.2f}M tokens/s")
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and exc[0] is None:
+            print(self._line(), file=sys.stderr, flush=True)
+        return False
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="blues prepare", description=__doc__.splitlines()[0])
+    parser.add_argument("--input_dir", action="append", default=[], metavar="DIR",
+                        help="folder of raw files (repeatable)")
+    parser.add_argument("--dataset", action="append", default=[], metavar="FILE",
+                        help="one raw file: .txt .csv .jsonl .jsonl.zst .parquet (repeatable)")
+    parser.add_argument("--cache_dir", "--data_cache_dir", dest="cache_dir", required=True,
+                        metavar="DIR", help="the token store folder to write")
+    parser.add_argument("--format", choices=FORMATS, help="format of every input (default: from extension)")
+    parser.add_argument("--text_field", default="text", help="CSV column / JSON field / Parquet column")
+    parser.add_argument("--glob", default="**/*.txt", help="files to take from --input_dir folders")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--chunk_tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
+                        help=f"tokens per chunk file (default {DEFAULT_CHUNK_TOKENS:,})")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    prepare_dataset(
+        args.input_dir + args.dataset, args.cache_dir, fmt=args.format, text_field=args.text_field,
+        glob=args.glob, workers=args.workers, chunk_tokens=args.chunk_tokens,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    from blues_train.cli import run_command
+
+    sys.exit(run_command(main, sys.argv[1:]))

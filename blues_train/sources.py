@@ -1,0 +1,283 @@
+"""Raw corpora -> documents: text folders, CSV, JSONL, JSONL.zst and Parquet.
+
+Every reader streams (no file is decompressed to disk or whole into memory, except a
+text file, which is one document) and yields `Document`s in file order. Bytes that are
+not valid UTF-8 are decoded with `surrogateescape`, so `repair_text` can later turn
+exactly those bytes into U+FFFD and count the document. Records that cannot be used
+are skipped and recorded in a `SkipLog` with their file:line; the run goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from blues_train.errors import BluesError
+
+FORMATS = ("text", "csv", "jsonl", "jsonl.zst", "parquet")
+EXTENSIONS = {
+    ".jsonl.zst": "jsonl.zst",
+    ".json.zst": "jsonl.zst",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".md": "text",
+}
+MAX_EXAMPLES = 5
+PARQUET_BATCH_ROWS = 256
+# Python's csv module refuses fields over 128 KiB by default; one document may be far larger.
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Source:
+    """One raw file: where it is, how to read it, and the name the store records."""
+
+    path: Path
+    fmt: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    source: str  # Source.label
+    index: int  # 0-based record number within the source (skipped records keep theirs)
+    location: str  # "label:line" (Parquet: row number), for messages
+
+
+@dataclass
+class SkipLog:
+    """Skipped records per reason, each with its first few file:line examples."""
+
+    reasons: dict[str, dict] = field(default_factory=dict)
+    missing_field_first: str | None = None
+
+    def add(self, reason: str, location: str, count: int = 1) -> None:
+        entry = self.reasons.setdefault(reason, {"count": 0, "examples": []})
+        entry["count"] += count
+        if len(entry["examples"]) < MAX_EXAMPLES:
+            entry["examples"].append(location)
+
+    def as_dict(self) -> dict:
+        return {reason: dict(self.reasons[reason]) for reason in sorted(self.reasons)}
+
+
+def format_of(path: Path, fmt: str | None) -> str | None:
+    """The explicit format, else the one the file name's extension says (None: unknown)."""
+    if fmt:
+        return fmt
+    name = path.name.lower()
+    for ext, found in EXTENSIONS.items():
+        if name.endswith(ext):
+            return found
+    return None
+
+
+def discover_sources(inputs, fmt: str | None = None, glob: str = "**/*.txt") -> list[Source]:
+    """The raw files behind `inputs` (files, or folders searched with `glob`), in order.
+
+    Labels are paths relative to the folder that holds all inputs, so a corpus that moves
+    keeps its labels (and the store its fingerprint).
+    """
+    if fmt is not None and fmt not in FORMATS:
+        raise BluesError(f"unknown --format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if not inputs:
+        raise BluesError("no input given: pass --input_dir DIR or --dataset FILE")
+    files: list[tuple[Path, str]] = []
+    for given in inputs:
+        files += _files_of(Path(given), fmt, glob)
+    root = Path(os.path.commonpath([Path(given).resolve().parent for given in inputs]))
+    return [Source(path, found, path.relative_to(root).as_posix()) for path, found in files]
+
+
+def _files_of(given: Path, fmt: str | None, glob: str) -> list[tuple[Path, str]]:
+    if not given.exists():
+        raise BluesError(f"input {given} does not exist: check the path")
+    if given.is_file():
+        found = format_of(given, fmt)
+        if found is None:
+            raise BluesError(
+                f"cannot tell the format of {given} from its extension: "
+                f"pass --format ({', '.join(FORMATS)})"
+            )
+        return [(given.resolve(), found)]
+    paths = sorted(p.resolve() for p in given.glob(glob) if p.is_file())
+    if not paths:
+        raise BluesError(f"input folder {given} has no files matching --glob {glob!r}")
+    return [(path, format_of(path, fmt) or "text") for path in paths]
+
+
+def iter_documents(sources: list[Source], text_field: str, skips: SkipLog) -> Iterator[Document]:
+    """Every usable document of every source, in order; the rest goes to `skips`.
+
+    Raises BluesError when records exist but none of them has `text_field`.
+    """
+    seen_field = False
+    for source in sources:
+        for doc in READERS[source.fmt](source, text_field, skips):
+            seen_field = True
+            if not doc.text or doc.text.isspace():
+                skips.add("empty", doc.location)
+            else:
+                yield doc
+    if not seen_field and skips.missing_field_first and "not_text" not in skips.reasons:
+        raise BluesError(
+            f"text field {text_field!r} is absent from every record "
+            f"(first: {skips.missing_field_first}): pass --text_field NAME"
+        )
+
+
+def repair_text(text: str) -> str:
+    """`text` (which is not valid Unicode) with its undecodable bytes turned into U+FFFD.
+
+    Gives exactly `raw_bytes.decode("utf-8", "replace")` for text read by these readers.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # lone surrogates from JSON escapes: what tiktoken does
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _missing(skips: SkipLog, location: str, count: int = 1) -> None:
+    skips.add("missing_field", location, count)
+    if skips.missing_field_first is None:
+        skips.missing_field_first = location
+
+
+def _field_text(value, skips: SkipLog, location: str) -> str | None:
+    """A record's text field as text, or None (recorded) when it is not text."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    skips.add("not_text", location)
+    return None
+
+
+def read_text_file(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
+    text = source.path.read_bytes().decode("utf-8", "surrogateescape")
+    yield Document(text, source.label, 0, f"{source.label}:1")
+
+
+def read_csv(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    with open(source.path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        rows = csv.reader(fh, strict=True)
+        header = _csv_header(rows, source)
+        if text_field not in header:
+            _missing(skips, f"{source.label}:1 (columns: {', '.join(header)})")
+            return
+        column = header.index(text_field)
+        yield from _csv_rows(rows, source, column, len(header), skips)
+
+
+def _csv_header(rows, source: Source) -> list[str]:
+    try:
+        return next(rows)
+    except StopIteration:
+        return []
+    except csv.Error as exc:
+        raise BluesError(f"{source.label}:1: unreadable CSV header ({exc})") from None
+
+
+def _csv_rows(rows, source, column, width, skips) -> Iterator[Document]:
+    index, line = 0, rows.line_num + 1
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error:
+            skips.add("malformed_csv", f"{source.label}:{line}")
+        else:
+            location = f"{source.label}:{line}"
+            if not row:
+                pass  # a blank line between records
+            elif len(row) != width:
+                skips.add("malformed_csv", location)
+            else:
+                yield Document(row[column], source.label, index, location)
+        index, line = index + 1, rows.line_num + 1
+
+
+def read_jsonl(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
+    with open(source.path, "rb") as fh:
+        yield from _json_lines(fh, source, text_field, skips)
+
+
+def read_jsonl_zst(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
+    with open(source.path, "rb") as fh:
+        stream = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
+        try:
+            yield from _json_lines(io.BufferedReader(stream), source, text_field, skips)
+        except zstandard.ZstdError as exc:
+            raise BluesError(f"{source.label}: not a valid zstd stream ({exc})") from None
+
+
+def _json_lines(lines, source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
+    for number, raw in enumerate(lines, start=1):
+        location = f"{source.label}:{number}"
+        if raw.isspace() or not raw:
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8", "surrogateescape"))
+        except ValueError:
+            skips.add("malformed_json", location)
+            continue
+        if not isinstance(record, dict):
+            skips.add("malformed_json", location)
+        elif text_field not in record:
+            _missing(skips, location)
+        else:
+            text = _field_text(record[text_field], skips, location)
+            if text is not None:
+                yield Document(text, source.label, number - 1, location)
+
+
+def read_parquet(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
+    """Rows of one column, a few hundred at a time (Parquet is read row group by row group)."""
+    try:
+        table = pq.ParquetFile(source.path)
+    except (pa.ArrowException, OSError) as exc:
+        raise BluesError(f"{source.label}: not a readable Parquet file ({exc})") from None
+    names = table.schema_arrow.names
+    if text_field not in names:
+        rows = table.metadata.num_rows
+        _missing(skips, f"{source.label}:row 1 (columns: {', '.join(names)})", rows)
+        return
+    kind = table.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or _is_binary(kind)):
+        raise BluesError(f"{source.label}: column {text_field!r} is {kind}, not text")
+    index = 0
+    for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            location = f"{source.label}:row {index + 1}"
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "surrogateescape")
+            yield Document(value or "", source.label, index, location)
+            index += 1
+
+
+def _is_binary(kind) -> bool:
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
+READERS = {
+    "text": read_text_file,
+    "csv": read_csv,
+    "jsonl": read_jsonl,
+    "jsonl.zst": read_jsonl_zst,
+    "parquet": read_parquet,
+}
