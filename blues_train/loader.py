@@ -1,0 +1,355 @@
+"""Packed training windows from a mixture: deterministic, rank-sharded, exactly resumable.
+
+The stream, for one split (`train`, or the held-out `val` documents):
+- Each source's documents form an endless *source stream*: its epoch k is all of its
+  documents in an order drawn from (mixture seed, loader seed, split, source, k), chunks
+  shuffled and documents shuffled within each chunk, so that one decompressed chunk per
+  source serves many consecutive windows.
+- Pass e of the mixture takes tokens [e*T, (e+1)*T) of each source stream, T being the
+  source's `tokens` in mixture.json (val: each held-out document once per pass). Realized
+  shares are therefore exact; a document cut at a pass boundary goes on in the next pass.
+- The pieces of all sources are interleaved by progress through their own share (a piece
+  at token p of T sorts at p/T), each followed by EOT (199999), and cut into windows of
+  seq_len + 1 tokens with stride seq_len. A pass's tail shorter than a window is dropped.
+
+Windows are numbered globally across passes. From its starting position, rank r of
+world_size W takes windows r, r+W, r+2W, ...; DataLoader workers split a rank's windows in
+blocks of `batch_size`, so the batches arrive in the same order as without workers.
+The state is the position of the next window no rank has consumed (pass, window in
+pass), valid for any world size: a run saved on N ranks resumes on M.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from blues_train import store
+from blues_train.errors import BluesError
+from blues_train.mixture import held_out, read_mixture
+from blues_train.tokenizer import EOT_ID
+
+SPLITS = ("train", "val")
+STATE_VERSION = 1
+BLOCK_TOKENS = 1 << 20  # windows are cut from the packed stream about this many at a time
+
+
+@dataclass
+class Source:
+    """One source's documents of the split: where each one's tokens are, and how many."""
+
+    chunk: np.ndarray  # int32: index into the mixture's chunk list
+    start: np.ndarray  # int64: offset of the document's first token in its chunk
+    length: np.ndarray  # int64: tokens (> 0)
+    per_pass: int  # tokens this source contributes to each pass
+
+    @property
+    def tokens(self) -> int:
+        return int(self.length.sum())
+
+
+@dataclass
+class Pass:
+    """One pass of the mixture as pieces of documents, in stream order."""
+
+    chunk: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+    source: np.ndarray
+    packed_start: np.ndarray  # position of each piece in the packed stream (EOTs included)
+    n_windows: int
+
+
+class ChunkCache:
+    """The decompressed tokens of the most recently used chunks, at most `capacity`."""
+
+    def __init__(self, paths: list, n_tokens: list[int], capacity: int):
+        self.paths, self.n_tokens, self.capacity = paths, n_tokens, capacity
+        self.tokens: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def get(self, chunk: int) -> np.ndarray:
+        if chunk in self.tokens:
+            self.tokens.move_to_end(chunk)
+            return self.tokens[chunk]
+        tokens = chunk_tokens(store.read_chunk(self.paths[chunk]))
+        if len(tokens) != self.n_tokens[chunk]:
+            raise BluesError(
+                f"{self.paths[chunk]}: holds {len(tokens)} tokens, the manifest says "
+                f"{self.n_tokens[chunk]}; it changed while training: run `blues verify`"
+            )
+        self.tokens[chunk] = tokens
+        if len(self.tokens) > self.capacity:
+            self.tokens.popitem(last=False)
+        return tokens
+
+
+def chunk_tokens(table: pa.Table) -> np.ndarray:
+    """All tokens of a chunk table, documents concatenated, as one uint32 array."""
+    parts = [batch.values.to_numpy() for batch in table.column("tokens").chunks]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def chunk_offsets(table: pa.Table) -> np.ndarray:
+    """Start of each document in `chunk_tokens(table)`, plus the end: int64, len n_docs+1."""
+    ends = np.cumsum(store.doc_lengths(table), dtype=np.int64)
+    return np.concatenate([[0], ends])
+
+
+def load_sources(mixture: dict, split: str) -> tuple[list[Source], list, list[int]]:
+    """The split's documents of every source, and the mixture's chunk paths and sizes."""
+    fraction = mixture["validation"]["fraction"]
+    sources, paths, n_tokens = [], [], []
+    for entry in mixture["sources"]:
+        manifest = checked_manifest(entry)
+        parts = []
+        for chunk in manifest["chunks"]:
+            path = store.chunk_path(entry["path"], chunk)
+            parts.append(chunk_documents(path, manifest, len(paths), fraction, split))
+            paths.append(path)
+            n_tokens.append(chunk["n_tokens"])
+        chunk_ids, starts, lengths = (np.concatenate(p) for p in zip(*parts))
+        sources.append(Source(chunk_ids, starts, lengths, per_pass=entry["tokens"]))
+    if split == "val":
+        for source in sources:
+            source.per_pass = source.tokens
+    return sources, paths, n_tokens
+
+
+def checked_manifest(entry: dict) -> dict:
+    """A source's store manifest, refusing one that changed since the mixture was made."""
+    manifest = store.read_manifest(entry["path"])
+    current = store.store_fingerprint(manifest)
+    if current != entry["fingerprint"]:
+        raise BluesError(
+            f"{entry['path']}: fingerprint {current[:16]} differs from {entry['fingerprint'][:16]} "
+            "recorded in the mixture: the dataset changed after merging; re-run `blues merge`"
+        )
+    return manifest
+
+
+def chunk_documents(path, manifest: dict, chunk_id: int, fraction: float, split: str):
+    """(chunk ids, token offsets, lengths) of the non-empty documents of `split` in a chunk."""
+    table = store.read_chunk(path)
+    offsets = chunk_offsets(table)
+    lengths = np.diff(offsets)
+    keep = (lengths > 0) & (validation_mask(table, manifest, fraction) == (split == "val"))
+    starts = offsets[:-1][keep]
+    return np.full(len(starts), chunk_id, dtype=np.int32), starts, lengths[keep]
+
+
+def validation_mask(table: pa.Table, manifest: dict, fraction: float) -> np.ndarray:
+    """Which rows of a chunk the mixture's validation rule holds out."""
+    sha_by_label = {s["path"]: s["sha256"] for s in manifest["sources"]}
+    labels = table.column("source").combine_chunks().dictionary_encode()
+    indices = table.column("index").to_numpy()
+    mask = np.zeros(len(indices), dtype=bool)
+    codes = labels.indices.to_numpy(zero_copy_only=False)
+    for code, label in enumerate(labels.dictionary.to_pylist()):
+        rows = codes == code
+        mask[rows] = held_out(sha_by_label[label], indices[rows], fraction)
+    return mask
+
+
+def stream_seeds(mixture: dict, seed: int, split: str) -> list[int]:
+    """What a stream's order is drawn from, before the source and epoch numbers."""
+    return [mixture["seed"], seed, SPLITS.index(split)]
+
+
+def epoch_order(source: Source, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of the source's documents: chunks shuffled, documents within each."""
+    chunk_ids, local = np.unique(source.chunk, return_inverse=True)
+    chunk_rank = rng.permutation(len(chunk_ids))
+    return np.lexsort((rng.random(len(source.chunk)), chunk_rank[local]))
+
+
+def source_pieces(source: Source, seeds: list[int], first: int, end: int):
+    """Pieces of the source stream's tokens [first, end): (doc indices, offsets, lengths)."""
+    per_epoch = source.tokens
+    docs, offsets, lengths = [], [], []
+    for epoch in range(first // per_epoch, (end - 1) // per_epoch + 1):
+        order = epoch_order(source, np.random.default_rng([*seeds, epoch]))
+        doc_end = epoch * per_epoch + np.cumsum(source.length[order])
+        doc_start = doc_end - source.length[order]
+        inside = (doc_end > first) & (doc_start < end)
+        cut_start = np.maximum(doc_start[inside], first)
+        docs.append(order[inside])
+        offsets.append(cut_start - doc_start[inside])
+        lengths.append(np.minimum(doc_end[inside], end) - cut_start)
+    return np.concatenate(docs), np.concatenate(offsets), np.concatenate(lengths)
+
+
+def build_pass(sources: list[Source], seeds: list[int], epoch: int, seq_len: int) -> Pass:
+    """Pass `epoch`: every source's share, interleaved by progress, cut into windows."""
+    chunk, start, length, source_id, progress = [], [], [], [], []
+    for i, source in enumerate(sources):
+        if source.per_pass == 0:
+            continue
+        first = epoch * source.per_pass
+        docs, offsets, lengths = source_pieces(source, [*seeds, i], first, first + source.per_pass)
+        chunk.append(source.chunk[docs])
+        start.append(source.start[docs] + offsets)
+        length.append(lengths)
+        source_id.append(np.full(len(docs), i, dtype=np.int16))
+        position = np.cumsum(lengths) - lengths
+        progress.append((position + lengths / 2) / source.per_pass)
+    order = np.argsort(np.concatenate(progress), kind="stable")
+    length = np.concatenate(length)[order]
+    packed_end = np.cumsum(length + 1)
+    return Pass(
+        chunk=np.concatenate(chunk)[order],
+        start=np.concatenate(start)[order],
+        length=length,
+        source=np.concatenate(source_id)[order],
+        packed_start=packed_end - (length + 1),
+        n_windows=max(int(packed_end[-1]) - 1, 0) // seq_len,
+    )
+
+
+def pack(plan: Pass, first: int, out: np.ndarray, cache: ChunkCache) -> None:
+    """Fill `out` with the pass's packed stream (documents joined by EOT) from token `first`."""
+    end = first + len(out)
+    lo = int(np.searchsorted(plan.packed_start, first, side="right")) - 1
+    hi = int(np.searchsorted(plan.packed_start, end, side="left"))
+    pieces = zip(plan.packed_start[lo:hi].tolist(), plan.chunk[lo:hi].tolist(),
+                 plan.start[lo:hi].tolist(), plan.length[lo:hi].tolist())
+    pos = first
+    for packed, chunk, start, length in pieces:
+        skip = pos - packed
+        if skip < length:
+            take = min(length - skip, end - pos)
+            out[pos - first: pos - first + take] = cache.get(chunk)[start + skip: start + skip + take]
+            pos += take
+        if pos < end:
+            out[pos - first] = EOT_ID
+            pos += 1
+
+
+class PackedSequenceDataset(IterableDataset):
+    """Endless LongTensor windows of `seq_len + 1` token ids from a mixture's `split`.
+
+    `batch_size` matters only with DataLoader workers: give the DataLoader's, so that the
+    workers deliver exactly the windows, in exactly the order, of a single process.
+    `cache_chunks` bounds memory: at most that many decompressed chunks per process
+    (default: two per source plus two).
+    """
+
+    def __init__(self, mixture_dir, seq_len: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, split: str = "train", batch_size: int = 1,
+                 cache_chunks: int | None = None):
+        check_arguments(seq_len, rank, world_size, split, batch_size)
+        self.mixture = read_mixture(mixture_dir)
+        if split == "val" and self.mixture["validation"]["fraction"] == 0:
+            raise BluesError(f"{mixture_dir}: the mixture holds out no validation documents "
+                             "(val_fraction 0); merge again with --val_fraction > 0")
+        self.seq_len, self.seed, self.split = seq_len, seed, split
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.sources, self.chunk_paths, self.chunk_sizes = load_sources(self.mixture, split)
+        check_sources(self.sources, self.mixture, split)
+        self.cache_chunks = cache_chunks or 2 * len(self.sources) + 2
+        self.block_windows = max(1, BLOCK_TOKENS // seq_len)
+        self.seeds = stream_seeds(self.mixture, seed, split)
+        self._plans: dict[int, Pass] = {}
+        self._n_windows: dict[int, int] = {}
+        self._start, self._start_windows = (0, 0), 0  # where this run began (or resumed)
+        self._taken = 0  # windows this rank's own iterator handed out since then
+        if self.num_windows(0) == 0:
+            raise BluesError(f"{mixture_dir}: one pass of the {split} split is shorter than "
+                             f"one window of seq_len + 1 = {seq_len + 1} tokens")
+
+    def pass_plan(self, epoch: int) -> Pass:
+        """Pass `epoch`'s plan; the two most recently built are kept."""
+        if epoch not in self._plans:
+            self._plans[epoch] = build_pass(self.sources, self.seeds, epoch, self.seq_len)
+            self._n_windows[epoch] = self._plans[epoch].n_windows
+            for old in sorted(self._plans)[:-2]:
+                del self._plans[old]
+        return self._plans[epoch]
+
+    def num_windows(self, epoch: int = 0) -> int:
+        """Windows in pass `epoch`, all ranks together (one validation pass, for example)."""
+        if epoch not in self._n_windows:
+            self.pass_plan(epoch)
+        return self._n_windows[epoch]
+
+    def advance(self, position: tuple[int, int], windows: int) -> tuple[int, int]:
+        """The (pass, window) `windows` global windows after `position`."""
+        epoch, window = position[0], position[1] + windows
+        while window >= self.num_windows(epoch):
+            window -= self.num_windows(epoch)
+            epoch += 1
+        return epoch, window
+
+    def __iter__(self):
+        worker = get_worker_info()
+        worker_id, n_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        cache = ChunkCache(self.chunk_paths, self.chunk_sizes, self.cache_chunks)
+        offset = self._taken * self.world_size  # global windows since self._start
+        epoch, window = self.advance(self._start, offset)
+        stream = np.empty(self.block_windows * self.seq_len + 1, dtype=np.uint32)  # reused
+        while True:
+            stop = min(window + self.block_windows, self.num_windows(epoch))
+            mine = np.flatnonzero(self._is_mine(offset + np.arange(stop - window), worker_id, n_workers))
+            if len(mine):
+                first = (window + mine[0]) * self.seq_len
+                span = (mine[-1] - mine[0]) * self.seq_len + self.seq_len + 1
+                pack(self.pass_plan(epoch), first, stream[:span], cache)
+                for row in (mine - mine[0]).tolist():
+                    self._taken += 1
+                    start = row * self.seq_len
+                    yield torch.from_numpy(stream[start: start + self.seq_len + 1].astype(np.int64))
+            offset += stop - window
+            epoch, window = self.advance((epoch, window), stop - window)
+
+    def _is_mine(self, offsets: np.ndarray, worker_id: int, n_workers: int) -> np.ndarray:
+        """Which global windows (by offset from the start) this rank's worker yields."""
+        local = offsets // self.world_size
+        return (offsets % self.world_size == self.rank) & (
+            (local // self.batch_size) % n_workers == worker_id)
+
+    def state_dict(self, consumed: int | None = None) -> dict:
+        """Where the stream stands once this rank has taken `consumed` windows since the
+        start or the last `load_state_dict` (default: what this object's own iterator
+        handed out; pass the count when DataLoader workers did the iterating). Every rank
+        returns the same state, valid for any world size.
+        """
+        consumed = self._taken if consumed is None else consumed
+        epoch, window = self.advance(self._start, consumed * self.world_size)
+        return {"version": STATE_VERSION, "mixture": self.mixture["fingerprint"],
+                "seed": self.seed, "seq_len": self.seq_len, "split": self.split,
+                "epoch": epoch, "window": window,
+                "windows": self._start_windows + consumed * self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = {"version": STATE_VERSION, "mixture": self.mixture["fingerprint"],
+                    "seed": self.seed, "seq_len": self.seq_len, "split": self.split}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise BluesError(f"loader state has {key} = {state.get(key)!r}, this loader "
+                                 f"{value!r}: resume with the same mixture, seed and seq_len")
+        self._start = self.advance((int(state["epoch"]), 0), int(state["window"]))
+        self._start_windows = int(state["windows"])
+        self._taken = 0
+
+
+def check_arguments(seq_len, rank, world_size, split, batch_size) -> None:
+    if split not in SPLITS:
+        raise BluesError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if seq_len < 1 or batch_size < 1:
+        raise BluesError(f"seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
+    if not 0 <= rank < world_size:
+        raise BluesError(f"rank {rank} is outside world_size {world_size}")
+
+
+def check_sources(sources: list[Source], mixture: dict, split: str) -> None:
+    """Every source with a share must have documents in the split to give it."""
+    for source, entry in zip(sources, mixture["sources"]):
+        if source.per_pass > 0 and source.tokens == 0:
+            raise BluesError(f"{entry['path']}: no documents in the {split} split to give "
+                             f"its share of the mixture; lower --val_fraction and merge again")
+    if sum(s.per_pass for s in sources) == 0:
+        raise BluesError(f"the mixture's {split} split holds no documents")

@@ -1,0 +1,297 @@
+"""`blues verify PATH...`: integrity of token stores and mixtures, with each fault's location.
+
+A token store: every chunk's sha256, no missing and no stray chunk file, the Arrow schema,
+documents and tokens per chunk and in total against the manifest, token ids below n_vocab,
+the tokenizer hash. A mixture: its sources (each verified as a store) still have the
+fingerprints it recorded, its shares are consistent, and the loader realizes them.
+One line per problem naming the file (and row), then a statistics table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from blues_train import store
+from blues_train.errors import BluesError
+from blues_train.mixture import MIXTURE_FILE, mixture_fingerprint, read_mixture
+from blues_train.tokenizer import N_VOCAB, VOCAB_SHA256
+
+SHARE_TOLERANCE = 0.01
+
+
+@dataclass
+class Problem:
+    file: str
+    message: str
+    row: int | None = None
+
+    def line(self) -> str:
+        where = self.file if self.row is None else f"{self.file}: row {self.row}"
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    problems: list[Problem] = field(default_factory=list)
+    datasets: list[dict] = field(default_factory=list)
+    mixtures: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, file, message: str, row: int | None = None) -> None:
+        self.problems.append(Problem(str(file), message, row))
+
+    def problem_lines(self) -> list[str]:
+        return [problem.line() for problem in self.problems]
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "problems": [asdict(p) for p in self.problems],
+                "datasets": self.datasets, "mixtures": self.mixtures}
+
+
+def verify_paths(paths) -> VerifyReport:
+    """Verify each path, a token store or a mixture (whose sources are verified too)."""
+    report = VerifyReport()
+    verified: set[Path] = set()
+    for path in map(Path, paths):
+        if not path.exists():
+            report.add(path, "not found")
+        elif (path / MIXTURE_FILE).is_file():
+            verify_mixture(path, report, verified)
+        else:
+            verify_store_once(path, report, verified)
+    return report
+
+
+def verify_store_once(path: Path, report: VerifyReport, verified: set[Path]) -> None:
+    if path.resolve() not in verified:
+        verified.add(path.resolve())
+        verify_store(path, report)
+
+
+def verify_store(path: Path, report: VerifyReport) -> None:
+    try:
+        manifest = store.read_manifest(path)
+    except BluesError as exc:
+        report.add(path / store.MANIFEST, str(exc))
+        return
+    manifest_file = path / store.MANIFEST
+    check_tokenizer(manifest, manifest_file, report)
+    if store.store_fingerprint(manifest) != manifest["fingerprint"]:
+        report.add(manifest_file, "fingerprint does not match the tokenizer and chunk hashes")
+    check_chunk_files(path, manifest, report)
+    labels = {source["path"] for source in manifest["sources"]}
+    lengths = []
+    for number, chunk in enumerate(manifest["chunks"]):
+        lengths.append(verify_chunk(path, number, chunk, labels, report))
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    check_totals(manifest, manifest_file, report)
+    report.datasets.append(dataset_stats(path, manifest, lengths))
+
+
+def check_tokenizer(manifest: dict, manifest_file: Path, report: VerifyReport) -> None:
+    info = manifest["tokenizer"]
+    if info.get("vocab_sha256") != VOCAB_SHA256:
+        report.add(manifest_file, f"tokenizer.vocab_sha256 {info.get('vocab_sha256')} is not the "
+                   f"shipped o200k_base vocabulary's {VOCAB_SHA256}; prepare the dataset again")
+    if info.get("n_vocab") != N_VOCAB:
+        report.add(manifest_file, f"tokenizer.n_vocab {info.get('n_vocab')} is not {N_VOCAB}")
+
+
+def check_chunk_files(path: Path, manifest: dict, report: VerifyReport) -> None:
+    listed = {chunk["file"] for chunk in manifest["chunks"]}
+    present = {p.name for p in path.glob("*.arrow")}
+    for name in sorted(listed - present):
+        report.add(path / name, "missing: listed in manifest.json but not on disk")
+    for name in sorted(present - listed):
+        report.add(path / name, "stray chunk: on disk but not listed in manifest.json")
+
+
+def verify_chunk(path: Path, number: int, chunk: dict, labels: set, report: VerifyReport):
+    """Check one chunk against its manifest entry; its document lengths (empty if unreadable)."""
+    file = store.chunk_path(path, chunk)
+    empty = np.zeros(0, dtype=np.int64)
+    if not file.is_file():
+        return empty
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    if digest != chunk["sha256"]:
+        report.add(file, f"sha256 {digest} differs from manifest.json chunks[{number}].sha256 "
+                   f"{chunk['sha256']}: the file is corrupt or was replaced")
+    try:
+        table = store.read_chunk(file)
+    except BluesError as exc:
+        report.add(file, str(exc).removeprefix(f"{file}: "))
+        return empty
+    if not table.schema.equals(store.SCHEMA):
+        report.add(file, f"schema {table.schema.to_string(show_schema_metadata=False)!r} is not "
+                   f"{store.SCHEMA.to_string()!r}")
+        return empty
+    lengths = store.doc_lengths(table).astype(np.int64)
+    check_counts(path / store.MANIFEST, number, chunk, file, table.num_rows, lengths, report)
+    check_token_ids(file, table, lengths, report)
+    check_labels(file, table, labels, report)
+    return lengths
+
+
+def check_counts(manifest_file, number, chunk, file, rows, lengths, report) -> None:
+    for field_name, actual in (("n_docs", rows), ("n_tokens", int(lengths.sum()))):
+        if chunk.get(field_name) != actual:
+            report.add(manifest_file, f"chunks[{number}].{field_name} = {chunk.get(field_name)} "
+                       f"but {file.name} holds {actual}")
+
+
+def check_token_ids(file: Path, table, lengths: np.ndarray, report: VerifyReport) -> None:
+    tokens = pc.list_flatten(table.column("tokens")).to_numpy()
+    bad = np.flatnonzero(tokens >= N_VOCAB)
+    if len(bad):
+        row = int(np.searchsorted(np.cumsum(lengths), bad[0], side="right"))
+        report.add(file, f"token id {int(tokens[bad[0]])} >= n_vocab {N_VOCAB} "
+                   f"({len(bad)} such ids in this chunk)", row=row)
+
+
+def check_labels(file: Path, table, labels: set, report: VerifyReport) -> None:
+    sources = table.column("source").to_pylist()
+    for row, label in enumerate(sources):
+        if label not in labels:
+            report.add(file, f"source {label!r} is not in manifest.json sources", row=row)
+            return
+
+
+def check_totals(manifest: dict, manifest_file: Path, report: VerifyReport) -> None:
+    totals = manifest["totals"]
+    for total_field, chunk_field in (("docs", "n_docs"), ("tokens", "n_tokens")):
+        listed = sum(chunk.get(chunk_field, 0) for chunk in manifest["chunks"])
+        if totals.get(total_field) != listed:
+            report.add(manifest_file, f"totals.{total_field} = {totals.get(total_field)} but "
+                       f"its chunks list {listed}")
+
+
+def dataset_stats(path: Path, manifest: dict, lengths: np.ndarray) -> dict:
+    tokens = int(lengths.sum())
+    return {
+        "path": str(path),
+        "fingerprint": manifest["fingerprint"],
+        "docs": len(lengths),
+        "tokens": tokens,
+        "stored_bytes_per_token": round(manifest["totals"].get("stored_bytes", 0) / max(tokens, 1), 4),
+        "input_bytes_per_token": round(manifest["totals"].get("input_bytes", 0) / max(tokens, 1), 4),
+        "doc_tokens_percentiles": store.percentiles(Counter(lengths.tolist())),
+    }
+
+
+def verify_mixture(path: Path, report: VerifyReport, verified: set[Path]) -> None:
+    mixture_file = path / MIXTURE_FILE
+    try:
+        mixture = read_mixture(path)
+    except BluesError as exc:
+        report.add(mixture_file, str(exc).removeprefix(f"{mixture_file}: "))
+        return
+    before = len(report.problems)
+    if mixture_fingerprint(mixture) != mixture["fingerprint"]:
+        report.add(mixture_file, "fingerprint does not match its contents: edited after merging")
+    check_shares(mixture, mixture_file, report)
+    for entry in mixture["sources"]:
+        check_source(entry, mixture_file, report, verified)
+    stats = {"path": str(path), "fingerprint": mixture["fingerprint"],
+             "strategy": mixture["strategy"], "total_tokens": mixture["total_tokens"],
+             "sources": []}
+    if len(report.problems) == before:
+        stats["sources"] = realized_shares(mixture, mixture_file, report)
+    report.mixtures.append(stats)
+
+
+def check_shares(mixture: dict, mixture_file: Path, report: VerifyReport) -> None:
+    sources, total = mixture["sources"], mixture["total_tokens"]
+    if sum(s["tokens"] for s in sources) != total:
+        report.add(mixture_file, f"sources' tokens sum to {sum(s['tokens'] for s in sources)}, "
+                   f"total_tokens is {total}")
+    if abs(sum(s["weight"] for s in sources) - 1) > 1e-6:
+        report.add(mixture_file, f"source weights sum to {sum(s['weight'] for s in sources)}, not 1")
+    for number, source in enumerate(sources):
+        share = source["tokens"] / max(total, 1)
+        if abs(share - source["weight"]) > SHARE_TOLERANCE:
+            report.add(mixture_file, f"sources[{number}] ({source['path']}) gets {share:.4f} of the "
+                       f"tokens, its weight is {source['weight']:.4f}")
+
+
+def check_source(entry: dict, mixture_file: Path, report: VerifyReport, verified: set[Path]) -> None:
+    path = Path(entry["path"])
+    if not path.is_dir():
+        report.add(path, f"source of {mixture_file} not found")
+        return
+    verify_store_once(path, report, verified)
+    try:
+        current = store.read_manifest(path)["fingerprint"]
+    except BluesError:
+        return  # reported by verify_store
+    if current != entry["fingerprint"]:
+        report.add(path / store.MANIFEST, f"fingerprint {current} differs from {entry['fingerprint']} "
+                   f"recorded in {mixture_file}: the dataset changed after merging; run `blues merge` again")
+
+
+def realized_shares(mixture: dict, mixture_file: Path, report: VerifyReport) -> list[dict]:
+    """Target vs realized shares of pass 0 as the loader builds it, and true repeat factors."""
+    from blues_train.loader import build_pass, check_sources, load_sources, stream_seeds
+
+    try:
+        sources, _, _ = load_sources(mixture, "train")
+        check_sources(sources, mixture, "train")
+    except BluesError as exc:
+        report.add(mixture_file, str(exc))
+        return []
+    plan = build_pass(sources, stream_seeds(mixture, 0, "train"), 0, seq_len=1)
+    realized = np.bincount(plan.source, weights=plan.length, minlength=len(sources))
+    rows = []
+    for number, (entry, source) in enumerate(zip(mixture["sources"], sources)):
+        share = realized[number] / realized.sum()
+        rows.append({"path": entry["path"], "target": entry["weight"], "realized": round(share, 6),
+                     "tokens_per_pass": entry["tokens"], "train_tokens": source.tokens,
+                     "repeat": round(entry["tokens"] / max(source.tokens, 1), 4)})
+        if abs(share - entry["weight"]) > SHARE_TOLERANCE:
+            report.add(mixture_file, f"sources[{number}] realizes {share:.4f}, target {entry['weight']:.4f}")
+    return rows
+
+
+def format_report(report: VerifyReport) -> str:
+    lines = report.problem_lines()
+    if report.datasets:
+        lines += ["", f"{'dataset':<40} {'docs':>8} {'tokens':>12} {'B/tok':>6}  doc tokens p0/p10/p50/p90/p99/p100"]
+        for d in report.datasets:
+            pct = "/".join(str(v) for v in d["doc_tokens_percentiles"].values())
+            lines.append(f"{d['path'][-40:]:<40} {d['docs']:>8,} {d['tokens']:>12,} "
+                         f"{d['stored_bytes_per_token']:>6.3f}  {pct}")
+    for m in report.mixtures:
+        lines += ["", f"mixture {m['path']} ({m['strategy']}, {m['total_tokens']:,} tokens per pass)",
+                  f"{'source':<40} {'target':>7} {'realized':>8} {'train tokens':>12} {'repeat':>7}"]
+        for s in m["sources"]:
+            lines.append(f"{s['path'][-40:]:<40} {s['target']:>7.4f} {s['realized']:>8.4f} "
+                         f"{s['train_tokens']:>12,} {s['repeat']:>7.2f}")
+    verdict = "OK: no problems" if report.ok else f"FAILED: {len(report.problems)} problem(s)"
+    return "\n".join(lines + ["", verdict]).lstrip("\n")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="blues verify", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="token stores and mixtures")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    report = verify_paths(args.paths)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    from blues_train.cli import run_command
+
+    sys.exit(run_command(main, sys.argv[1:]))

@@ -1,0 +1,191 @@
+"""The packed-sequence loader against a slow, obvious twin built from the Arrow chunks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from blues_train.errors import BluesError
+from blues_train.loader import ChunkCache, PackedSequenceDataset
+from blues_train.mixture import merge
+from blues_train.tokenizer import EOT_ID
+
+SEQ_LEN = 512
+MASK = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK
+    return x ^ (x >> 31)
+
+
+def store_docs(store_dir, fraction: float) -> dict[str, list[tuple]]:
+    """{"train": [...], "val": [...]}: every document's tokens, split by the documented rule."""
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    sha = {s["path"]: s["sha256"] for s in manifest["sources"]}
+    docs = {"train": [], "val": []}
+    for chunk in manifest["chunks"]:
+        with pa.memory_map(str(store_dir / chunk["file"])) as f:
+            rows = pa.ipc.open_file(f).read_all().to_pylist()
+        for row in rows:
+            key = splitmix64((int(sha[row["source"]][:16], 16) + row["index"]) & MASK)
+            split = "val" if key < fraction * 2.0**64 else "train"
+            if row["tokens"]:
+                docs[split].append(tuple(row["tokens"]))
+    return docs
+
+
+def blob(docs) -> bytes:
+    """Documents as uint32 bytes, each between EOTs, for substring search."""
+    ids = [EOT_ID]
+    for doc in docs:
+        ids += [*doc, EOT_ID]
+    return np.array(ids, dtype=np.uint32).tobytes()
+
+
+def stream(windows) -> list[int]:
+    """Windows overlap by one token: the packed stream they were cut from."""
+    ids = list(windows[0].tolist())
+    for window in windows[1:]:
+        assert window[0].item() == ids[-1]
+        ids += window[1:].tolist()
+    return ids
+
+
+def pieces(ids: list[int]) -> list[bytes]:
+    """Complete EOT-delimited pieces of a stream (the cut ends are dropped)."""
+    cuts = [i for i, t in enumerate(ids) if t == EOT_ID]
+    return [np.array(ids[a + 1:b], dtype=np.uint32).tobytes() for a, b in zip(cuts, cuts[1:])]
+
+
+def tokens_by_source(ids: list[int], blobs: list[bytes]) -> np.ndarray:
+    """Tokens of each source in a stream; every piece must be (part of) one source's document."""
+    counts = np.zeros(len(blobs))
+    eot = np.array([EOT_ID], dtype=np.uint32).tobytes()
+    for piece in pieces(ids):
+        owners = [i for i, b in enumerate(blobs)
+                  if eot + piece + eot in b or eot + piece in b or piece + eot in b]
+        assert owners, "a piece of the stream is in no source's documents of this split"
+        counts[owners[0]] += len(piece) // 4
+    return counts
+
+
+def take(dataset, n: int) -> list[torch.Tensor]:
+    iterator = iter(dataset)
+    return [next(iterator) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory, code_store, prose_store):
+    out = tmp_path_factory.mktemp("mixture")
+    merge([code_store, prose_store], out, weights=[0.6, 0.4], val_fraction=0.2, seed=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def docs(code_store, prose_store):
+    return [store_docs(code_store, 0.2), store_docs(prose_store, 0.2)]
+
+
+def test_windows_are_documents_joined_by_eot(mixture, docs):
+    dataset = PackedSequenceDataset(mixture, SEQ_LEN)
+    windows = take(dataset, dataset.num_windows(0))
+    assert all(w.dtype == torch.int64 and w.shape == (SEQ_LEN + 1,) for w in windows)
+    counts = tokens_by_source(stream(windows), [blob(d["train"]) for d in docs])
+    shares = counts / counts.sum()
+    assert abs(shares[0] - 0.6) < 0.01 and abs(shares[1] - 0.4) < 0.01
+
+
+def test_validation_documents_never_in_train_stream(mixture, docs):
+    train = PackedSequenceDataset(mixture, SEQ_LEN)
+    val_only = {d for source in docs for d in source["val"]} - {d for s in docs for d in s["train"]}
+    assert val_only
+    windows = take(train, train.num_windows(0) + train.num_windows(1))
+    ids = stream(windows[:train.num_windows(0)]) + [EOT_ID] + stream(windows[train.num_windows(0):])
+    seen = {tuple(np.frombuffer(p, dtype=np.uint32).tolist()) for p in pieces(ids)}
+    assert not seen & val_only
+
+
+def test_validation_stream_holds_each_held_out_document_once(mixture, docs):
+    val = PackedSequenceDataset(mixture, SEQ_LEN, split="val")
+    ids = stream(take(val, val.num_windows(0)))
+    counts = tokens_by_source(ids, [blob(d["val"]) for d in docs])
+    total = sum(len(doc) for source in docs for doc in source["val"])
+    assert total - (SEQ_LEN + 1) - 2 * max(map(len, docs[0]["val"] + docs[1]["val"])) < counts.sum() <= total
+
+
+def test_deterministic_for_seed(mixture):
+    a = take(PackedSequenceDataset(mixture, SEQ_LEN, seed=1), 20)
+    b = take(PackedSequenceDataset(mixture, SEQ_LEN, seed=1), 20)
+    c = take(PackedSequenceDataset(mixture, SEQ_LEN, seed=2), 20)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_rank_shards_are_disjoint_and_complete(mixture):
+    single = take(PackedSequenceDataset(mixture, SEQ_LEN), 60)
+    shards = [take(PackedSequenceDataset(mixture, SEQ_LEN, rank=r, world_size=3), 20) for r in range(3)]
+    for r, shard in enumerate(shards):
+        assert all(torch.equal(w, single[3 * i + r]) for i, w in enumerate(shard))
+
+
+@pytest.mark.parametrize("consumed", [5, 0])
+def test_resume_is_exact_across_passes(mixture, consumed):
+    dataset = PackedSequenceDataset(mixture, SEQ_LEN)
+    per_pass = dataset.num_windows(0)
+    reference = take(PackedSequenceDataset(mixture, SEQ_LEN), per_pass + consumed + 40)
+    first = per_pass + consumed - 10  # resume 10 windows before the pass ends
+    take(dataset, first)
+    state = json.loads(json.dumps(dataset.state_dict()))
+    resumed = PackedSequenceDataset(mixture, SEQ_LEN)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(w, reference[first + i]) for i, w in enumerate(take(resumed, 50)))
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [(2, 1), (1, 3)])
+def test_resume_on_another_world_size(mixture, saved_on, resumed_on):
+    reference = take(PackedSequenceDataset(mixture, SEQ_LEN), 60)
+    states = []
+    for rank in range(saved_on):
+        dataset = PackedSequenceDataset(mixture, SEQ_LEN, rank=rank, world_size=saved_on)
+        take(dataset, 6)
+        states.append(dataset.state_dict())
+    assert all(state == states[0] for state in states)
+    for rank in range(resumed_on):
+        dataset = PackedSequenceDataset(mixture, SEQ_LEN, rank=rank, world_size=resumed_on)
+        dataset.load_state_dict(states[0])
+        for i, window in enumerate(take(dataset, 5)):
+            assert torch.equal(window, reference[6 * saved_on + rank + i * resumed_on])
+
+
+def test_dataloader_workers_deliver_the_single_process_order(mixture):
+    single = torch.stack(take(PackedSequenceDataset(mixture, SEQ_LEN), 32))
+    dataset = PackedSequenceDataset(mixture, SEQ_LEN, batch_size=4)
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, multiprocessing_context="fork")
+    batches = [batch for batch, _ in zip(loader, range(8))]
+    assert torch.equal(torch.cat(batches), single)
+    resumed = PackedSequenceDataset(mixture, SEQ_LEN)
+    resumed.load_state_dict(dataset.state_dict(consumed=24))
+    assert torch.equal(next(iter(resumed)), single[24])
+
+
+def test_resume_refuses_another_seq_len(mixture):
+    state = PackedSequenceDataset(mixture, SEQ_LEN).state_dict()
+    with pytest.raises(BluesError, match="seq_len"):
+        PackedSequenceDataset(mixture, 256).load_state_dict(state)
+
+
+def test_chunk_cache_is_bounded(code_store):
+    manifest = json.loads((code_store / "manifest.json").read_text())
+    paths = [code_store / c["file"] for c in manifest["chunks"]]
+    cache = ChunkCache(paths, [c["n_tokens"] for c in manifest["chunks"]], capacity=2)
+    for chunk in [0, 1, 2, 3, 1, 0] if len(paths) >= 4 else range(len(paths)):
+        assert len(cache.get(chunk)) == manifest["chunks"][chunk]["n_tokens"]
+        assert len(cache.tokens) <= 2
