@@ -1,0 +1,107 @@
+"""Multi-query causal self-attention with rotary position embeddings, and its KV cache.
+
+Kernels: `flash_attn.flash_attn_func` when the flash-attn package is importable and the
+call is a plain causal pass on CUDA in half precision; otherwise
+`F.scaled_dot_product_attention`, which itself picks its flash or memory-efficient kernel
+where the device has one. `enable_gqa` lets the single KV head serve all query heads
+without copying it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BluesConfig
+
+try:
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_backend(requested: str) -> str:
+    """The attention backend a model will use for `config.attn_backend`, logged once per model."""
+    backend = requested
+    if requested == "auto":
+        backend = "flash_attn" if flash_attn_func is not None else "sdpa"
+    if backend == "flash_attn" and flash_attn_func is None:
+        raise ImportError("attn_backend='flash_attn' needs the flash-attn package: pip install 'blues[flash]'")
+    logger.info("attention backend: %s (requested %r)", backend, requested)
+    return backend
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles for integer `positions` [B, T] -> [B, T, 1, head_dim / 2], fp32."""
+    inv_freq = base ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + head_dim / 2) of x [B, T, heads, head_dim] (GPT-NeoX / Llama layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_len` positions, and which slots hold real tokens.
+
+    `extend` reserves the slots of the next forward call; each layer's `update` then writes
+    its keys and values there. Attention always reads all max_len slots (unfilled ones are
+    invalid, so masked): shapes stay fixed from step to step, and kernels that plan per
+    shape (cuDNN attention) plan once.
+    """
+
+    def __init__(self, config: BluesConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
+        self.start = self.length = 0
+
+    def extend(self, valid_BT: torch.Tensor) -> torch.Tensor:
+        """Reserve the next len(valid_BT[0]) slots (from `start`); return every slot's validity, [B, max_len]."""
+        if self.length + valid_BT.shape[1] > self.valid.shape[1]:
+            raise ValueError(f"KV cache holds {self.valid.shape[1]} positions; {self.length + valid_BT.shape[1]} needed")
+        self.start, self.length = self.length, self.length + valid_BT.shape[1]
+        self.valid[:, self.start : self.length] = valid_BT
+        return self.valid
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer, :, self.start : self.length] = k
+        self.v[layer, :, self.start : self.length] = v
+        return self.k[layer], self.v[layer]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BluesConfig, layer: int, backend: str):
+        super().__init__()
+        self.layer, self.backend = layer, backend
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
+        self.out = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, kv_cache: KVCache | None = None):
+        """x [B, T, d]; mask [B, 1, T, S] bool (True = may attend) or None for plain causal."""
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, hd), cos, sin)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, hd), cos, sin)
+        v = v.view(B, T, self.n_kv_heads, hd)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+        if self.backend == "flash_attn" and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            y = flash_attn_func(q, k, v, causal=True)
+        else:
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=mask, is_causal=mask is None, enable_gqa=True,
+            ).transpose(1, 2)
+        return self.out(y.reshape(B, T, self.n_heads * hd))

@@ -1,0 +1,125 @@
+"""Blues model configuration, named presets, parameter count and FLOP estimate."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+ATTN_BACKENDS = ("auto", "sdpa", "flash_attn")
+
+
+@dataclass(kw_only=True)
+class BluesConfig:
+    """Every architectural number of a Blues model. `BluesConfig()` is Blues-01."""
+
+    vocab_size: int = 200019  # o200k_base; embedding rows are padded to a multiple of 128
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int = 1  # 1 = multi-query attention
+    ffn_hidden: int = 2048  # SwiGLU hidden width of the dense FFN and of each expert
+    moe_every: int = 2  # layer i (0-based) is MoE when (i + 1) % moe_every == 0; 1 = all
+    n_experts: int = 8
+    top_k: int = 2
+    router_noise: bool = True  # Shazeer's learned noise, training mode only
+    aux_loss_coef: float = 0.01  # weight of BluesOutput.aux_loss in the training loss
+    z_loss_coef: float = 0.001  # weight of BluesOutput.z_loss in the training loss
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    init_std: float = 0.02
+    loss_chunk_tokens: int = 4096  # tokens per chunk of the fused head + cross-entropy
+    gradient_checkpointing: bool = False
+    attn_backend: str = "auto"  # "auto" (flash_attn if importable, else sdpa), "sdpa", "flash_attn"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            problems.append(f"d_model {self.d_model} must split into n_heads {self.n_heads} heads of even width")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
+        if not 1 <= self.top_k <= self.n_experts:
+            problems.append(f"top_k {self.top_k} must be between 1 and n_experts {self.n_experts}")
+        if not 1 <= self.moe_every <= self.n_layers:
+            problems.append(f"moe_every {self.moe_every} must be between 1 (every layer MoE) and n_layers {self.n_layers}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            problems.append(f"attn_backend {self.attn_backend!r} must be one of {ATTN_BACKENDS}")
+        if problems:
+            raise ValueError("invalid BluesConfig: " + "; ".join(problems))
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // 128) * 128
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.n_layers) if (i + 1) % self.moe_every == 0)
+
+    @classmethod
+    def preset(cls, name: str) -> BluesConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BluesConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown BluesConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, dict] = {
+    "blues-01": {},
+    "tiny": dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=1, ffn_hidden=128, n_experts=4, max_seq_len=256),
+}
+
+
+def count_parameters(config: BluesConfig) -> dict[str, int]:
+    """Closed-form parameter count: `total` stored, `active` used by one token.
+
+    Embedding (tied with the LM head): padded_vocab * d. Per layer: two RMSNorm weights
+    (2d), attention q,k,v,o (d * (n_heads + 2 * n_kv_heads) * head_dim + d * d), and either
+    a dense SwiGLU FFN (3 * d * ffn_hidden) or a MoE layer (n_experts such FFNs plus the
+    router's W_g and W_noise, d * n_experts each). Final RMSNorm: d. A token uses top_k of
+    the n_experts experts, so `active` leaves out (n_experts - top_k) FFNs per MoE layer.
+    """
+    d, hd = config.d_model, config.head_dim
+    ffn = 3 * d * config.ffn_hidden
+    router = d * config.n_experts * (2 if config.router_noise else 1)
+    attn = d * (config.n_heads + 2 * config.n_kv_heads) * hd + d * d
+    n_moe = len(config.moe_layers)
+    n_dense = config.n_layers - n_moe
+    total = (
+        config.padded_vocab_size * d
+        + config.n_layers * (2 * d + attn)
+        + n_dense * ffn
+        + n_moe * (config.n_experts * ffn + router)
+        + d
+    )
+    active = total - n_moe * (config.n_experts - config.top_k) * ffn
+    return {"total": total, "active": active}
+
+
+def flops_per_token(config: BluesConfig, seq_len: int) -> int:
+    """Training FLOPs (forward + backward) per token, for MFU.
+
+    Matmuls: every active matmul weight costs 2 FLOPs per token forward and 4 backward, so
+    6 * N, where N is the active parameters minus the RMSNorm weights; the tied embedding
+    counts once, as the LM head matmul (the lookup is free). Attention scores and the
+    weighted sum of values add 2 * 2 * n_heads * head_dim * seq_len per layer forward, times
+    3 for forward + backward: 12 * n_layers * n_heads * head_dim * seq_len. As in nanoGPT
+    and PaLM, the causal mask's halving is not subtracted.
+    """
+    norms = (2 * config.n_layers + 1) * config.d_model
+    matmul_params = count_parameters(config)["active"] - norms
+    attention = 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    return 6 * matmul_params + attention
