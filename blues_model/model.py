@@ -181,6 +181,12 @@ class BluesLM(nn.Module):
             else:
                 p.normal_(0.0, std)
 
+    def compile_blocks(self) -> None:
+        """torch.compile each decoder block in place (fuses norms, rotary and SwiGLU
+        elementwise work); the blocks share one compiled graph per kind, dense or MoE."""
+        for block in self.blocks:
+            block.compile()
+
     def forward(self, input_ids, labels=None, *, attention_mask=None, kv_cache: KVCache | None = None,
                 last_only: bool = False) -> BluesOutput:
         """input_ids [B, T]; labels [B, T] already shifted (labels[:, t] is the token after
