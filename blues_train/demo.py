@@ -1,0 +1,119 @@
+"""`make demo` / `blues demo`: the whole Blues asset graph on the sample corpus, on the CPU.
+
+Writes the sample corpus, then materializes, through Dagster and in this process,
+raw corpora -> tokenized_dataset (one partition per dataset) -> merged_dataset ->
+trained_model (the tiny model) -> model_checkpoint, model_eval, with every blocking check.
+The runs are recorded in the project-local DAGSTER_HOME, so `make dev` shows them after.
+
+This is the one module of blues_train that drives Dagster; it imports it inside `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from blues_train.report import read_metrics
+from blues_train.sample_corpus import write_sample_corpus
+
+QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="blues demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="config.json", help="project configuration (default config.json)")
+    parser.add_argument("--corpus", default="sample_corpus",
+                        help="where to write the sample corpus, relative to the config's folder")
+    parser.add_argument("--corpus_mb", type=float, default=2.0, help="MB of text per dataset")
+    parser.add_argument("--max_steps", type=int, help="training steps (default: the config's)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    config_path = Path(args.config).resolve()
+    os.environ["BLUES_CONFIG"] = str(config_path)
+    os.environ.setdefault("DAGSTER_HOME", str(config_path.parent / ".dagster_home"))
+
+    import warnings
+
+    import dagster as dg
+
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)  # raised inside Dagster Pipes
+    from pipelines.config import load_project_config
+    from pipelines.definitions import defs
+    from pipelines.home import ensure_dagster_home
+    from pipelines.partitions import dataset_partitions
+
+    config = load_project_config(config_path)
+    started = time.perf_counter()
+    corpus = write_sample_corpus(config_path.parent / args.corpus, args.corpus_mb)
+    print(f"sample corpus: {', '.join(corpus)} under {config_path.parent / args.corpus}")
+
+    ensure_dagster_home(Path(os.environ["DAGSTER_HOME"]))
+    instance = dg.DagsterInstance.get()
+    names = [d.name for d in config.datasets]
+    instance.add_dynamic_partitions(dataset_partitions.name, names)
+    graph = defs.resolve_implicit_global_asset_job_def()
+
+    print("\n== tokenized_dataset (one partition per dataset)")
+    print(f"{'dataset':<10} {'documents':>10} {'tokens':>12} {'bytes/token':>12} "
+          f"{'compression':>12} {'skipped':>8}")
+    for name in names:
+        result = graph.execute_in_process(
+            instance=instance, partition_key=name, run_config=QUIET_RUN,
+            asset_selection=[dg.AssetKey("tokenized_dataset")],
+        )
+        m = _metadata(result, "tokenized_dataset")
+        print(f"{name:<10} {m['documents']:>10,} {m['tokens']:>12,} {m['input_bytes_per_token']:>12.2f} "
+              f"{m['compression']:>11.2f}x {m['skipped']:>8,}")
+
+    train_config = {"max_steps": args.max_steps} if args.max_steps else {}
+    result = graph.execute_in_process(
+        instance=instance,
+        run_config={**QUIET_RUN, "ops": {"trained_model": {"config": train_config}}},
+        asset_selection=[dg.AssetKey(k) for k in ("merged_dataset", "trained_model", "model_eval")],
+    )
+
+    mixture = _metadata(result, "merged_dataset")
+    print(f"\n== merged_dataset ({mixture['strategy']}, {mixture['total_tokens']:,} tokens, "
+          f"fingerprint {mixture['fingerprint'][:16]})")
+    print(f"{'dataset':<10} {'target':>8} {'realized':>9} {'tokens':>12} {'repeat':>7}")
+    for row in mixture["shares"].records:
+        r = row.data
+        print(f"{r['dataset']:<10} {r['target_share']:>8.4f} {r['realized_share']:>9.4f} "
+              f"{r['tokens']:>12,} {r['repeat']:>7.2f}")
+
+    model = _metadata(result, "trained_model")
+    records = read_metrics(model["run_dir"])
+    val = [r for r in records if "val_loss" in r]
+    print(f"\n== trained_model ({len(records)} steps, {model['checkpoints']} checkpoint(s) "
+          f"recorded as model_checkpoint partitions)")
+    print(f"train loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}"
+          + (f"; validation loss {val[-1]['val_loss']:.3f} at step {val[-1]['step']}" if val else ""))
+
+    evaluation = _metadata(result, "model_eval")
+    print(f"\n== model_eval\nheld-out perplexity {evaluation['perplexity']:.1f} "
+          f"(val loss {evaluation['val_loss']:.3f}); expert load max {evaluation['max_expert_load']:.2f} "
+          f"min {evaluation['min_expert_load']:.2f} (1.0 = balanced)")
+    print(evaluation["samples"])
+
+    print(f"\ndone in {time.perf_counter() - started:.0f} s; runs recorded in {os.environ['DAGSTER_HOME']}")
+    print("Open the UI: `make dev`, then http://127.0.0.1:3000 (Assets > global lineage).")
+    return 0
+
+
+def _metadata(result, asset: str) -> dict:
+    """The metadata of `asset`'s materialization in `result`, as plain values."""
+    [materialization] = [m for m in result.asset_materializations_for_node(asset)
+                         if m.asset_key.to_user_string() == asset]
+    return {key: getattr(value, "value", value) for key, value in materialization.metadata.items()}
+
+
+if __name__ == "__main__":
+    from blues_train.cli import run_command
+
+    sys.exit(run_command(main, sys.argv[1:]))

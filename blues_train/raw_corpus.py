@@ -1,0 +1,54 @@
+"""Observe a raw corpus without reading its documents: its files, their sizes and hashes.
+
+`signature` is cheap (names, sizes, modification times) and tells whether anything may
+have changed; `observe` adds each file's sha256 and `corpus_version`, the corpus's identity.
+Files are found exactly as `blues prepare` finds them (`sources.discover_sources`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from blues_train.sources import discover_sources
+from blues_train.store import file_sha256
+
+
+@dataclass(frozen=True)
+class RawFile:
+    path: str
+    label: str  # the name the token store records for this file
+    format: str
+    bytes: int
+    mtime_ns: int
+    sha256: str | None = None
+
+
+def list_files(inputs, fmt: str | None = None, glob: str = "**/*.txt") -> list[RawFile]:
+    """The corpus's files with sizes and modification times (no content read)."""
+    files = []
+    for source in discover_sources(inputs, fmt, glob):
+        stat = source.path.stat()
+        files.append(RawFile(str(source.path), source.label, source.fmt, stat.st_size, stat.st_mtime_ns))
+    return files
+
+
+def signature(files: list[RawFile]) -> str:
+    """Changes whenever a file is added, removed, resized or touched."""
+    lines = (f"{f.label}\t{f.bytes}\t{f.mtime_ns}" for f in files)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def observe(inputs, fmt: str | None = None, glob: str = "**/*.txt") -> list[RawFile]:
+    """`list_files` with each file's sha256."""
+    return [
+        RawFile(f.path, f.label, f.format, f.bytes, f.mtime_ns, file_sha256(f.path))
+        for f in list_files(inputs, fmt, glob)
+    ]
+
+
+def corpus_version(named_hashes) -> str:
+    """The corpus's identity from (file label, sha256) pairs: the same for `observe`'s
+    files and a token store's `manifest.sources`."""
+    lines = (f"{label}\t{sha256}" for label, sha256 in named_hashes)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()

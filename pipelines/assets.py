@@ -1,0 +1,230 @@
+"""The asset graph: raw_corpus -> tokenized_dataset -> merged_dataset -> trained_model
+-> model_checkpoint, model_eval. Each body calls one blues_train function and turns its
+result into the metadata people look at."""
+
+from pathlib import Path
+
+import dagster as dg
+
+from blues_train.mixture import merge
+from blues_train.prepare import prepare_dataset
+from blues_train.raw_corpus import corpus_version
+from blues_train.report import evaluate_checkpoint, loss_curve_png, png_markdown
+from pipelines.config import EvalConfig, MergeConfig, TrainConfig, with_overrides
+from pipelines.partitions import checkpoint_partitions, dataset_partitions
+from pipelines.resources import BluesProject
+
+raw_corpus = dg.AssetSpec(
+    "raw_corpus",
+    partitions_def=dataset_partitions,
+    group_name="data",
+    kinds={"file"},
+    description="A dataset's raw files (the `sources` entry of the project configuration). "
+    "Observed, not built: the raw_corpus_sensor and each tokenization record files, bytes "
+    "and sha256.",
+)
+
+
+@dg.asset(
+    partitions_def=dataset_partitions,
+    deps=[raw_corpus],
+    group_name="data",
+    kinds={"arrow"},
+    code_version="1",
+)
+def tokenized_dataset(context: dg.AssetExecutionContext, project: BluesProject) -> dg.MaterializeResult:
+    """The dataset's token store: zstd Arrow chunks of o200k_base tokens and a manifest
+    (`blues prepare`). Re-running on unchanged raw files changes nothing."""
+    source = project.load().dataset(context.partition_key)
+    manifest = prepare_dataset(
+        [source.input], source.token_store, fmt=source.format, text_field=source.text_field,
+        glob=source.glob, progress=False,
+    )
+    context.log_event(_raw_observation(context.partition_key, manifest["sources"]))
+    totals, stats = manifest["totals"], manifest["stats"]
+    skipped = manifest["skipped"]
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": totals["docs"],
+            "documents": totals["docs"],
+            "tokens": totals["tokens"],
+            "input_bytes_per_token": stats["input_bytes_per_token"],
+            "stored_bytes_per_token": stats["stored_bytes_per_token"],
+            "compression": round(totals["input_bytes"] / max(totals["stored_bytes"], 1), 3),
+            "skipped": sum(entry["count"] for entry in skipped.values()),
+            "skipped_by_reason": dg.MetadataValue.json(skipped),
+            "replacement_char_docs": stats["replacement_char_docs"],
+            "doc_tokens_percentiles": dg.MetadataValue.json(stats["doc_tokens_percentiles"]),
+            "chunks": len(manifest["chunks"]),
+            "fingerprint": manifest["fingerprint"],
+            "path": dg.MetadataValue.path(str(source.token_store)),
+        },
+        data_version=dg.DataVersion(manifest["fingerprint"]),
+    )
+
+
+def _raw_observation(dataset: str, files: list[dict]) -> dg.AssetObservation:
+    """The raw files a store was built from, as an observation of `raw_corpus`."""
+    version = corpus_version([(f["path"], f["sha256"]) for f in files])
+    return dg.AssetObservation(
+        asset_key=raw_corpus.key,
+        partition=dataset,
+        metadata=raw_corpus_metadata(files),
+        tags={"dagster/data_version": version},
+    )
+
+
+def raw_corpus_metadata(files: list[dict]) -> dict:
+    """Files, bytes and hashes of a raw corpus (`path`, `format`, `bytes`, `sha256` per
+    file, as in a token store's `manifest.sources`; the first 200 in the table)."""
+    columns = {"path": "string", "format": "string", "bytes": "int", "sha256": "string"}
+    return {
+        "files": len(files),
+        "bytes": sum(f["bytes"] for f in files),
+        "file_table": dg.MetadataValue.table(
+            [dg.TableRecord({name: f[name] for name in columns}) for f in files[:200]],
+            schema=dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in columns.items()]),
+        ),
+    }
+
+
+@dg.asset(deps=[tokenized_dataset], group_name="data", kinds={"json"}, code_version="1")
+def merged_dataset(config: MergeConfig, project: BluesProject) -> dg.MaterializeResult:
+    """The training mixture: every dataset of the configuration blended by token share
+    (`blues merge`). A manifest, not a copy of the tokens."""
+    cfg = with_overrides(project.load(), "mixture", config)
+    mix = cfg.mixture
+    manifest = merge(
+        [d.token_store for d in cfg.datasets], mix.output,
+        weights=list(mix.weights) if mix.strategy == "weighted" else None,
+        strategy=mix.strategy, num_tokens=mix.num_tokens, seed=mix.seed,
+        val_fraction=mix.val_fraction,
+    )
+    total = manifest["total_tokens"]
+    shares = [
+        dg.TableRecord({
+            "dataset": dataset.name, "target_share": round(source["weight"], 4),
+            "realized_share": round(source["tokens"] / total, 4), "tokens": source["tokens"],
+            "repeat": source["repeat"], "documents": source["docs"],
+        })
+        for dataset, source in zip(cfg.datasets, manifest["sources"])
+    ]
+    return dg.MaterializeResult(
+        metadata={
+            "strategy": manifest["strategy"],
+            "total_tokens": total,
+            "shares": dg.MetadataValue.table(shares, schema=dg.TableSchema(columns=[
+                dg.TableColumn("dataset", "string"), dg.TableColumn("target_share", "float"),
+                dg.TableColumn("realized_share", "float"), dg.TableColumn("tokens", "int"),
+                dg.TableColumn("repeat", "float"), dg.TableColumn("documents", "int"),
+            ])),
+            "val_fraction": manifest["validation"]["fraction"],
+            "seed": manifest["seed"],
+            "fingerprint": manifest["fingerprint"],
+            "path": dg.MetadataValue.path(str(mix.output)),
+        },
+        data_version=dg.DataVersion(manifest["fingerprint"]),
+    )
+
+
+@dg.asset(
+    deps=[merged_dataset],
+    group_name="training",
+    kinds={"pytorch", "deepspeed"},
+    pool="gpu",
+    code_version="1",
+)
+def trained_model(
+    context: dg.AssetExecutionContext,
+    config: TrainConfig,
+    project: BluesProject,
+    pipes: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult:
+    """A Blues model trained on the mixture (`blues train`, one process or the DeepSpeed
+    launcher), launched through Dagster Pipes: rank 0 streams logs, reports every
+    checkpoint (recorded as `model_checkpoint` partitions) and the final metrics."""
+    cfg = with_overrides(project.load(), "training", config)
+    out = cfg.training.out / _run_name(context)
+    invocation = pipes.run(context=context, command=cfg.training.command(cfg.mixture.output, out))
+    checkpoints = [m for m in invocation.get_custom_messages() if m.get("kind") == "checkpoint"]
+    _record_checkpoints(context, checkpoints)
+    reported = invocation.get_materialize_result()
+    metadata = {
+        **reported.metadata,
+        "run_dir": dg.MetadataValue.path(str(out)),
+        "checkpoints": len(checkpoints),
+        "loss_curve": dg.MetadataValue.md(png_markdown(loss_curve_png(out), "training loss")),
+    }
+    if checkpoints:
+        metadata["checkpoint"] = dg.MetadataValue.path(checkpoints[-1]["path"])
+    return dg.MaterializeResult(metadata=metadata)
+
+
+model_checkpoint = dg.AssetSpec(
+    "model_checkpoint",
+    deps=[trained_model],
+    partitions_def=checkpoint_partitions,
+    group_name="training",
+    kinds={"safetensors"},
+    description="Every checkpoint a training run saved, one partition each "
+    "(`<run>-step-000100`): step, losses, path and the mixture it was trained on. "
+    "Recorded by trained_model.",
+)
+
+
+def _run_name(context: dg.AssetExecutionContext) -> str:
+    return f"run-{context.run.run_id[:8]}"
+
+
+def _record_checkpoints(context: dg.AssetExecutionContext, checkpoints: list[dict]) -> None:
+    """One `model_checkpoint` materialization per reported checkpoint."""
+    keys = [f"{_run_name(context)}-step-{c['step']:06d}" for c in checkpoints]
+    if not keys:
+        return
+    context.instance.add_dynamic_partitions(checkpoint_partitions.name, keys)
+    for key, checkpoint in zip(keys, checkpoints):
+        figures = {k: v for k, v in checkpoint.items() if k not in ("kind", "path")}
+        context.log_event(dg.AssetMaterialization(
+            asset_key=model_checkpoint.key,
+            partition=key,
+            metadata={**figures, "path": dg.MetadataValue.path(checkpoint["path"])},
+        ))
+
+
+@dg.asset(deps=[trained_model], group_name="training", kinds={"pytorch"}, code_version="1")
+def model_eval(
+    context: dg.AssetExecutionContext, config: EvalConfig, project: BluesProject
+) -> dg.MaterializeResult:
+    """The last trained model's perplexity on the held-out split of the mixture, sample
+    generations, and how evenly its experts share the tokens."""
+    cfg = with_overrides(project.load(), "evaluation", config)
+    checkpoint = _latest_checkpoint(context)
+    ev = cfg.evaluation
+    report = evaluate_checkpoint(
+        checkpoint, cfg.mixture.output, seq_len=cfg.training.seq_len, windows=ev.val_windows,
+        prompts=list(ev.prompts), max_length=ev.max_length, temperature=ev.temperature,
+        top_k=ev.top_k,
+    )
+    samples = "\n\n".join(f"**{s['prompt']!r}** →\n```\n{s['text']}\n```" for s in report["samples"])
+    return dg.MaterializeResult(
+        metadata={
+            "perplexity": report["perplexity"],
+            "val_loss": report["val_loss"],
+            "val_tokens": report["val_tokens"],
+            "max_expert_load": report["max_expert_load"],
+            "min_expert_load": report["min_expert_load"],
+            "samples": dg.MetadataValue.md(samples),
+            "expert_utilization": dg.MetadataValue.md(
+                png_markdown(report["expert_utilization_png"], "expert utilization")),
+            "checkpoint": dg.MetadataValue.path(str(checkpoint)),
+        }
+    )
+
+
+def _latest_checkpoint(context: dg.AssetExecutionContext) -> Path:
+    event = context.instance.get_latest_materialization_event(trained_model.key)
+    entry = event and event.asset_materialization.metadata.get("checkpoint")
+    if entry is None:
+        raise dg.Failure("trained_model has no checkpoint yet: materialize trained_model first "
+                         "(its run must save at least one checkpoint: training.save_interval)")
+    return Path(entry.value)

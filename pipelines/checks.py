@@ -1,0 +1,44 @@
+"""Blocking asset checks: a failing check stops the run, so nothing downstream (above all
+training) reads data that fails them."""
+
+import dagster as dg
+
+from blues_train.tokenizer_consistency import tokenizer_problems
+from blues_train.verify import verify_paths
+from pipelines.assets import merged_dataset, tokenized_dataset
+from pipelines.resources import BluesProject
+
+
+@dg.asset_check(asset=tokenized_dataset, blocking=True)
+def token_store_integrity(
+    context: dg.AssetCheckExecutionContext, project: BluesProject
+) -> dg.AssetCheckResult:
+    """`blues verify` of the dataset's token store: chunk hashes, schema, counts, token ids."""
+    store = project.load().dataset(context.partition_key).token_store
+    return _result(verify_paths([store]).problem_lines())
+
+
+@dg.asset_check(asset=merged_dataset, blocking=True)
+def mixture_integrity(project: BluesProject) -> dg.AssetCheckResult:
+    """`blues verify` of the mixture: every store it reads is intact and still has the
+    fingerprint the mixture recorded, and the loader realizes the target shares."""
+    report = verify_paths([project.load().mixture.output])
+    return _result(report.problem_lines(), shares=report.mixtures[0]["sources"] if report.mixtures else [])
+
+
+@dg.asset_check(asset=merged_dataset, blocking=True)
+def tokenizer_consistency(project: BluesProject) -> dg.AssetCheckResult:
+    """The mixture, every dataset in it and the model to train agree with the tokenizer
+    shipped here (the one generation decodes with)."""
+    cfg = project.load()
+    return _result(tokenizer_problems(cfg.mixture.output, model=cfg.training.model))
+
+
+def _result(problems: list[str], shares: list[dict] | None = None) -> dg.AssetCheckResult:
+    metadata = {
+        "problems": len(problems),
+        "details": dg.MetadataValue.md("\n".join(f"- `{p}`" for p in problems[:50]) or "none"),
+    }
+    if shares:
+        metadata["realized_shares"] = dg.MetadataValue.json(shares)
+    return dg.AssetCheckResult(passed=not problems, metadata=metadata)

@@ -1,0 +1,7 @@
+"""Dynamic partitions: datasets (added by the raw-corpus sensor) and checkpoints (added by
+`trained_model` for every checkpoint the training run saved)."""
+
+import dagster as dg
+
+dataset_partitions = dg.DynamicPartitionsDefinition(name="datasets")
+checkpoint_partitions = dg.DynamicPartitionsDefinition(name="checkpoints")

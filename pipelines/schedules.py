@@ -1,0 +1,24 @@
+"""Retraining on a schedule: mixture, model and evaluation, at the configured cron."""
+
+import dagster as dg
+
+from pipelines.assets import merged_dataset, model_eval, trained_model
+from pipelines.config import ProjectConfig
+
+retrain_job = dg.define_asset_job(
+    "retrain_job",
+    selection=dg.AssetSelection.assets(merged_dataset, trained_model, model_eval),
+    description="Merge the tokenized datasets, train a model on the mixture, evaluate it. "
+    "Blocking checks stop the run before training on data that fails them.",
+)
+
+
+def retrain_schedule(config: ProjectConfig) -> dg.ScheduleDefinition:
+    return dg.ScheduleDefinition(
+        name="retrain_schedule",
+        job=retrain_job,
+        cron_schedule=config.retrain_cron,
+        execution_timezone="UTC",
+        description=f"Retrain at `{config.retrain_cron}` (UTC), from schedule.retrain_cron "
+        f"in {config.path.name}. Off until switched on.",
+    )

@@ -1,0 +1,57 @@
+"""The raw-corpus sensor: new datasets become partitions, new or changed raw files get
+tokenized."""
+
+import json
+
+import dagster as dg
+
+from blues_train.errors import BluesError
+from blues_train.raw_corpus import corpus_version, list_files, observe, signature
+from pipelines.assets import raw_corpus, raw_corpus_metadata, tokenized_dataset
+from pipelines.partitions import dataset_partitions
+from pipelines.resources import BluesProject
+
+
+@dg.sensor(
+    asset_selection=[tokenized_dataset],
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def raw_corpus_sensor(context: dg.SensorEvaluationContext, project: BluesProject) -> dg.SensorResult:
+    """Every minute: list each configured dataset's raw files (names, sizes, times). A
+    dataset seen for the first time becomes a partition; one whose files changed is hashed,
+    observed as `raw_corpus` and requested for tokenization. The cursor holds each
+    dataset's last listing signature."""
+    seen = json.loads(context.cursor) if context.cursor else {}
+    known = set(context.instance.get_dynamic_partitions(dataset_partitions.name))
+    new_partitions, run_requests, observations = [], [], []
+    for source in project.load().datasets:
+        try:
+            listing = signature(list_files([source.input], source.format, source.glob))
+        except BluesError as exc:
+            context.log.warning(f"dataset {source.name}: {exc}")
+            continue
+        if source.name not in known:
+            new_partitions.append(source.name)
+        if seen.get(source.name) == listing:
+            continue
+        files = observe([source.input], source.format, source.glob)
+        version = corpus_version([(f.label, f.sha256) for f in files])
+        observations.append(dg.AssetObservation(
+            asset_key=raw_corpus.key,
+            partition=source.name,
+            metadata=raw_corpus_metadata([
+                {"path": f.label, "format": f.format, "bytes": f.bytes, "sha256": f.sha256}
+                for f in files
+            ]),
+            tags={"dagster/data_version": version},
+        ))
+        run_requests.append(dg.RunRequest(partition_key=source.name, run_key=f"{source.name}-{version}"))
+        seen[source.name] = listing
+    return dg.SensorResult(
+        run_requests=run_requests,
+        dynamic_partitions_requests=[dataset_partitions.build_add_request(new_partitions)]
+        if new_partitions else [],
+        asset_events=observations,
+        cursor=json.dumps(seen, sort_keys=True),
+    )

@@ -1,0 +1,222 @@
+"""The Dagster code location, in process: definitions, the whole graph on real data with
+the tiny model, a corrupt chunk stopping training, the schedule and the sensor."""
+
+import json
+from datetime import datetime, timezone
+
+import dagster as dg
+import pytest
+
+from blues_project import write_project
+from blues_train.errors import BluesError
+from blues_train.mixture import merge
+from blues_train.prepare import prepare_dataset
+from pipelines import assets, checks
+from pipelines.config import TrainConfig, load_project_config, parse_project_config, with_overrides
+from pipelines.definitions import defs
+from pipelines.home import ensure_dagster_home
+from pipelines.resources import BluesProject
+from pipelines.schedules import retrain_job, retrain_schedule
+from pipelines.sensors import raw_corpus_sensor
+
+EVERYTHING = [
+    assets.raw_corpus, assets.tokenized_dataset, assets.merged_dataset, assets.trained_model,
+    assets.model_checkpoint, assets.model_eval,
+    checks.token_store_integrity, checks.mixture_integrity, checks.tokenizer_consistency,
+]
+DATASETS = ["code", "prose"]
+pytestmark = pytest.mark.filterwarnings("ignore::dagster.PreviewWarning")  # raised inside Dagster Pipes
+
+
+def resources(config_path):
+    return {"project": BluesProject(config_path=str(config_path)), "pipes": dg.PipesSubprocessClient()}
+
+
+def tokenize_all(instance, config_path):
+    instance.add_dynamic_partitions("datasets", DATASETS)
+    results = {}
+    for name in DATASETS:
+        results[name] = dg.materialize(EVERYTHING, selection=[assets.tokenized_dataset], partition_key=name,
+                                       instance=instance, resources=resources(config_path))
+    return results
+
+
+def metadata(result, node, index=-1):
+    return {k: getattr(v, "value", v) for k, v in result.asset_materializations_for_node(node)[index].metadata.items()}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return write_project(tmp_path_factory.mktemp("project"))
+
+
+def test_definitions_load():
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert keys == {"raw_corpus", "tokenized_dataset", "merged_dataset", "trained_model",
+                    "model_checkpoint", "model_eval"}
+    assert graph.get(dg.AssetKey("trained_model")).pools == {"gpu"}
+    blocking = {spec.name for check in EVERYTHING[6:] for spec in check.check_specs if spec.blocking}
+    assert blocking == {"token_store_integrity", "mixture_integrity", "tokenizer_consistency"}
+    assert defs.resolve_job_def("retrain_job") is not None
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c["datasets"].update(weights=[1.0]), "datasets.weights"),
+    (lambda c: c["sources"][1].pop("input"), "sources[1].input"),
+    (lambda c: c["sources"][1].update(name="code"), "sources[1].name"),
+    (lambda c: c["datasets"].update(merge_strategy="random"), "datasets.merge_strategy"),
+    (lambda c: c["training"].update(launcher="slurm"), "training.launcher"),
+    (lambda c: c["training"].update(max_steps=0), "training.max_steps"),
+    (lambda c: c["schedule"].update(retrain_cron="every sunday"), "schedule.retrain_cron"),
+])
+def test_config_errors_name_the_field(project, edit, field):
+    raw = json.loads(project.read_text())
+    edit(raw)
+    with pytest.raises(BluesError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        parse_project_config(raw, project)
+
+
+def test_run_config_overrides_are_validated(project):
+    config = load_project_config(project)
+    assert with_overrides(config, "training", TrainConfig(max_steps=7)).training.max_steps == 7
+    with pytest.raises(BluesError, match=r"run config of training\): training.num_gpus"):
+        with_overrides(config, "training", TrainConfig(num_gpus=2))
+
+
+@pytest.mark.slow
+def test_whole_graph_materializes(project):
+    with dg.instance_for_test() as instance:
+        for name, result in tokenize_all(instance, project).items():
+            assert result.success
+            stats = metadata(result, "tokenized_dataset")
+            assert stats["dagster/row_count"] == stats["documents"] > 0 and stats["tokens"] > 0
+            assert stats["compression"] > 1 and stats["skipped"] == 0
+            [check] = result.get_asset_check_evaluations()
+            assert check.check_name == "token_store_integrity" and check.passed
+            observed = instance.fetch_observations(
+                dg.AssetRecordsFilter(asset_key=assets.raw_corpus.key, asset_partitions=[name]), limit=1
+            ).records[0].asset_observation
+            assert observed.metadata["files"].value >= 1 and "dagster/data_version" in observed.tags
+
+        result = dg.materialize(EVERYTHING, selection=[assets.merged_dataset, assets.trained_model, assets.model_eval],
+                                instance=instance, resources=resources(project))
+        assert result.success
+        assert {e.check_name: e.passed for e in result.get_asset_check_evaluations()} == {
+            "mixture_integrity": True, "tokenizer_consistency": True}
+        mixture = metadata(result, "merged_dataset")
+        shares = {r.data["dataset"]: r.data for r in mixture["shares"].records}
+        assert shares["code"]["target_share"] == 0.3 and abs(shares["code"]["realized_share"] - 0.3) < 0.01
+        model = metadata(result, "trained_model")
+        assert model["steps"] == 2 and model["checkpoints"] == 2 and model["loss_curve"].startswith("![")
+
+        checkpoints = instance.get_dynamic_partitions("checkpoints")
+        assert [c.rsplit("-", 1)[1] for c in checkpoints] == ["000001", "000002"]
+        record = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=assets.model_checkpoint.key, asset_partitions=[checkpoints[-1]]), limit=1
+        ).records[0].asset_materialization
+        assert record.metadata["mixture_fingerprint"].value == mixture["fingerprint"]
+        assert record.metadata["step"].value == 2 and record.metadata["path"].value == model["checkpoint"]
+
+        evaluation = metadata(result, "model_eval")
+        assert evaluation["perplexity"] > 1 and evaluation["val_tokens"] > 0
+        assert evaluation["expert_utilization"].startswith("![expert utilization](data:image/png;base64,")
+        assert "def " in evaluation["samples"]
+
+
+@pytest.mark.slow
+def test_corrupt_chunk_blocks_training(tmp_path):
+    project = write_project(tmp_path, corpus_mb=0.05)
+    with dg.instance_for_test() as instance:
+        assert all(r.success for r in tokenize_all(instance, project).values())
+        chunk = tmp_path / "stores" / "code" / "chunk-00000.arrow"
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+
+        retokenized = dg.materialize(EVERYTHING, selection=[assets.tokenized_dataset], partition_key="code",
+                                     instance=instance, resources=resources(project), raise_on_error=False)
+        [check] = retokenized.get_asset_check_evaluations()
+        assert not retokenized.success and not check.passed
+        assert "chunk-00000.arrow" in check.metadata["details"].value
+
+        result = dg.materialize(EVERYTHING, selection=[assets.merged_dataset, assets.trained_model, assets.model_eval],
+                                instance=instance, resources=resources(project), raise_on_error=False)
+        assert not result.success
+        evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+        assert not evaluations["mixture_integrity"].passed
+        assert "chunk-00000.arrow" in evaluations["mixture_integrity"].metadata["details"].value
+        assert result.asset_materializations_for_node("trained_model") == []
+        assert instance.get_latest_materialization_event(assets.trained_model.key) is None
+        assert not (tmp_path / "runs").exists()
+
+
+def test_retrain_schedule(project):
+    schedule = retrain_schedule(load_project_config(project))
+    assert schedule.cron_schedule == "15 4 * * 1"
+    when = datetime(2026, 11, 30, 4, 15, tzinfo=timezone.utc)
+    [request] = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=when)).run_requests
+    assert request.job_name in (None, "retrain_job")
+    selected = retrain_job.selection.resolve(defs.resolve_asset_graph())
+    assert {k.to_user_string() for k in selected} == {"merged_dataset", "trained_model", "model_eval"}
+    checks_run = defs.resolve_job_def("retrain_job").asset_layer.asset_graph.asset_check_keys
+    assert {key.name for key in checks_run} == {"mixture_integrity", "tokenizer_consistency"}
+
+
+def test_raw_corpus_sensor(tmp_path):
+    project = write_project(tmp_path, corpus_mb=0.05)
+    resource = {"project": BluesProject(config_path=str(project))}
+    with dg.instance_for_test() as instance:
+        first = raw_corpus_sensor(dg.build_sensor_context(instance=instance, resources=resource))
+        [added] = first.dynamic_partitions_requests
+        assert sorted(added.partition_keys) == DATASETS
+        assert sorted(r.partition_key for r in first.run_requests) == DATASETS
+        assert all(e.tags["dagster/data_version"] for e in first.asset_events)
+        instance.add_dynamic_partitions("datasets", added.partition_keys)
+
+        quiet = raw_corpus_sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor, resources=resource))
+        assert quiet.run_requests == [] and quiet.dynamic_partitions_requests == []
+
+        new_file = tmp_path / "corpus" / "prose" / "texts" / "new.txt"
+        new_file.write_text("A new document arrived in the prose corpus.\n")
+        changed = raw_corpus_sensor(dg.build_sensor_context(instance=instance, cursor=quiet.cursor, resources=resource))
+        assert [r.partition_key for r in changed.run_requests] == ["prose"]
+        assert changed.dynamic_partitions_requests == []
+
+        raw = json.loads(project.read_text())
+        raw["datasets"]["paths"].append("stores/more_code")
+        raw["datasets"]["weights"].append(0.2)
+        raw["sources"].append({"name": "more_code", "input": "corpus/code", "glob": "**/*.jsonl.zst"})
+        project.write_text(json.dumps(raw))
+        grown = raw_corpus_sensor(dg.build_sensor_context(instance=instance, cursor=changed.cursor, resources=resource))
+        assert [r.partition_key for r in grown.run_requests] == ["more_code"]
+        assert grown.dynamic_partitions_requests[0].partition_keys == ["more_code"]
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_reports_from_rank_zero(tmp_path):
+    """Two ranks under the DeepSpeed launcher (gloo on a CPU): rank 0 alone opens Pipes,
+    so the run yields one trained_model materialization and one record per checkpoint."""
+    project = write_project(tmp_path, corpus_mb=0.05)
+    config = load_project_config(project)
+    for source in config.datasets:
+        prepare_dataset([source.input], source.token_store, glob=source.glob, progress=False)
+    merge([d.token_store for d in config.datasets], config.mixture.output, weights=[0.3, 0.7],
+          val_fraction=config.mixture.val_fraction)
+    run_config = dg.RunConfig({"trained_model": TrainConfig(launcher="deepspeed", num_gpus=2, max_steps=1)})
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(EVERYTHING, selection=[assets.trained_model], run_config=run_config,
+                                instance=instance, resources=resources(project))
+        assert result.success
+        assert metadata(result, "trained_model")["checkpoints"] == 1
+        [checkpoint] = instance.get_dynamic_partitions("checkpoints")
+        assert checkpoint.endswith("-step-000001")
+
+
+def test_dagster_home_template(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(ensure_dagster_home(tmp_path / "home")))
+    with dg.DagsterInstance.get() as instance:
+        assert type(instance.run_storage).__name__ == "SqliteRunStorage"
+        assert not instance.telemetry_enabled
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1  # the gpu pool
