@@ -77,3 +77,15 @@ def code_store(tmp_path_factory, sample_corpus_inputs):
 def prose_store(tmp_path_factory, sample_corpus_inputs):
     """Path of a token store prepared from the sample corpus' prose (Parquet, CSV, text)."""
     return _prepared(tmp_path_factory, sample_corpus_inputs["prose"], "prose")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA; CI and the development machines have none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
