@@ -25,8 +25,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
-import os
 import sys
 import tempfile
 import time

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from blues_train.atomic import sync_dir, write_json_atomic
 from blues_train.errors import BluesError
 
 FORMAT_VERSION = 1
@@ -127,23 +128,6 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(engine, root, step: int, *, config: dict, meta: dict, keep_last: int) -> Path | None:
     """Save step `step` atomically; all ranks call it. Returns the folder on rank 0."""
     import torch.distributed as dist
@@ -160,14 +144,14 @@ def save(engine, root, step: int, *, config: dict, meta: dict, keep_last: int) -
     weights = consolidated_state_dict(engine)
     if rank == 0:
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        write_json(tmp / CONFIG_FILE, config)
-        write_json(tmp / META_FILE, {"format_version": FORMAT_VERSION, **meta})
+        write_json_atomic(tmp / CONFIG_FILE, config)
+        write_json_atomic(tmp / META_FILE, {"format_version": FORMAT_VERSION, **meta})
     dist.barrier()
     if rank != 0:
         return None
     shutil.rmtree(final, ignore_errors=True)  # a stale folder of a run that was rolled back
     os.rename(tmp, final)
-    fsync_dir(root)
+    sync_dir(root)
     for old in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old)
     return final

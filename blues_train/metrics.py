@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from blues_train.atomic import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -50,9 +51,7 @@ def keep_until(out_dir, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
 
 class MetricsLog:

@@ -13,14 +13,13 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from blues_train import store
+from blues_train.atomic import write_json_atomic
 from blues_train.errors import BluesError
 
 FORMAT_VERSION = 1
@@ -135,7 +134,7 @@ def merge(
     }
     manifest["fingerprint"] = mixture_fingerprint(manifest)
     report_repeats(manifest)
-    write_atomically(Path(out_dir) / MIXTURE_FILE, manifest)
+    write_json_atomic(Path(out_dir) / MIXTURE_FILE, manifest)
     return manifest
 
 
@@ -265,22 +264,6 @@ def verify_sources(paths: list[Path]) -> None:
 
 def notify(message: str) -> None:
     print(message, file=sys.stderr)
-
-
-def write_atomically(path: Path, manifest: dict) -> None:
-    """Temporary file, fsync, rename: readers see the old mixture or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".mixture-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

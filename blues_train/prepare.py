@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from blues_train import store, tokenizer
+from blues_train.atomic import sync_dir, write_atomic
 from blues_train.errors import BluesError
 from blues_train.sources import FORMATS, SkipLog, discover_sources, iter_documents, repair_text
 
@@ -248,7 +249,7 @@ class Journal:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / store.MANIFEST).unlink(missing_ok=True)
         lines = [json.dumps({"key": self.key})] + [json.dumps(c) for c in self.chunks]
-        store.write_atomic(self.path, ("\n".join(lines) + "\n").encode())
+        write_atomic(self.path, ("\n".join(lines) + "\n").encode())
         self.handle = open(self.path, "a", encoding="utf-8")
 
     def finish(self, manifest: dict) -> None:
@@ -261,7 +262,7 @@ class Journal:
                 stale.unlink()
         store.write_manifest(self.out, manifest)
         self.path.unlink()
-        store.sync_dir(self.out)
+        sync_dir(self.out)
 
 
 def _has_hash(path: Path, record: dict) -> bool:
@@ -299,7 +300,7 @@ class ChunkBuilder:
         data = store.encode_chunk(np.concatenate(self.arrays), lengths, self.sources, self.indices)
         name = store.chunk_name(len(self.tally.chunks))
         self.journal.claim()
-        store.write_atomic(self.out / name, data)
+        write_atomic(self.out / name, data)
         entry = {"file": name, "sha256": hashlib.sha256(data).hexdigest(),
                  "n_docs": len(lengths), "n_tokens": self.n_tokens, "bytes": len(data),
                  "input_bytes": self.input_bytes, "repaired": self.repaired}

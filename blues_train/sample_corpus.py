@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from blues_train.store import write_atomic
+from blues_train.atomic import write_atomic
 
 DEFAULT_MAX_MB = 4.0
 ZSTD_LEVEL = 10

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from blues_train.atomic import write_atomic
 from blues_train.errors import BluesError
 
 FORMAT_VERSION = 1
@@ -107,26 +107,6 @@ def encode_chunk(tokens: np.ndarray, lengths: np.ndarray, sources, indices) -> b
 def doc_lengths(table: pa.Table) -> np.ndarray:
     """Tokens per document of a chunk table."""
     return pc.list_value_length(table.column("tokens")).to_numpy(zero_copy_only=False)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one."""
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(temp, path)
-    sync_dir(path.parent)
-
-
-def sync_dir(folder: Path) -> None:
-    """Make renames in `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_manifest(store_dir: Path, manifest: dict) -> None:

@@ -15,27 +15,16 @@ from blues_model import BluesConfig, BluesLM
 from blues_model.moe import MoE
 from blues_train.loader import PackedSequenceDataset
 from blues_train.mixture import merge
+from test_moe import naive_moe
 
 
 def reference_moe_forward(moe: MoE, x_TD):
     """Per-token routing and expert loop: (out, aux_loss, z_loss, tokens_per_expert)."""
-    E, H = moe.w_down.shape[0], moe.w_down.shape[1]
-    logits_TE = x_TD @ moe.router.w_gate
-    top_TK, ids_TK = logits_TE.topk(moe.top_k, dim=-1)
-    weights_TK = top_TK.softmax(-1)
-    rows = []
-    for t in range(x_TD.shape[0]):
-        y = torch.zeros_like(x_TD[t])
-        for k in range(moe.top_k):
-            e = ids_TK[t, k]
-            h = x_TD[t] @ moe.w_gate_up[e]
-            y = y + weights_TK[t, k] * ((F.silu(h[:H]) * h[H:]) @ moe.w_down[e])
-        rows.append(y)
-    counts_E = torch.bincount(ids_TK.flatten(), minlength=E)
-    share_E = counts_E.float() / ids_TK.numel()
-    aux = E * (share_E * logits_TE.softmax(-1).mean(0)).sum()
-    z = torch.logsumexp(logits_TE, -1).square().mean()
-    return torch.stack(rows), aux, z, counts_E
+    out_TD, z_loss, counts_E = naive_moe(moe, x_TD)
+    share_E = counts_E.float() / counts_E.sum()
+    probs_TE = (x_TD @ moe.router.w_gate).softmax(-1)
+    aux_loss = len(counts_E) * (share_E * probs_TE.mean(0)).sum()
+    return out_TD, aux_loss, z_loss, counts_E
 
 
 def use_reference_moe(model: BluesLM) -> None:

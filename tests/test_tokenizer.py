@@ -1,10 +1,8 @@
 import inspect
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from blues_train import tokenizer
 
