@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m blues_train.demo
+	$(BIN)/python -m pipelines.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -18,7 +18,6 @@ COMMANDS = {
     "train": ("blues_train.train", "train a Blues model with DeepSpeed (train.py)"),
     "generate": ("blues_train.generate", "sample text or measure perplexity (generate.py)"),
     "sample-corpus": ("blues_train.sample_corpus", "write the offline sample corpus"),
-    "demo": ("blues_train.demo", "run the whole pipeline on the sample corpus"),
 }
 
 

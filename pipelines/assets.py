@@ -1,6 +1,6 @@
-"""The asset graph: raw_corpus -> tokenized_dataset -> merged_dataset -> trained_model
--> model_checkpoint, model_eval. Each body calls one blues_train function and turns its
-result into the metadata people look at."""
+"""The asset graph: raw_corpus (a partition per dataset) -> tokenized_dataset/<dataset>
+-> merged_dataset -> trained_model -> model_checkpoint, model_eval. Each body calls one
+blues_train function and turns its result into the metadata people look at."""
 
 from pathlib import Path
 
@@ -10,7 +10,7 @@ from blues_train.mixture import merge
 from blues_train.prepare import prepare_dataset
 from blues_train.raw_corpus import corpus_version
 from blues_train.report import evaluate_checkpoint, loss_curve_png, png_markdown
-from pipelines.config import EvalConfig, MergeConfig, TrainConfig, with_overrides
+from pipelines.config import EvalConfig, MergeConfig, TrainConfig, load_project_config, with_overrides
 from pipelines.partitions import checkpoint_partitions, dataset_partitions
 from pipelines.resources import BluesProject
 
@@ -25,42 +25,59 @@ raw_corpus = dg.AssetSpec(
 )
 
 
-@dg.asset(
-    partitions_def=dataset_partitions,
-    deps=[raw_corpus],
-    group_name="data",
-    kinds={"arrow"},
-    code_version="1",
-)
-def tokenized_dataset(context: dg.AssetExecutionContext, project: BluesProject) -> dg.MaterializeResult:
-    """The dataset's token store: zstd Arrow chunks of o200k_base tokens and a manifest
-    (`blues prepare`). Re-running on unchanged raw files changes nothing."""
-    source = project.load().dataset(context.partition_key)
-    manifest = prepare_dataset(
-        [source.input], source.token_store, fmt=source.format, text_field=source.text_field,
-        glob=source.glob, progress=False,
+def tokenized_dataset_key(dataset: str) -> dg.AssetKey:
+    return dg.AssetKey(["tokenized_dataset", dataset])
+
+
+def build_tokenized_dataset(dataset: str) -> dg.AssetsDefinition:
+    """The asset `tokenized_dataset/<dataset>`, built from `raw_corpus` partition `dataset`."""
+
+    @dg.asset(
+        key=tokenized_dataset_key(dataset),
+        deps=[dg.AssetDep(raw_corpus, partition_mapping=dg.SpecificPartitionsPartitionMapping([dataset]))],
+        group_name="data",
+        kinds={"arrow"},
+        code_version="1",
     )
-    context.log_event(_raw_observation(context.partition_key, manifest["sources"]))
-    totals, stats = manifest["totals"], manifest["stats"]
-    skipped = manifest["skipped"]
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": totals["docs"],
-            "documents": totals["docs"],
-            "tokens": totals["tokens"],
-            "input_bytes_per_token": stats["input_bytes_per_token"],
-            "stored_bytes_per_token": stats["stored_bytes_per_token"],
-            "compression": round(totals["input_bytes"] / max(totals["stored_bytes"], 1), 3),
-            "skipped": sum(entry["count"] for entry in skipped.values()),
-            "skipped_by_reason": dg.MetadataValue.json(skipped),
-            "replacement_char_docs": stats["replacement_char_docs"],
-            "doc_tokens_percentiles": dg.MetadataValue.json(stats["doc_tokens_percentiles"]),
-            "chunks": len(manifest["chunks"]),
-            "fingerprint": manifest["fingerprint"],
-            "path": dg.MetadataValue.path(str(source.token_store)),
-        },
-        data_version=dg.DataVersion(manifest["fingerprint"]),
-    )
+    def tokenized_dataset(context: dg.AssetExecutionContext, project: BluesProject) -> dg.MaterializeResult:
+        """The dataset's token store: zstd Arrow chunks of o200k_base tokens and a manifest
+        (`blues prepare`). Re-running on unchanged raw files changes nothing."""
+        source = project.load().dataset(dataset)
+        manifest = prepare_dataset(
+            [source.input], source.token_store, fmt=source.format, text_field=source.text_field,
+            glob=source.glob, progress=False,
+        )
+        # The sensor usually registered the partition already; a run from a fresh instance
+        # (the CLI, the demo) does it here, so the observation lands on a listed partition.
+        context.instance.add_dynamic_partitions(dataset_partitions.name, [dataset])
+        context.log_event(_raw_observation(dataset, manifest["sources"]))
+        totals, stats = manifest["totals"], manifest["stats"]
+        skipped = manifest["skipped"]
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": totals["docs"],
+                "documents": totals["docs"],
+                "tokens": totals["tokens"],
+                "input_bytes_per_token": stats["input_bytes_per_token"],
+                "stored_bytes_per_token": stats["stored_bytes_per_token"],
+                "compression": round(totals["input_bytes"] / max(totals["stored_bytes"], 1), 3),
+                "skipped": sum(entry["count"] for entry in skipped.values()),
+                "skipped_by_reason": dg.MetadataValue.json(skipped),
+                "replacement_char_docs": stats["replacement_char_docs"],
+                "doc_tokens_percentiles": dg.MetadataValue.json(stats["doc_tokens_percentiles"]),
+                "chunks": len(manifest["chunks"]),
+                "fingerprint": manifest["fingerprint"],
+                "path": dg.MetadataValue.path(str(source.token_store)),
+            },
+            data_version=dg.DataVersion(manifest["fingerprint"]),
+        )
+
+    return tokenized_dataset
+
+
+# One tokenized_dataset asset per dataset of the project configuration, fixed when the
+# code location loads (the raw_corpus_sensor says when the file has more: reload then).
+tokenized_datasets = [build_tokenized_dataset(source.name) for source in load_project_config().datasets]
 
 
 def _raw_observation(dataset: str, files: list[dict]) -> dg.AssetObservation:
@@ -88,7 +105,7 @@ def raw_corpus_metadata(files: list[dict]) -> dict:
     }
 
 
-@dg.asset(deps=[tokenized_dataset], group_name="data", kinds={"json"}, code_version="1")
+@dg.asset(deps=tokenized_datasets, group_name="data", kinds={"json"}, code_version="1")
 def merged_dataset(config: MergeConfig, project: BluesProject) -> dg.MaterializeResult:
     """The training mixture: every dataset of the configuration blended by token share
     (`blues merge`). A manifest, not a copy of the tokens."""

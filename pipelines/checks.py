@@ -5,17 +5,22 @@ import dagster as dg
 
 from blues_train.tokenizer_consistency import tokenizer_problems
 from blues_train.verify import verify_paths
-from pipelines.assets import merged_dataset, tokenized_dataset
+from pipelines.assets import merged_dataset, tokenized_datasets
 from pipelines.resources import BluesProject
 
 
-@dg.asset_check(asset=tokenized_dataset, blocking=True)
-def token_store_integrity(
-    context: dg.AssetCheckExecutionContext, project: BluesProject
-) -> dg.AssetCheckResult:
-    """`blues verify` of the dataset's token store: chunk hashes, schema, counts, token ids."""
-    store = project.load().dataset(context.partition_key).token_store
-    return _result(verify_paths([store]).problem_lines())
+@dg.multi_asset_check(
+    specs=[dg.AssetCheckSpec("token_store_integrity", asset=asset, blocking=True)
+           for asset in tokenized_datasets],
+    can_subset=True,
+)
+def token_store_integrity(context: dg.AssetCheckExecutionContext, project: BluesProject):
+    """`blues verify` of each dataset's token store: chunk hashes, schema, counts, token ids."""
+    config = project.load()
+    for check_key in sorted(context.selected_asset_check_keys):
+        store = config.dataset(check_key.asset_key.path[-1]).token_store
+        yield _result(verify_paths([store]).problem_lines(),
+                      asset_key=check_key.asset_key, check_name=check_key.name)
 
 
 @dg.asset_check(asset=merged_dataset, blocking=True)
@@ -34,11 +39,12 @@ def tokenizer_consistency(project: BluesProject) -> dg.AssetCheckResult:
     return _result(tokenizer_problems(cfg.mixture.output, model=cfg.training.model))
 
 
-def _result(problems: list[str], shares: list[dict] | None = None) -> dg.AssetCheckResult:
+def _result(problems: list[str], shares: list[dict] | None = None, **check) -> dg.AssetCheckResult:
+    """`check`: the asset_key and check_name, for a multi-asset check."""
     metadata = {
         "problems": len(problems),
         "details": dg.MetadataValue.md("\n".join(f"- `{p}`" for p in problems[:50]) or "none"),
     }
     if shares:
         metadata["realized_shares"] = dg.MetadataValue.json(shares)
-    return dg.AssetCheckResult(passed=not problems, metadata=metadata)
+    return dg.AssetCheckResult(passed=not problems, metadata=metadata, **check)

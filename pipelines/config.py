@@ -122,7 +122,7 @@ class ProjectConfig:
         known = ", ".join(s.name for s in self.datasets)
         raise BluesError(
             f"{self.path}: no dataset named {name!r} in sources (known: {known}); "
-            "add it there or delete the partition"
+            "add it there, or reload the code location if it was removed"
         )
 
 

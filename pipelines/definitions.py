@@ -10,7 +10,7 @@ from pipelines.sensors import raw_corpus_sensor
 
 defs = dg.Definitions(
     assets=[
-        assets.raw_corpus, assets.tokenized_dataset, assets.merged_dataset,
+        assets.raw_corpus, *assets.tokenized_datasets, assets.merged_dataset,
         assets.trained_model, assets.model_checkpoint, assets.model_eval,
     ],
     asset_checks=[checks.token_store_integrity, checks.mixture_integrity, checks.tokenizer_consistency],

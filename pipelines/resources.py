@@ -8,8 +8,9 @@ from pipelines.config import ProjectConfig, default_config_path, load_project_co
 
 
 class BluesProject(dg.ConfigurableResource):
-    """The project configuration file; read and validated at each use, so edits (a new
-    dataset, other weights) take effect on the next run without reloading the code."""
+    """The project configuration file; read and validated at each use, so edits (other
+    weights, sources, settings) take effect on the next run without reloading the code. A
+    new dataset also needs a reload: its `tokenized_dataset/<name>` asset is built then."""
 
     config_path: str
 

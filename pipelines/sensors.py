@@ -1,5 +1,5 @@
-"""The raw-corpus sensor: new datasets become partitions, new or changed raw files get
-tokenized."""
+"""The raw-corpus sensor: new datasets become raw_corpus partitions, new or changed raw
+files get tokenized."""
 
 import json
 
@@ -7,22 +7,25 @@ import dagster as dg
 
 from blues_train.errors import BluesError
 from blues_train.raw_corpus import corpus_version, list_files, observe, signature
-from pipelines.assets import raw_corpus, raw_corpus_metadata, tokenized_dataset
+from pipelines.assets import raw_corpus, raw_corpus_metadata, tokenized_dataset_key, tokenized_datasets
 from pipelines.partitions import dataset_partitions
 from pipelines.resources import BluesProject
 
 
 @dg.sensor(
-    asset_selection=[tokenized_dataset],
+    asset_selection=tokenized_datasets,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def raw_corpus_sensor(context: dg.SensorEvaluationContext, project: BluesProject) -> dg.SensorResult:
     """Every minute: list each configured dataset's raw files (names, sizes, times). A
-    dataset seen for the first time becomes a partition; one whose files changed is hashed,
-    observed as `raw_corpus` and requested for tokenization. The cursor holds each
-    dataset's last listing signature."""
-    seen = json.loads(context.cursor) if context.cursor else {}
+    dataset seen for the first time becomes a `raw_corpus` partition; one whose files
+    changed is hashed, observed as `raw_corpus` and its `tokenized_dataset/<name>` asset is
+    requested. A dataset the configuration gained after the code location loaded has no
+    asset yet: it is observed, and the log asks for a reload. The cursor holds each
+    dataset's listing signature when last observed and when last requested."""
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    observed, requested = cursor.get("observed", {}), cursor.get("requested", {})
     known = set(context.instance.get_dynamic_partitions(dataset_partitions.name))
     new_partitions, run_requests, observations = [], [], []
     for source in project.load().datasets:
@@ -33,7 +36,12 @@ def raw_corpus_sensor(context: dg.SensorEvaluationContext, project: BluesProject
             continue
         if source.name not in known:
             new_partitions.append(source.name)
-        if seen.get(source.name) == listing:
+        key = tokenized_dataset_key(source.name)
+        loaded = any(asset.key == key for asset in tokenized_datasets)
+        if not loaded:
+            context.log.warning(f"dataset {source.name} is in {project.config_path} but not in the "
+                                "loaded definitions: reload the code location to tokenize it")
+        if observed.get(source.name) == listing and (not loaded or requested.get(source.name) == listing):
             continue
         files = observe([source.input], source.format, source.glob)
         version = corpus_version([(f.label, f.sha256) for f in files])
@@ -46,12 +54,14 @@ def raw_corpus_sensor(context: dg.SensorEvaluationContext, project: BluesProject
             ]),
             tags={"dagster/data_version": version},
         ))
-        run_requests.append(dg.RunRequest(partition_key=source.name, run_key=f"{source.name}-{version}"))
-        seen[source.name] = listing
+        observed[source.name] = listing
+        if loaded:
+            run_requests.append(dg.RunRequest(asset_selection=[key], run_key=f"{source.name}-{version}"))
+            requested[source.name] = listing
     return dg.SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[dataset_partitions.build_add_request(new_partitions)]
         if new_partitions else [],
         asset_events=observations,
-        cursor=json.dumps(seen, sort_keys=True),
+        cursor=json.dumps({"observed": observed, "requested": requested}, sort_keys=True),
     )

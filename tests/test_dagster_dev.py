@@ -14,7 +14,7 @@ from dagster_server import dagster_dev, graphql, wait_for_runs
 from pipelines.config import load_project_config
 
 SENSOR_RUNS = """{ runsOrError(filter: {tags: [{key: "dagster/sensor_name", value: "raw_corpus_sensor"}]}) {
-  ... on Runs { results { status tags { key value } } } } }"""
+  ... on Runs { results { status assetSelection { path } } } } }"""
 
 
 @pytest.mark.slow
@@ -32,13 +32,13 @@ def test_dagster_dev_materializes_merged_dataset(tmp_path):
             time.sleep(1)
         assert status == "SUCCESS"
 
-        # The raw-corpus sensor runs by default: it registers both datasets as partitions
-        # and requests their tokenization.
+        # The raw-corpus sensor runs by default: it registers both datasets as raw_corpus
+        # partitions and requests their tokenization, one run per tokenized_dataset asset.
         while len(sensor_runs := graphql(port, SENSOR_RUNS)["runsOrError"]["results"]) < 2:
             assert time.monotonic() < deadline, f"the sensor launched {len(sensor_runs)} run(s)"
             time.sleep(1)
         wait_for_runs(port)
         runs = graphql(port, SENSOR_RUNS)["runsOrError"]["results"]
-        assert sorted((r["status"], tag["value"]) for r in runs for tag in r["tags"]
-                      if tag["key"] == "dagster/partition") == [("SUCCESS", "code"), ("SUCCESS", "prose")]
+        assert sorted((r["status"], "/".join(key["path"])) for r in runs for key in r["assetSelection"]) == [
+            ("SUCCESS", "tokenized_dataset/code"), ("SUCCESS", "tokenized_dataset/prose")]
     assert read_mixture(config.mixture.output)["strategy"] == "weighted"

@@ -11,7 +11,7 @@ from blues_project import write_project
 from blues_train.errors import BluesError
 from blues_train.mixture import merge
 from blues_train.prepare import prepare_dataset
-from pipelines import assets, checks
+from pipelines import assets, checks, sensors
 from pipelines.config import TrainConfig, load_project_config, parse_project_config, with_overrides
 from pipelines.definitions import defs
 from pipelines.home import ensure_dagster_home
@@ -19,12 +19,13 @@ from pipelines.resources import BluesProject
 from pipelines.schedules import retrain_job, retrain_schedule
 from pipelines.sensors import raw_corpus_sensor
 
+CHECKS = [checks.token_store_integrity, checks.mixture_integrity, checks.tokenizer_consistency]
 EVERYTHING = [
-    assets.raw_corpus, assets.tokenized_dataset, assets.merged_dataset, assets.trained_model,
-    assets.model_checkpoint, assets.model_eval,
-    checks.token_store_integrity, checks.mixture_integrity, checks.tokenizer_consistency,
+    assets.raw_corpus, *assets.tokenized_datasets, assets.merged_dataset, assets.trained_model,
+    assets.model_checkpoint, assets.model_eval, *CHECKS,
 ]
 DATASETS = ["code", "prose"]
+TOKENIZED = [f"tokenized_dataset/{name}" for name in DATASETS]
 pytestmark = pytest.mark.filterwarnings("ignore::dagster.PreviewWarning")  # raised inside Dagster Pipes
 
 
@@ -32,17 +33,14 @@ def resources(config_path):
     return {"project": BluesProject(config_path=str(config_path)), "pipes": dg.PipesSubprocessClient()}
 
 
-def tokenize_all(instance, config_path):
-    instance.add_dynamic_partitions("datasets", DATASETS)
-    results = {}
-    for name in DATASETS:
-        results[name] = dg.materialize(EVERYTHING, selection=[assets.tokenized_dataset], partition_key=name,
-                                       instance=instance, resources=resources(config_path))
-    return results
+def tokenize_all(instance, config_path, **kwargs):
+    return dg.materialize(EVERYTHING, selection=assets.tokenized_datasets, instance=instance,
+                          resources=resources(config_path), **kwargs)
 
 
-def metadata(result, node, index=-1):
-    return {k: getattr(v, "value", v) for k, v in result.asset_materializations_for_node(node)[index].metadata.items()}
+def metadata(result, asset):
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset]
+    return {k: getattr(v, "value", v) for k, v in event.step_materialization_data.materialization.metadata.items()}
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +52,18 @@ def test_definitions_load():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == {"raw_corpus", "tokenized_dataset", "merged_dataset", "trained_model",
-                    "model_checkpoint", "model_eval"}
+    assert keys == {"raw_corpus", *TOKENIZED, "merged_dataset", "trained_model", "model_checkpoint", "model_eval"}
+    for name, key in zip(DATASETS, TOKENIZED):
+        node = graph.get(dg.AssetKey.from_user_string(key))
+        assert node.parent_keys == {assets.raw_corpus.key} and not node.is_partitioned
+        mapping = node.partition_mappings[assets.raw_corpus.key]
+        assert mapping == dg.SpecificPartitionsPartitionMapping([name])
+    assert {k.to_user_string() for k in graph.get(assets.merged_dataset.key).parent_keys} == set(TOKENIZED)
     assert graph.get(dg.AssetKey("trained_model")).pools == {"gpu"}
-    blocking = {spec.name for check in EVERYTHING[6:] for spec in check.check_specs if spec.blocking}
-    assert blocking == {"token_store_integrity", "mixture_integrity", "tokenizer_consistency"}
+    blocking = {(spec.asset_key.to_user_string(), spec.name)
+                for check in CHECKS for spec in check.check_specs if spec.blocking}
+    assert blocking == {*((key, "token_store_integrity") for key in TOKENIZED),
+                        ("merged_dataset", "mixture_integrity"), ("merged_dataset", "tokenizer_consistency")}
     assert defs.resolve_job_def("retrain_job") is not None
 
 
@@ -88,17 +93,22 @@ def test_run_config_overrides_are_validated(project):
 @pytest.mark.slow
 def test_whole_graph_materializes(project):
     with dg.instance_for_test() as instance:
-        for name, result in tokenize_all(instance, project).items():
-            assert result.success
-            stats = metadata(result, "tokenized_dataset")
+        result = tokenize_all(instance, project)
+        assert result.success
+        evaluations = {e.asset_key.to_user_string(): e for e in result.get_asset_check_evaluations()}
+        assert sorted(evaluations) == TOKENIZED
+        for name, key in zip(DATASETS, TOKENIZED):
+            stats = metadata(result, key)
             assert stats["dagster/row_count"] == stats["documents"] > 0 and stats["tokens"] > 0
             assert stats["compression"] > 1 and stats["skipped"] == 0
-            [check] = result.get_asset_check_evaluations()
-            assert check.check_name == "token_store_integrity" and check.passed
+            latest = instance.get_latest_materialization_event(dg.AssetKey.from_user_string(key))
+            assert latest.asset_materialization.tags["dagster/data_version"] == stats["fingerprint"]
+            assert evaluations[key].check_name == "token_store_integrity" and evaluations[key].passed
             observed = instance.fetch_observations(
                 dg.AssetRecordsFilter(asset_key=assets.raw_corpus.key, asset_partitions=[name]), limit=1
             ).records[0].asset_observation
             assert observed.metadata["files"].value >= 1 and "dagster/data_version" in observed.tags
+        assert sorted(instance.get_dynamic_partitions("datasets")) == DATASETS
 
         result = dg.materialize(EVERYTHING, selection=[assets.merged_dataset, assets.trained_model, assets.model_eval],
                                 instance=instance, resources=resources(project))
@@ -129,16 +139,17 @@ def test_whole_graph_materializes(project):
 def test_corrupt_chunk_blocks_training(tmp_path):
     project = write_project(tmp_path, corpus_mb=0.05)
     with dg.instance_for_test() as instance:
-        assert all(r.success for r in tokenize_all(instance, project).values())
+        assert tokenize_all(instance, project).success
         chunk = tmp_path / "stores" / "code" / "chunk-00000.arrow"
         data = bytearray(chunk.read_bytes())
         data[len(data) // 2] ^= 0xFF
         chunk.write_bytes(bytes(data))
 
-        retokenized = dg.materialize(EVERYTHING, selection=[assets.tokenized_dataset], partition_key="code",
-                                     instance=instance, resources=resources(project), raise_on_error=False)
-        [check] = retokenized.get_asset_check_evaluations()
-        assert not retokenized.success and not check.passed
+        retokenized = tokenize_all(instance, project, raise_on_error=False)
+        checked = {e.asset_key.to_user_string(): e for e in retokenized.get_asset_check_evaluations()}
+        assert not retokenized.success and checked["tokenized_dataset/prose"].passed
+        check = checked["tokenized_dataset/code"]
+        assert not check.passed
         assert "chunk-00000.arrow" in check.metadata["details"].value
 
         result = dg.materialize(EVERYTHING, selection=[assets.merged_dataset, assets.trained_model, assets.model_eval],
@@ -164,34 +175,57 @@ def test_retrain_schedule(project):
     assert {key.name for key in checks_run} == {"mixture_integrity", "tokenizer_consistency"}
 
 
-def test_raw_corpus_sensor(tmp_path):
+def test_raw_corpus_sensor(tmp_path, monkeypatch, capfd):
     project = write_project(tmp_path, corpus_mb=0.05)
     resource = {"project": BluesProject(config_path=str(project))}
+
+    def evaluate(previous=None):
+        return raw_corpus_sensor(dg.build_sensor_context(
+            instance=instance, cursor=previous and previous.cursor, resources=resource))
+
+    def requested(result):
+        return sorted(key.to_user_string() for r in result.run_requests for key in r.asset_selection)
+
     with dg.instance_for_test() as instance:
-        first = raw_corpus_sensor(dg.build_sensor_context(instance=instance, resources=resource))
+        first = evaluate()
         [added] = first.dynamic_partitions_requests
         assert sorted(added.partition_keys) == DATASETS
-        assert sorted(r.partition_key for r in first.run_requests) == DATASETS
+        assert requested(first) == TOKENIZED and all(len(r.asset_selection) == 1 for r in first.run_requests)
+        assert sorted(e.partition for e in first.asset_events) == DATASETS
         assert all(e.tags["dagster/data_version"] for e in first.asset_events)
         instance.add_dynamic_partitions("datasets", added.partition_keys)
 
-        quiet = raw_corpus_sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor, resources=resource))
-        assert quiet.run_requests == [] and quiet.dynamic_partitions_requests == []
+        quiet = evaluate(first)
+        assert quiet.run_requests == [] and quiet.dynamic_partitions_requests == [] and quiet.asset_events == []
 
         new_file = tmp_path / "corpus" / "prose" / "texts" / "new.txt"
         new_file.write_text("A new document arrived in the prose corpus.\n")
-        changed = raw_corpus_sensor(dg.build_sensor_context(instance=instance, cursor=quiet.cursor, resources=resource))
-        assert [r.partition_key for r in changed.run_requests] == ["prose"]
+        changed = evaluate(quiet)
+        assert requested(changed) == ["tokenized_dataset/prose"]
+        assert [e.partition for e in changed.asset_events] == ["prose"]
         assert changed.dynamic_partitions_requests == []
 
+        # A dataset added to the file after the code location loaded: a raw_corpus partition
+        # and an observation now, its tokenization once the definitions are reloaded.
         raw = json.loads(project.read_text())
         raw["datasets"]["paths"].append("stores/more_code")
         raw["datasets"]["weights"].append(0.2)
         raw["sources"].append({"name": "more_code", "input": "corpus/code", "glob": "**/*.jsonl.zst"})
         project.write_text(json.dumps(raw))
-        grown = raw_corpus_sensor(dg.build_sensor_context(instance=instance, cursor=changed.cursor, resources=resource))
-        assert [r.partition_key for r in grown.run_requests] == ["more_code"]
+        grown = evaluate(changed)
+        assert grown.run_requests == []
         assert grown.dynamic_partitions_requests[0].partition_keys == ["more_code"]
+        assert [e.partition for e in grown.asset_events] == ["more_code"]
+        warning = capfd.readouterr().err
+        assert "dataset more_code is in" in warning and "reload the code location" in warning
+        instance.add_dynamic_partitions("datasets", ["more_code"])
+        assert evaluate(grown).asset_events == []
+
+        monkeypatch.setattr(sensors, "tokenized_datasets",
+                            [*assets.tokenized_datasets, assets.build_tokenized_dataset("more_code")])
+        reloaded = evaluate(grown)
+        assert requested(reloaded) == ["tokenized_dataset/more_code"]
+        assert evaluate(reloaded).run_requests == []
 
 
 @pytest.mark.slow

@@ -1,11 +1,9 @@
-"""`make demo` / `blues demo`: the whole Blues asset graph on the sample corpus, on the CPU.
+"""`make demo` (`python -m pipelines.demo`): the whole Blues asset graph on the sample corpus, on the CPU.
 
 Writes the sample corpus, then materializes, through Dagster and in this process,
-raw corpora -> tokenized_dataset (one partition per dataset) -> merged_dataset ->
+raw corpora -> tokenized_dataset/<dataset> (one asset per dataset) -> merged_dataset ->
 trained_model (the tiny model) -> model_checkpoint, model_eval, with every blocking check.
 The runs are recorded in the project-local DAGSTER_HOME, so `make dev` shows them after.
-
-This is the one module of blues_train that drives Dagster; it imports it inside `main`.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="blues demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="config.json", help="project configuration (default config.json)")
     parser.add_argument("--corpus", default="sample_corpus",
                         help="where to write the sample corpus, relative to the config's folder")
@@ -46,7 +44,6 @@ def main(argv=None) -> int:
     from pipelines.config import load_project_config
     from pipelines.definitions import defs
     from pipelines.home import ensure_dagster_home
-    from pipelines.partitions import dataset_partitions
 
     config = load_project_config(config_path)
     started = time.perf_counter()
@@ -54,29 +51,19 @@ def main(argv=None) -> int:
     print(f"sample corpus: {', '.join(corpus)} under {config_path.parent / args.corpus}")
 
     ensure_dagster_home(Path(os.environ["DAGSTER_HOME"]))
-    instance = dg.DagsterInstance.get()
-    names = [d.name for d in config.datasets]
-    instance.add_dynamic_partitions(dataset_partitions.name, names)
-    graph = defs.resolve_implicit_global_asset_job_def()
+    train_config = {"max_steps": args.max_steps} if args.max_steps else {}
+    result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=dg.DagsterInstance.get(),
+        run_config={**QUIET_RUN, "ops": {"trained_model": {"config": train_config}}},
+    )
 
-    print("\n== tokenized_dataset (one partition per dataset)")
+    print("\n== tokenized_dataset (one asset per dataset)")
     print(f"{'dataset':<10} {'documents':>10} {'tokens':>12} {'bytes/token':>12} "
           f"{'compression':>12} {'skipped':>8}")
-    for name in names:
-        result = graph.execute_in_process(
-            instance=instance, partition_key=name, run_config=QUIET_RUN,
-            asset_selection=[dg.AssetKey("tokenized_dataset")],
-        )
-        m = _metadata(result, "tokenized_dataset")
-        print(f"{name:<10} {m['documents']:>10,} {m['tokens']:>12,} {m['input_bytes_per_token']:>12.2f} "
+    for source in config.datasets:
+        m = _metadata(result, f"tokenized_dataset/{source.name}")
+        print(f"{source.name:<10} {m['documents']:>10,} {m['tokens']:>12,} {m['input_bytes_per_token']:>12.2f} "
               f"{m['compression']:>11.2f}x {m['skipped']:>8,}")
-
-    train_config = {"max_steps": args.max_steps} if args.max_steps else {}
-    result = graph.execute_in_process(
-        instance=instance,
-        run_config={**QUIET_RUN, "ops": {"trained_model": {"config": train_config}}},
-        asset_selection=[dg.AssetKey(k) for k in ("merged_dataset", "trained_model", "model_eval")],
-    )
 
     mixture = _metadata(result, "merged_dataset")
     print(f"\n== merged_dataset ({mixture['strategy']}, {mixture['total_tokens']:,} tokens, "
@@ -108,9 +95,9 @@ def main(argv=None) -> int:
 
 def _metadata(result, asset: str) -> dict:
     """The metadata of `asset`'s materialization in `result`, as plain values."""
-    [materialization] = [m for m in result.asset_materializations_for_node(asset)
-                         if m.asset_key.to_user_string() == asset]
-    return {key: getattr(value, "value", value) for key, value in materialization.metadata.items()}
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset]
+    metadata = event.step_materialization_data.materialization.metadata
+    return {key: getattr(value, "value", value) for key, value in metadata.items()}
 
 
 if __name__ == "__main__":
