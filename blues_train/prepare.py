@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from collections import Counter, deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +77,7 @@ def prepare_dataset(
     skips = SkipLog()
     docs = iter_documents(sources, text_field, skips)
     docs = itertools.islice(docs, tally.docs, None)  # read again, not tokenized again
-    builder = ChunkBuilder(out, journal, tally, chunk_tokens)
-    with Meter(progress) as meter:
+    with Meter(progress) as meter, ChunkBuilder(out, journal, tally, chunk_tokens) as builder:
         for batch, tokenized in tokenize_batches(_batches(docs), workers):
             builder.add(batch, tokenized)
             meter.update(int(tokenized[2].sum()), int(tokenized[1].sum()))
@@ -270,11 +269,31 @@ def _has_hash(path: Path, record: dict) -> bool:
 
 
 class ChunkBuilder:
-    """Collects tokenized documents and writes a chunk whenever chunk_tokens is reached."""
+    """Collects tokenized documents and writes a chunk whenever chunk_tokens is reached.
+
+    Compressing, hashing and writing a chunk run on one writer thread (zstd, sha256 and
+    file I/O release the GIL), so tokenizing goes on meanwhile; at most one finished chunk
+    waits for it, in order. Leaving the `with` block waits for the last write.
+    """
 
     def __init__(self, out: Path, journal: Journal, tally: Tally, chunk_tokens: int):
         self.out, self.journal, self.tally, self.chunk_tokens = out, journal, tally, chunk_tokens
+        self.writer = ThreadPoolExecutor(1)
+        self.pending = None
         self._reset()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.writer.shutdown(wait=True)
+        if exc_type is None:
+            self._wait()
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
 
     def _reset(self) -> None:
         self.arrays, self.sources, self.indices = [], [], []
@@ -294,19 +313,26 @@ class ChunkBuilder:
                 self.flush()
 
     def flush(self) -> None:
+        """Hand the collected documents to the writer thread as the next chunk."""
         if not self.arrays:
             return
         lengths = np.array([len(a) for a in self.arrays], dtype=np.int64)
-        data = store.encode_chunk(np.concatenate(self.arrays), lengths, self.sources, self.indices)
+        job = (np.concatenate(self.arrays), lengths, self.sources, self.indices, self.n_tokens,
+               self.input_bytes, self.repaired)
+        self._wait()
+        self.pending = self.writer.submit(self._write, *job)
+        self._reset()
+
+    def _write(self, tokens, lengths, sources, indices, n_tokens: int, input_bytes: int, repaired: int) -> None:
+        data = store.encode_chunk(tokens, lengths, sources, indices)
         name = store.chunk_name(len(self.tally.chunks))
         self.journal.claim()
         write_atomic(self.out / name, data)
         entry = {"file": name, "sha256": hashlib.sha256(data).hexdigest(),
-                 "n_docs": len(lengths), "n_tokens": self.n_tokens, "bytes": len(data),
-                 "input_bytes": self.input_bytes, "repaired": self.repaired}
+                 "n_docs": len(lengths), "n_tokens": n_tokens, "bytes": len(data),
+                 "input_bytes": input_bytes, "repaired": repaired}
         self.journal.record(entry)
-        self.tally.add(entry, lengths, self.input_bytes, self.repaired)
-        self._reset()
+        self.tally.add(entry, lengths, input_bytes, repaired)
 
 
 def build_manifest(sources: list[dict], settings: dict, tally: Tally, skips: SkipLog) -> dict:

@@ -136,20 +136,20 @@ class Killed(Exception):
 def test_killed_run_is_invisible_then_resumed_without_redoing_chunks(tmp_path, sample_corpus_inputs, monkeypatch, capsys):
     inputs, out = sample_corpus_inputs["code"], tmp_path / "s"
     clean = prepare_dataset(inputs, tmp_path / "clean", chunk_tokens=CHUNK, workers=1, progress=False)
-    real_flush = prepare.ChunkBuilder.flush
+    real_write = prepare.ChunkBuilder._write
 
-    def flush_then_die(builder):
+    def write_then_die(builder, *job):
         if len(builder.tally.chunks) == 2:
             (out / ".chunk-00002.arrow.tmp").write_bytes(b"half a chunk")
             raise Killed
-        real_flush(builder)
+        real_write(builder, *job)
 
-    monkeypatch.setattr(prepare.ChunkBuilder, "flush", flush_then_die)
+    monkeypatch.setattr(prepare.ChunkBuilder, "_write", write_then_die)
     with pytest.raises(Killed):
         prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=2, progress=False)
     with pytest.raises(BluesError, match="no manifest.json"):
         store.read_manifest(out)
-    monkeypatch.setattr(prepare.ChunkBuilder, "flush", real_flush)
+    monkeypatch.setattr(prepare.ChunkBuilder, "_write", real_write)
     finished = {name: (out / name).stat().st_mtime_ns for name in ("chunk-00000.arrow", "chunk-00001.arrow")}
 
     resumed = prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=1)
@@ -162,17 +162,17 @@ def test_killed_run_is_invisible_then_resumed_without_redoing_chunks(tmp_path, s
 def test_damaged_finished_chunk_is_redone(tmp_path, sample_corpus_inputs, monkeypatch):
     inputs, out = sample_corpus_inputs["code"], tmp_path / "s"
     clean = prepare_dataset(inputs, tmp_path / "clean", chunk_tokens=CHUNK, workers=1, progress=False)
-    real_flush = prepare.ChunkBuilder.flush
+    real_write = prepare.ChunkBuilder._write
 
-    def flush_then_die(builder):
+    def write_then_die(builder, *job):
         if len(builder.tally.chunks) == 2:
             raise Killed
-        real_flush(builder)
+        real_write(builder, *job)
 
-    monkeypatch.setattr(prepare.ChunkBuilder, "flush", flush_then_die)
+    monkeypatch.setattr(prepare.ChunkBuilder, "_write", write_then_die)
     with pytest.raises(Killed):
         prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=1, progress=False)
-    monkeypatch.setattr(prepare.ChunkBuilder, "flush", real_flush)
+    monkeypatch.setattr(prepare.ChunkBuilder, "_write", real_write)
     (out / "chunk-00001.arrow").write_bytes(b"corrupt")
     assert prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=1, progress=False) == clean
 
