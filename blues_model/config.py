@@ -34,6 +34,16 @@ class BluesConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and (type(value) is not int or value < 1):
+                problems.append(f"{field.name} must be a positive integer, got {value!r}")
+            elif field.type == "float" and (type(value) not in (int, float) or not value >= 0):
+                problems.append(f"{field.name} must be a non-negative number, got {value!r}")
+            elif field.type == "bool" and type(value) is not bool:
+                problems.append(f"{field.name} must be true or false, got {value!r}")
+        if problems:
+            raise ValueError("invalid BluesConfig: " + "; ".join(problems))
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             problems.append(f"d_model {self.d_model} must split into n_heads {self.n_heads} heads of even width")
         if self.n_heads % self.n_kv_heads:

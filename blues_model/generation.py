@@ -29,7 +29,9 @@ def sample_next(logits_BV, temperature: float = 1.0, top_p: float = 1.0, top_k: 
         sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
         probs_BV = sorted_BV.softmax(-1)
         mass_before_BV = probs_BV.cumsum(-1) - probs_BV
-        sorted_BV = sorted_BV.masked_fill(mass_before_BV >= top_p, float("-inf"))
+        beyond_BV = mass_before_BV >= top_p
+        beyond_BV[:, 0] = False  # the most likely token always stays, so top_p <= 0 is greedy
+        sorted_BV = sorted_BV.masked_fill(beyond_BV, float("-inf"))
         logits_BV = torch.empty_like(logits_BV).scatter_(-1, order_BV, sorted_BV)
     return torch.multinomial(logits_BV.softmax(-1), 1, generator=generator).squeeze(1)
 
@@ -43,6 +45,8 @@ def generate(model: BluesLM, prompts: list[list[int]], max_new_tokens: int, temp
     reaches config.max_seq_len. temperature 0 is greedy. `generator` is a torch.Generator
     on the model's device, for repeatable sampling.
     """
+    if temperature < 0 or top_k < 0 or top_p < 0:
+        raise ValueError(f"need temperature >= 0, top_k >= 0 and top_p >= 0, got {temperature}, {top_k}, {top_p}")
     cfg = model.config
     longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0 or longest >= cfg.max_seq_len:

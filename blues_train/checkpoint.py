@@ -86,6 +86,28 @@ def resolve_resume(resume: str | None, root) -> Path | None:
     return path
 
 
+def check_start(root, resume_from: Path | None, set_aside: bool) -> None:
+    """Refuse to start from scratch over another run's checkpoints; with `set_aside` (rank
+    0), move the checkpoints past a rolled-back resume point out of the way: they belong to
+    an abandoned future and would otherwise win `--resume auto` and the keep-last rotation."""
+    found = complete_checkpoints(root)
+    if resume_from is None:
+        if found:
+            raise BluesError(f"{root} already holds checkpoints up to {found[-1].name}: pass "
+                             "--resume auto to continue that run, or choose another --out")
+        return
+    resumed = int(STEP_NAME.match(Path(resume_from).name).group(1))
+    later = [p for p in found if int(STEP_NAME.match(p.name).group(1)) > resumed]
+    if set_aside and later and Path(resume_from).resolve().parent == Path(root).resolve():
+        aside = Path(root) / f"abandoned-after-{step_name(resumed)}"
+        aside.mkdir(exist_ok=True)
+        for folder in later:
+            os.rename(folder, aside / folder.name)
+        sync_dir(Path(root))
+        print(f"resuming at {Path(resume_from).name}: moved the later checkpoints "
+              f"{', '.join(p.name for p in later)} to {aside}", flush=True)
+
+
 def read_meta(folder) -> dict:
     return json.loads((Path(folder) / META_FILE).read_text())
 
@@ -128,6 +150,16 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
     return state
 
 
+def fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        else:
+            sync_dir(path)
+    sync_dir(folder)
+
+
 def save(engine, root, step: int, *, config: dict, meta: dict, keep_last: int) -> Path | None:
     """Save step `step` atomically; all ranks call it. Returns the folder on rank 0."""
     import torch.distributed as dist
@@ -145,15 +177,17 @@ def save(engine, root, step: int, *, config: dict, meta: dict, keep_last: int) -
     if rank == 0:
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         write_json_atomic(tmp / CONFIG_FILE, config)
-        write_json_atomic(tmp / META_FILE, {"format_version": FORMAT_VERSION, **meta})
     dist.barrier()
     if rank != 0:
         return None
+    fsync_tree(tmp)  # every rank's files are on disk before meta.json marks the folder complete
+    write_json_atomic(tmp / META_FILE, {"format_version": FORMAT_VERSION, **meta})
     shutil.rmtree(final, ignore_errors=True)  # a stale folder of a run that was rolled back
     os.rename(tmp, final)
     sync_dir(root)
     for old in complete_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old)
+        if old != final:
+            shutil.rmtree(old)
     return final
 
 

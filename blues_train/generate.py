@@ -124,8 +124,10 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=None, help="for repeatable sampling")
     p.add_argument("--eval_text", default=None, help="print the perplexity of this text instead")
     p.add_argument("--eval_file", default=None, help="print the perplexity of this file's text instead")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BluesError("--device cuda: this machine has no CUDA GPU (torch sees none); use --device cpu")
     if args.max_length < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise BluesError("need --max_length >= 1, --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0")
     return args

@@ -49,20 +49,28 @@ def keep_until(out_dir, step: int) -> None:
     path = Path(out_dir) / METRICS_FILE
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
     write_atomic(path, "".join(line + "\n" for line in kept).encode())
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a torn line (the run died mid-write) counts as after any step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class MetricsLog:
     """Rank 0's sink for step records."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.out_dir = Path(out_dir)
         self.jsonl = open(self.out_dir / METRICS_FILE, "a")
-        self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"))
+        # purge_step drops the events a resumed run is about to write again
+        self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, record: dict) -> None:
         self.jsonl.write(json.dumps(record) + "\n")

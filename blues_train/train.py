@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from blues_model import BluesConfig, BluesLM, flops_per_token
-from blues_train import checkpoint, metrics
+from blues_train import checkpoint, metrics, tokenizer
 from blues_train.errors import BluesError
 from blues_train.loader import PackedSequenceDataset
 from blues_train.mixture import read_mixture
@@ -127,6 +127,9 @@ def read_ds_config(path: str) -> dict:
         ds_config = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise BluesError(f"--deepspeed {path}: cannot read a JSON config ({exc})") from None
+    if not isinstance(ds_config, dict) or not isinstance(ds_config.get("optimizer", {}).get("params"), dict):
+        raise BluesError(f"--deepspeed {path}: needs a JSON object with an \"optimizer\" section "
+                         "holding \"params\" (see the shipped blues_train/ds_config.json)")
     set_keys = [k for k in BATCH_KEYS if k in ds_config]
     if set_keys:
         raise BluesError(f"--deepspeed {path} sets {', '.join(set_keys)}: remove them; the batch "
@@ -272,12 +275,16 @@ def main(argv=None) -> int:
     out = Path(args.out)
     checkpoints = out / "checkpoints"
     resume_from = checkpoint.resolve_resume(args.resume, checkpoints)
+    checkpoint.check_start(checkpoints, resume_from, set_aside=os.environ.get("RANK", "0") == "0")
     resume_meta = checkpoint.read_meta(resume_from) if resume_from else None
     if resume_meta and resume_meta["mixture"]["fingerprint"] != mixture["fingerprint"]:
         raise BluesError(f"--resume {resume_from} was trained on mixture {resume_meta['mixture']['fingerprint'][:16]}, "
                          f"--data_cache_dir {args.data_cache_dir} is {mixture['fingerprint'][:16]}: "
                          "resume with the same mixture or start a new --out")
     config = model_config(args.model, resume_meta)
+    if config.vocab_size < tokenizer.N_VOCAB:
+        raise BluesError(f"--model: vocab_size {config.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.N_VOCAB} ids ({tokenizer.NAME})")
     if args.seq_len > config.max_seq_len:
         raise BluesError(f"--seq_len {args.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
     ds_config = read_ds_config(args.deepspeed)
@@ -316,7 +323,7 @@ def main(argv=None) -> int:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         metrics.keep_until(out, start_step)
-        log = metrics.MetricsLog(out)
+        log = metrics.MetricsLog(out, start_step)
         print(f"training {'resumed at step ' + str(start_step) if start_step else 'from scratch'}: "
               f"{world_size} rank(s) x micro-batch {micro} x grad_accum {grad_accum} x seq_len "
               f"{args.seq_len} = {tokens_per_step} tokens per step, on {device.type}", flush=True)

@@ -240,7 +240,7 @@ def parse_project_config(raw: object, path: Path, where: str | None = None) -> P
     fields.choice(launcher, "training.launcher", LAUNCHERS)
     ds_config = tr.get("deepspeed_config")
     training = TrainingSettings(
-        model=fields.typed(tr.get("model", "tiny"), "training.model", str),
+        model=_model_spec(fields.typed(tr.get("model", "tiny"), "training.model", str), base),
         out=base / fields.typed(tr.get("out", "runs"), "training.out", str),
         launcher=launcher,
         num_gpus=fields.positive(tr.get("num_gpus", 1), "training.num_gpus"),
@@ -262,8 +262,8 @@ def parse_project_config(raw: object, path: Path, where: str | None = None) -> P
     evaluation = EvaluationSettings(
         prompts=tuple(fields.list_of(ev.get("prompts", ["def "]), "evaluation.prompts", str, nonempty=True)),
         max_length=fields.positive(ev.get("max_length", 40), "evaluation.max_length"),
-        temperature=fields.typed(ev.get("temperature", 0.8), "evaluation.temperature", (int, float)),
-        top_k=fields.typed(ev.get("top_k", 40), "evaluation.top_k", int),
+        temperature=fields.non_negative(ev.get("temperature", 0.8), "evaluation.temperature", (int, float)),
+        top_k=fields.non_negative(ev.get("top_k", 40), "evaluation.top_k", int),
         val_windows=fields.positive(ev.get("val_windows", 8), "evaluation.val_windows"),
     )
 
@@ -297,6 +297,11 @@ def config_to_raw(config: ProjectConfig) -> dict:
         "evaluation": plain(config.evaluation),
         "schedule": {"retrain_cron": config.retrain_cron},
     }
+
+
+def _model_spec(model: str, base: Path) -> str:
+    """A preset name as it is; a BluesConfig JSON file relative to the config's folder."""
+    return str(base / model) if model.endswith(".json") else model
 
 
 def _dataset(fields: _Fields, raw: dict, where: str, token_store: Path, base: Path) -> DatasetSource:
@@ -353,6 +358,11 @@ class _Fields:
             return None
         if self.typed(value, field, int) <= 0:
             self.fail(field, f"must be a positive integer, got {value!r}")
+        return value
+
+    def non_negative(self, value, field: str, kind):
+        if not self.typed(value, field, kind) >= 0:
+            self.fail(field, f"must be zero or more, got {value!r}")
         return value
 
     def fraction(self, value, field: str) -> float:

@@ -93,3 +93,10 @@ def test_perplexity_sliding_window_matches_per_token_reference(model):
             logits = model(ids[None, start:i]).logits[0, -1]
             nll -= torch.log_softmax(logits.double(), -1)[ids[i]].item()
     assert perplexity(model, ids, stride=stride) == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-5)
+
+
+def test_top_p_zero_is_greedy(model):
+    greedy = generate(model, prompts(), max_new_tokens=5, temperature=0, eos_id=None)
+    nucleus = generate(model, prompts(), max_new_tokens=5, temperature=1.0, top_p=0.0, eos_id=None,
+                       generator=torch.Generator().manual_seed(0))
+    assert nucleus == greedy

@@ -153,6 +153,8 @@ def test_killed_run_resumes_exactly(mixture_dir, reference, tmp_path):
     result = checked(subprocess.run(cmd + ["--resume", "auto"], cwd=ROOT, env=env(2), capture_output=True,
                                     text=True, timeout=300))
     assert f"resumed at step {int(saved[-1].name[5:])}" in result.stdout
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))  # the steps after the checkpoint were rewritten, not repeated
     assert losses(out) == losses(reference)
 
 
