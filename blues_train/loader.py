@@ -114,9 +114,9 @@ def load_sources(mixture: dict, split: str) -> tuple[list[Source], list, list[in
             n_tokens.append(chunk["n_tokens"])
         chunk_ids, starts, lengths = (np.concatenate(p) for p in zip(*parts))
         sources.append(Source(chunk_ids, starts, lengths, per_pass=entry["tokens"]))
-    if split == "val":
-        for source in sources:
-            source.per_pass = source.tokens
+    if split == "val":  # every held-out document once, of the sources the mixture trains on
+        for source, entry in zip(sources, mixture["sources"]):
+            source.per_pass = source.tokens if entry["tokens"] > 0 else 0
     return sources, paths, n_tokens
 
 
@@ -253,7 +253,7 @@ class PackedSequenceDataset(IterableDataset):
         self.cache_chunks = cache_chunks or 2 * len(self.sources) + 2
         self.block_windows = max(1, BLOCK_TOKENS // seq_len)
         self.seeds = stream_seeds(self.mixture, seed, split)
-        self._plans: dict[int, Pass] = {}
+        self._plans: OrderedDict[int, Pass] = OrderedDict()
         self._n_windows: dict[int, int] = {}
         self._start, self._start_windows = (0, 0), 0  # where this run began (or resumed)
         self._taken = 0  # windows this rank's own iterator handed out since then
@@ -262,12 +262,14 @@ class PackedSequenceDataset(IterableDataset):
                              f"one window of seq_len + 1 = {seq_len + 1} tokens")
 
     def pass_plan(self, epoch: int) -> Pass:
-        """Pass `epoch`'s plan; the two most recently built are kept."""
-        if epoch not in self._plans:
+        """Pass `epoch`'s plan; the two most recently used are kept."""
+        if epoch in self._plans:
+            self._plans.move_to_end(epoch)
+        else:
             self._plans[epoch] = build_pass(self.sources, self.seeds, epoch, self.seq_len)
             self._n_windows[epoch] = self._plans[epoch].n_windows
-            for old in sorted(self._plans)[:-2]:
-                del self._plans[old]
+            while len(self._plans) > 2:
+                self._plans.popitem(last=False)
         return self._plans[epoch]
 
     def num_windows(self, epoch: int = 0) -> int:

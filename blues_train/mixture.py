@@ -110,7 +110,7 @@ def merge(
     strategy = resolve_strategy(strategy, weights)
     paths = [Path(d) for d in datasets]
     manifests = read_sources(paths)
-    check_options(num_tokens, val_fraction)
+    check_options(num_tokens, val_fraction, seed, Path(out_dir))
     shares = target_shares(strategy, weights, manifests, paths)
     available = [round(m["totals"]["tokens"] * (1 - val_fraction)) for m in manifests]
     total = int(num_tokens) if num_tokens is not None else sum(available)
@@ -190,11 +190,16 @@ def check_same_tokenizer(paths: list[Path], manifests: list[dict]) -> None:
             )
 
 
-def check_options(num_tokens, val_fraction) -> None:
+def check_options(num_tokens, val_fraction, seed, out_dir: Path) -> None:
     if num_tokens is not None and int(num_tokens) <= 0:
         raise BluesError(f"--num_tokens must be positive, got {num_tokens}")
     if not 0 <= val_fraction < 1:
         raise BluesError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    if int(seed) < 0:
+        raise BluesError(f"--seed must be zero or more, got {seed}")
+    blocking = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise BluesError(f"--output {out_dir}: {blocking} is a file, not a folder")
 
 
 def target_shares(strategy: str, weights, manifests: list[dict], paths) -> np.ndarray:
@@ -212,16 +217,22 @@ def normalized_weights(weights, paths) -> np.ndarray:
         raise BluesError(
             f"{len(weights)} weights for {len(paths)} datasets; give one weight per dataset"
         )
-    values = np.array([float(w) for w in weights])
+    try:
+        values = np.array([float(w) for w in weights])
+    except (TypeError, ValueError):
+        raise BluesError(f"weights {list(weights)} must all be numbers") from None
     for path, value in zip(paths, values):
         if not math.isfinite(value) or value < 0:
             raise BluesError(f"weight {value} for {path} must be a finite number >= 0")
-    if values.sum() == 0:
+    if values.max() == 0:
         raise BluesError("all weights are zero; give at least one dataset a positive weight")
-    if not math.isclose(values.sum(), 1.0, rel_tol=1e-9):
-        normalized = ", ".join(f"{v:.4f}" for v in values / values.sum())
-        notify(f"notice: weights sum to {values.sum():g}; normalized to {normalized}")
-    return values / values.sum()
+    given_sum = float(np.sum(values))  # inf for weights near the float limit
+    scaled = values / values.max()  # whose sum cannot overflow
+    shares = scaled / scaled.sum()
+    if not math.isclose(given_sum, 1.0, rel_tol=1e-9):
+        normalized = ", ".join(f"{v:.4f}" for v in shares)
+        notify(f"notice: weights sum to {given_sum:g}; normalized to {normalized}")
+    return shares
 
 
 def hamilton_round(shares: np.ndarray, total: int) -> list[int]:
@@ -294,6 +305,9 @@ def read_config(path: str) -> dict:
     unknown = set(section) - {"paths", "weights", "merge_strategy"}
     if unknown:
         raise BluesError(f"{path}: unknown field(s) datasets.{', datasets.'.join(sorted(unknown))}")
+    for field_name in ("paths", "weights"):
+        if field_name in section and not isinstance(section[field_name], list):
+            raise BluesError(f"{path}: datasets.{field_name} must be a list, got {section[field_name]!r}")
     return section
 
 

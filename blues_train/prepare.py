@@ -19,11 +19,13 @@ tokenizer saw), `stored_bytes` the chunk files' bytes.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import Counter, deque
@@ -38,6 +40,7 @@ from blues_train.errors import BluesError
 from blues_train.sources import FORMATS, SkipLog, discover_sources, iter_documents, repair_text
 
 DEFAULT_CHUNK_TOKENS = 1 << 21
+MAX_CHUNK_TOKENS = (1 << 31) - 1 - (1 << 26)  # a chunk closes after the document that crosses the limit
 BATCH_CHARS = 1 << 20
 BATCHES_IN_FLIGHT_PER_WORKER = 3
 JOURNAL = ".prepare-journal.jsonl"
@@ -56,15 +59,17 @@ def prepare_dataset(
     progress=True,
 ) -> dict:
     """Tokenize `inputs` (files and folders) into the token store `out_dir`; its manifest."""
-    workers = workers or os.cpu_count() or 1
-    if workers < 1 or chunk_tokens < 1:
-        raise BluesError("--workers and --chunk_tokens must be positive integers")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 1 or not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS:
+        raise BluesError(f"--workers must be a positive integer and --chunk_tokens between 1 and "
+                         f"{MAX_CHUNK_TOKENS:,} (Arrow list offsets are 32-bit)")
     say = print if progress else _silent
-    sources = discover_sources(inputs, fmt, glob)
+    out = Path(out_dir)
+    check_output(out)
+    sources = [s for s in discover_sources(inputs, fmt, glob) if not s.path.is_relative_to(out.resolve())]
     described = [_describe(source) for source in sources]
     settings = {"chunk_tokens": chunk_tokens, "text_field": text_field, "format": fmt, "glob": glob}
     key = run_key(described, settings)
-    out = Path(out_dir)
     current = _finished_manifest(out, key)
     if current is not None:
         say(f"{out}: up to date with its {len(sources)} source(s), nothing to do")
@@ -88,6 +93,15 @@ def prepare_dataset(
     journal.finish(manifest)
     say(format_summary(manifest, out))
     return manifest
+
+
+def check_output(out: Path) -> None:
+    """The store folder must be a folder that can be made, before any work is done."""
+    blocking = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise BluesError(f"--cache_dir {out}: {blocking} is a file, not a folder")
+    if blocking is not None and not os.access(blocking, os.W_OK):
+        raise BluesError(f"--cache_dir {out}: {blocking} is not writable")
 
 
 def _silent(*args, **kwargs) -> None:
@@ -166,7 +180,7 @@ def tokenize_batches(batches, workers: int):
             yield batch, tokenize_texts([doc.text for doc in batch])
         return
     tokenizer.get_encoding()  # built once here, inherited by the forked workers
-    with ProcessPoolExecutor(workers, mp_context=_fork_context()) as pool:
+    with ProcessPoolExecutor(workers, mp_context=_fork_context(), initializer=_die_with_parent) as pool:
         pending = deque()
         for batch in batches:
             pending.append((batch, pool.submit(tokenize_texts, [doc.text for doc in batch])))
@@ -176,6 +190,14 @@ def tokenize_batches(batches, workers: int):
         while pending:
             done, future = pending.popleft()
             yield done, future.result()
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker is terminated when prepare dies, even by SIGKILL (no orphans)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _fork_context():
@@ -390,7 +412,7 @@ class Meter:
         if self.enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(unit="B", unit_scale=True, unit_divisor=1 << 20, desc="prepare")
+            self.bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="prepare")
         return self
 
     def update(self, n_bytes: int, n_tokens: int) -> None:

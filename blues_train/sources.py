@@ -113,7 +113,11 @@ def _files_of(given: Path, fmt: str | None, glob: str) -> list[tuple[Path, str]]
                 f"pass --format ({', '.join(FORMATS)})"
             )
         return [(given.resolve(), found)]
-    paths = sorted(p.resolve() for p in given.glob(glob) if p.is_file())
+    try:
+        matches = list(given.glob(glob))
+    except (ValueError, NotImplementedError) as exc:
+        raise BluesError(f"--glob {glob!r}: not a usable pattern relative to {given} ({exc})") from None
+    paths = sorted(p.resolve() for p in matches if p.is_file())
     if not paths:
         raise BluesError(f"input folder {given} has no files matching --glob {glob!r}")
     return [(path, format_of(path, fmt) or "text") for path in paths]
@@ -173,7 +177,7 @@ def read_text_file(source: Source, text_field: str, skips: SkipLog) -> Iterator[
 
 def read_csv(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
     csv.field_size_limit(CSV_FIELD_LIMIT)
-    with open(source.path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+    with open(source.path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         rows = csv.reader(fh, strict=True)
         header = _csv_header(rows, source)
         if text_field not in header:
@@ -219,16 +223,63 @@ def read_jsonl(source: Source, text_field: str, skips: SkipLog) -> Iterator[Docu
 
 def read_jsonl_zst(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
     with open(source.path, "rb") as fh:
-        stream = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
         try:
-            yield from _json_lines(io.BufferedReader(stream), source, text_field, skips)
+            lines = io.BufferedReader(ZstdFrames(fh, source.label), buffer_size=ZstdFrames.READ_BYTES)
+            yield from _json_lines(lines, source, text_field, skips)
         except zstandard.ZstdError as exc:
             raise BluesError(f"{source.label}: not a valid zstd stream ({exc})") from None
+
+
+class ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every zstd frame of `fh`, streamed in small reads.
+
+    Unlike zstandard's stream_reader, a stream that ends inside a frame (a truncated
+    download or copy) is an error, not a quiet end of data.
+    """
+
+    READ_BYTES = 1 << 16
+
+    def __init__(self, fh, label: str):
+        self.fh, self.label = fh, label
+        self.dctx = zstandard.ZstdDecompressor()
+        self.frame = self.dctx.decompressobj()
+        self.in_frame = False
+        self.out, self.pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.pos == len(self.out):
+            data = self.fh.read(self.READ_BYTES)
+            if not data:
+                if self.in_frame:
+                    raise BluesError(f"{self.label}: truncated zstd stream (it ends inside a frame); "
+                                     "the file is incomplete: copy or download it again")
+                return 0
+            self.out, self.pos = self._decompress(data), 0
+        n = min(len(buffer), len(self.out) - self.pos)
+        buffer[:n] = memoryview(self.out)[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        parts = []
+        while data:
+            self.in_frame = True
+            parts.append(self.frame.decompress(data))
+            data = b""
+            if self.frame.eof:
+                data, self.in_frame = self.frame.unused_data, False
+                self.frame = self.dctx.decompressobj()
+        return b"".join(parts)
 
 
 def _json_lines(lines, source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
     for number, raw in enumerate(lines, start=1):
         location = f"{source.label}:{number}"
+        if number == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
         if raw.isspace() or not raw:
             continue
         try:

@@ -42,10 +42,14 @@ PAT_STR = "|".join(
 )
 
 
+def packed_vocabulary() -> bytes:
+    """The zstd-compressed vocabulary file as shipped in the package."""
+    return resources.files("blues_train.data").joinpath(VOCAB_RESOURCE).read_bytes()
+
+
 def vocabulary_bytes() -> bytes:
     """The raw o200k_base.tiktoken file, decompressed and sha256-verified."""
-    packed = resources.files("blues_train.data").joinpath(VOCAB_RESOURCE).read_bytes()
-    raw = zstandard.ZstdDecompressor().decompress(packed)
+    raw = zstandard.ZstdDecompressor().decompress(packed_vocabulary())
     digest = hashlib.sha256(raw).hexdigest()
     if digest != VOCAB_SHA256:
         raise BluesError(

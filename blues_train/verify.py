@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from blues_train import store
@@ -65,12 +66,15 @@ def verify_paths(paths) -> VerifyReport:
     report = VerifyReport()
     verified: set[Path] = set()
     for path in map(Path, paths):
-        if not path.exists():
-            report.add(path, "not found")
-        elif (path / MIXTURE_FILE).is_file():
-            verify_mixture(path, report, verified)
-        else:
-            verify_store_once(path, report, verified)
+        try:
+            if not path.exists():
+                report.add(path, "not found")
+            elif (path / MIXTURE_FILE).is_file():
+                verify_mixture(path, report, verified)
+            else:
+                verify_store_once(path, report, verified)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a field of the wrong shape
+            report.add(path, f"malformed manifest: {type(exc).__name__} {exc}; prepare or merge it again")
     return report
 
 
@@ -125,13 +129,18 @@ def verify_chunk(path: Path, number: int, chunk: dict, labels: set, report: Veri
     if not file.is_file():
         return empty
     digest = hashlib.sha256(file.read_bytes()).hexdigest()
-    if digest != chunk["sha256"]:
+    if digest != chunk.get("sha256"):
         report.add(file, f"sha256 {digest} differs from manifest.json chunks[{number}].sha256 "
-                   f"{chunk['sha256']}: the file is corrupt or was replaced")
+                   f"{chunk.get('sha256')}: the file is corrupt or was replaced")
+        return empty  # its contents mean nothing, and parsing corrupt buffers can crash Arrow
     try:
         table = store.read_chunk(file)
+        table.validate(full=True)
     except BluesError as exc:
         report.add(file, str(exc).removeprefix(f"{file}: "))
+        return empty
+    except pa.ArrowException as exc:
+        report.add(file, f"unreadable Arrow data ({exc})")
         return empty
     if not table.schema.equals(store.SCHEMA):
         report.add(file, f"schema {table.schema.to_string(show_schema_metadata=False)!r} is not "

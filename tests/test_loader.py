@@ -189,3 +189,14 @@ def test_chunk_cache_is_bounded(code_store):
     for chunk in [0, 1, 2, 3, 1, 0] if len(paths) >= 4 else range(len(paths)):
         assert len(cache.get(chunk)) == manifest["chunks"][chunk]["n_tokens"]
         assert len(cache.tokens) <= 2
+
+
+def test_validation_restarts_repeat_over_many_passes(mixture):
+    """What training's evaluate does: rewind to the same start, read past several passes."""
+    val = PackedSequenceDataset(mixture, 64, split="val")
+    start = val.state_dict()
+    n = 3 * val.num_windows() + 1
+    first = take(val, n)
+    val.load_state_dict(start)
+    again = take(val, n)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

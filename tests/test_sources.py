@@ -140,3 +140,18 @@ def test_missing_path_and_empty_folder_are_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BluesError, match="empty has no files"):
         discover_sources([tmp_path / "empty"])
+
+
+def test_truncated_jsonl_zst_is_an_error_not_a_short_dataset(tmp_path):
+    lines = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(5000)).encode()
+    whole = zstandard.ZstdCompressor().compress(lines)
+    (tmp_path / "cut.jsonl.zst").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(BluesError, match="cut.jsonl.zst: truncated zstd stream"):
+        read_all([tmp_path / "cut.jsonl.zst"])
+
+
+def test_byte_order_mark_is_not_part_of_the_first_field(tmp_path):
+    (tmp_path / "a.csv").write_bytes(b"\xef\xbb\xbftext,n\nhello,1\n")
+    (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    docs, skipped = read_all([tmp_path / "a.csv", tmp_path / "b.jsonl"])
+    assert [d.text for d in docs] == ["hello", "first", "second"] and not skipped

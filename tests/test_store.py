@@ -278,3 +278,10 @@ def test_bad_input_one_50_mb_line(tmp_path, sample_corpus_dir, reference_encodin
     tokens = store.read_chunk(tmp_path / "out" / "chunk-00000.arrow")["tokens"][0].values.to_numpy()
     assert manifest["totals"]["input_bytes"] >= 50_000_000
     assert np.array_equal(tokens, reference_encoding.encode_ordinary(text))
+
+
+def test_written_files_are_readable_by_others_as_open_would_make_them(tmp_path):
+    from blues_train.atomic import FILE_MODE, write_atomic
+
+    write_atomic(tmp_path / "f", b"x")
+    assert (tmp_path / "f").stat().st_mode & 0o777 == FILE_MODE

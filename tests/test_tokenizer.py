@@ -1,4 +1,6 @@
 import inspect
+
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +35,16 @@ def test_special_token_text_is_ordinary():
     assert tokenizer.get_encoding().encode_single_token("<|endoftext|>") == tokenizer.EOT_ID
 
 
-def test_vocabulary_hash_is_checked():
-    import hashlib
+def test_tampered_vocabulary_is_refused(monkeypatch):
+    import zstandard
 
-    assert hashlib.sha256(tokenizer.vocabulary_bytes()).hexdigest() == tokenizer.VOCAB_SHA256
+    from blues_train.errors import BluesError
+
+    raw = bytearray(tokenizer.vocabulary_bytes())
+    raw[100] ^= 1
+    monkeypatch.setattr(tokenizer, "packed_vocabulary", lambda: zstandard.ZstdCompressor().compress(bytes(raw)))
+    with pytest.raises(BluesError, match="sha256"):
+        tokenizer.vocabulary_bytes()
 
 
 def test_works_with_network_unavailable(tmp_path):

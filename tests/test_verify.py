@@ -113,3 +113,15 @@ def test_edited_mixture_is_found(copies):
 def test_not_a_store(tmp_path):
     report = verify_paths([tmp_path, tmp_path / "nowhere"])
     assert [p.file for p in report.problems] == [str(tmp_path / "manifest.json"), str(tmp_path / "nowhere")]
+
+
+@pytest.mark.parametrize("from_end", [1, 50, 200, 400, 700])
+def test_flipped_byte_anywhere_is_reported_not_a_crash(copies, from_end):
+    code = copies[0]
+    chunk = code / "chunk-00000.arrow"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) - from_end] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    report = verify_paths([code])
+    assert not report.ok
+    assert any(str(chunk) in str(p.file) and "sha256" in p.message for p in report.problems)
