@@ -8,6 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
+import zstandard
+from conftest import FIXTURE_CHUNK_TOKENS
 
 from blues_train import cli, store
 from blues_train.mixture import merge
@@ -74,10 +76,17 @@ def test_corruption_is_found_in_the_right_file(copies, capsys, fault, file_named
     assert f"{code / file_named}: " in out and "FAILED" in out
 
 
-def test_source_changed_after_merging(copies, sample_corpus_inputs, capsys):
+def test_source_changed_after_merging(copies, sample_corpus_inputs, tmp_path, capsys):
+    """The raw data changes (one document fewer) and the store is prepared again, with the
+    same settings, after the mixture was made."""
     code, _, mix = copies
+    [raw] = sample_corpus_inputs["code"]
+    lines = zstandard.ZstdDecompressor().decompress(raw.read_bytes(), max_output_size=1 << 30).splitlines(True)
+    edited = tmp_path / "edited" / raw.name
+    edited.parent.mkdir()
+    edited.write_bytes(zstandard.ZstdCompressor().compress(b"".join(lines[:-1])))
     shutil.rmtree(code)
-    prepare_dataset(sample_corpus_inputs["code"], code, workers=1, chunk_tokens=50_000, progress=False)
+    prepare_dataset([edited], code, workers=1, chunk_tokens=FIXTURE_CHUNK_TOKENS, progress=False)
     report = verify_paths([mix])
     assert [p.file for p in report.problems] == [str(code / "manifest.json")]
     assert "changed after merging" in report.problems[0].message
