@@ -10,7 +10,6 @@ One line per problem naming the file (and row), then a statistics table.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from collections import Counter
@@ -128,7 +127,7 @@ def verify_chunk(path: Path, number: int, chunk: dict, labels: set, report: Veri
     empty = np.zeros(0, dtype=np.int64)
     if not file.is_file():
         return empty
-    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    digest = store.file_sha256(file)
     if digest != chunk.get("sha256"):
         report.add(file, f"sha256 {digest} differs from manifest.json chunks[{number}].sha256 "
                    f"{chunk.get('sha256')}: the file is corrupt or was replaced")
