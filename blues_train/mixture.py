@@ -167,13 +167,19 @@ def read_sources(paths: list[Path]) -> list[dict]:
 
 
 def check_distinct(paths: list[Path], manifests: list[dict]) -> None:
+    """No dataset twice: by folder, by tokens, or by raw sources (whatever the chunking)."""
     seen = {}
     for path, manifest in zip(paths, manifests):
-        for key in (path.resolve(), manifest["fingerprint"]):
+        raw = (
+            tuple(sorted(source["sha256"] for source in manifest["sources"])),
+            manifest.get("settings", {}).get("text_field"),
+        )
+        for key in (path.resolve(), manifest["fingerprint"], raw):
             if key in seen:
                 raise BluesError(
-                    f"{path}: the same dataset as {seen[key]} is given twice; "
-                    "list each dataset once and use --weights to give it a larger share"
+                    f"{path}: the same dataset as {seen[key]} is given twice (same folder, tokens "
+                    "or raw sources and --text_field); list each dataset once and use --weights "
+                    "to give it a larger share"
                 )
             seen[key] = path
 

@@ -111,7 +111,7 @@ def _silent(*args, **kwargs) -> None:
 def _describe(source) -> dict:
     size = source.path.stat().st_size
     return {"path": source.label, "bytes": size, "sha256": store.file_sha256(source.path),
-            "format": source.fmt}
+            "format": source.fmt, **({"real_path": source.real_path} if source.real_path else {})}
 
 
 def run_key(sources: list[dict], settings: dict) -> str:

@@ -35,6 +35,8 @@ EXTENSIONS = {
     ".md": "text",
 }
 MAX_EXAMPLES = 5
+BINARY_SNIFF_BYTES = 8192
+BINARY_UNDECODABLE_SHARE = 0.3
 PARQUET_BATCH_ROWS = 256
 # Python's csv module refuses fields over 128 KiB by default; one document may be far larger.
 CSV_FIELD_LIMIT = 2**31 - 1
@@ -47,6 +49,8 @@ class Source:
     path: Path
     fmt: str
     label: str
+    real_path: str | None = None  # where a symlink in an input folder leads, if elsewhere
+    skip: str | None = None  # why no record of this file can be used (a SkipLog reason)
 
 
 @dataclass(frozen=True)
@@ -89,20 +93,34 @@ def discover_sources(inputs, fmt: str | None = None, glob: str = "**/*.txt") -> 
     """The raw files behind `inputs` (files, or folders searched with `glob`), in order.
 
     Labels are paths relative to the folder that holds all inputs, so a corpus that moves
-    keeps its labels (and the store its fingerprint).
+    keeps its labels (and the store its fingerprint). A symlink in an input folder is
+    followed and labeled by its own location there.
     """
     if fmt is not None and fmt not in FORMATS:
         raise BluesError(f"unknown --format {fmt!r}: use one of {', '.join(FORMATS)}")
     if not inputs:
         raise BluesError("no input given: pass --input_dir DIR or --dataset FILE")
-    files: list[tuple[Path, str]] = []
+    files: list[tuple[Path, Path, str]] = []
     for given in inputs:
         files += _files_of(Path(given), fmt, glob)
     root = Path(os.path.commonpath([Path(given).resolve().parent for given in inputs]))
-    return [Source(path, found, path.relative_to(root).as_posix()) for path, found in files]
+    return [_source(path, located, found, root) for path, located, found in files]
 
 
-def _files_of(given: Path, fmt: str | None, glob: str) -> list[tuple[Path, str]]:
+def _source(path: Path, located: Path, fmt: str, root: Path) -> Source:
+    """`path` is the file read, `located` where the input folder shows it (they differ for symlinks)."""
+    label = located.relative_to(root).as_posix()
+    real_path = None if path == located else str(path)
+    try:
+        label.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(label).decode("utf-8", "backslashreplace")
+        return Source(path, fmt, shown, real_path, skip="non_utf8_name")
+    return Source(path, fmt, label, real_path)
+
+
+def _files_of(given: Path, fmt: str | None, glob: str) -> list[tuple[Path, Path, str]]:
+    """(resolved path, path in the resolved input folder, format) of each file of `given`."""
     if not given.exists():
         raise BluesError(f"input {given} does not exist: check the path")
     if given.is_file():
@@ -112,15 +130,16 @@ def _files_of(given: Path, fmt: str | None, glob: str) -> list[tuple[Path, str]]
                 f"cannot tell the format of {given} from its extension: "
                 f"pass --format ({', '.join(FORMATS)})"
             )
-        return [(given.resolve(), found)]
+        return [(given.resolve(), given.resolve(), found)]
     try:
         matches = list(given.glob(glob))
     except (ValueError, NotImplementedError) as exc:
         raise BluesError(f"--glob {glob!r}: not a usable pattern relative to {given} ({exc})") from None
-    paths = sorted(p.resolve() for p in matches if p.is_file())
-    if not paths:
+    folder = given.resolve()
+    located = sorted(Path(os.path.normpath(folder / p.relative_to(given))) for p in matches if p.is_file())
+    if not located:
         raise BluesError(f"input folder {given} has no files matching --glob {glob!r}")
-    return [(path, format_of(path, fmt) or "text") for path in paths]
+    return [(p.resolve(), p, format_of(p, fmt) or "text") for p in located]
 
 
 def iter_documents(sources: list[Source], text_field: str, skips: SkipLog) -> Iterator[Document]:
@@ -130,6 +149,9 @@ def iter_documents(sources: list[Source], text_field: str, skips: SkipLog) -> It
     """
     seen_field = False
     for source in sources:
+        if source.skip:
+            skips.add(source.skip, source.label)
+            continue
         for doc in READERS[source.fmt](source, text_field, skips):
             seen_field = True
             if not doc.text or doc.text.isspace():
@@ -171,8 +193,20 @@ def _field_text(value, skips: SkipLog, location: str) -> str | None:
 
 
 def read_text_file(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
-    text = source.path.read_bytes().decode("utf-8", "surrogateescape")
-    yield Document(text, source.label, 0, f"{source.label}:1")
+    data = source.path.read_bytes()
+    if looks_binary(data[:BINARY_SNIFF_BYTES]):
+        skips.add("binary", source.label)
+        return
+    yield Document(data.decode("utf-8", "surrogateescape"), source.label, 0, f"{source.label}:1")
+
+
+def looks_binary(head: bytes) -> bool:
+    """A NUL byte, or more than BINARY_UNDECODABLE_SHARE of the characters not UTF-8."""
+    if b"\0" in head:
+        return True
+    chars = len(head.decode("utf-8", "surrogateescape"))  # one character per undecodable byte
+    undecodable = chars - len(head.decode("utf-8", "ignore"))
+    return undecodable > BINARY_UNDECODABLE_SHARE * chars
 
 
 def read_csv(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
@@ -284,7 +318,7 @@ def _json_lines(lines, source: Source, text_field: str, skips: SkipLog) -> Itera
             continue
         try:
             record = json.loads(raw.decode("utf-8", "surrogateescape"))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             skips.add("malformed_json", location)
             continue
         if not isinstance(record, dict):

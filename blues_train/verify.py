@@ -87,7 +87,7 @@ def verify_store(path: Path, report: VerifyReport) -> None:
     try:
         manifest = store.read_manifest(path)
     except BluesError as exc:
-        report.add(path / store.MANIFEST, str(exc))
+        report.add(path / store.MANIFEST, str(exc).removeprefix(f"{path / store.MANIFEST}: "))
         return
     manifest_file = path / store.MANIFEST
     check_tokenizer(manifest, manifest_file, report)
