@@ -38,8 +38,12 @@ $(DAGSTER_HOME)/dagster.yaml: pipelines/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	test -f $@ || cp pipelines/dagster.yaml $@
 
+DEV_HOST ?= 127.0.0.1
+DEV_PORT ?= 3000
+# pipelines.dev resets SIGINT and SIGTERM before it execs dagster dev: `make dev &` from a
+# script would otherwise leave dagster dev and its children ignoring both.
 dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(BIN)/python -m pipelines.dev -w workspace.yaml -h $(DEV_HOST) -p $(DEV_PORT)
 
 clean:
 	rm -rf data_cache runs sample_corpus .dagster_home

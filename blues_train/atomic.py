@@ -1,11 +1,18 @@
-"""Atomic writes: a reader sees the old file or the whole new one, never half of it."""
+"""Atomic writes: a reader sees the old file or the whole new one, never half of it.
+
+The operating system's refusals (disk full, read-only file system, permission denied) are
+user errors: `os_error` turns them into one line naming the path and the cause.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
+
+from blues_train.errors import BluesError
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -15,8 +22,11 @@ FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp alone makes files
 def write_atomic(path: Path, data: bytes) -> None:
     """Temporary file beside `path`, fsync, rename, fsync the folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise os_error(exc, path) from None
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
@@ -24,10 +34,12 @@ def write_atomic(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(temp, path)
-    except BaseException:
+        sync_dir(path.parent)
+    except BaseException as exc:
         Path(temp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise os_error(exc, path) from None
         raise
-    sync_dir(path.parent)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -41,3 +53,44 @@ def sync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def os_error(exc: OSError, path, action: str = "writing") -> BluesError:
+    """`no space left on device while writing PATH`: the cause in words, then where."""
+    reason = (exc.strerror or str(exc)).lower()
+    advice = ADVICE.get(exc.errno, "")
+    return BluesError(f"{reason} while {action} {path}{advice}")
+
+
+ADVICE = {
+    errno.ENOSPC: ": free some space or choose another folder, then run the same command again",
+    errno.EDQUOT: ": free some space or choose another folder, then run the same command again",
+    errno.EROFS: ": choose a folder on a writable file system",
+    errno.EACCES: ": choose a folder you may write to, or fix its permissions",
+    errno.EPERM: ": choose a folder you may write to, or fix its permissions",
+}
+
+
+def folder_error(folder, action: str = "writing") -> BluesError | None:
+    """Why writing under `folder` fails, when a library reports only that it failed
+    (torch.save raises `RuntimeError: basic_ios::clear` on a full disk); None if no reason
+    is visible."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        code = errno.EROFS
+    elif not os.access(folder, os.W_OK):
+        code = errno.EACCES
+    elif stats.f_bavail * stats.f_frsize < FULL_BYTES:
+        code = errno.ENOSPC
+    else:
+        return None
+    return os_error(OSError(code, os.strerror(code)), folder, action)
+
+
+FULL_BYTES = 1 << 20  # less than this left: the write failed for want of space

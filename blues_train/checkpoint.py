@@ -17,6 +17,10 @@ another data-parallel world size. Resuming on a different number of ranks conver
 folder once to DeepSpeed's *universal* format (`deepspeed.checkpoint.ds_to_universal`:
 one file per parameter and state, no rank layout) and loads that with
 `"checkpoint": {"load_universal": true}`.
+
+Nothing in a checkpoint runs code: `meta.json` lists the sha256 of every file saved with it
+(`files`), checked before a resume or `blues generate` uses the folder, and DeepSpeed's
+`.pt` files are read only by weights-only loads (`blues_train.weights_only`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import re
 import shutil
 import subprocess
 from argparse import Namespace
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stdout
 from importlib import metadata
 from pathlib import Path
@@ -34,10 +39,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from blues_train.atomic import sync_dir, write_json_atomic
+from blues_train.atomic import FILE_MODE, folder_error, os_error, sync_dir, write_json_atomic
 from blues_train.errors import BluesError
+from blues_train.store import file_sha256
+from blues_train.weights_only import weights_only_loads
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json lists every file's sha256
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 UNIVERSAL_DIR = "universal"
@@ -96,7 +103,7 @@ def check_start(root, resume_from: Path | None, set_aside: bool) -> None:
             raise BluesError(f"{root} already holds checkpoints up to {found[-1].name}: pass "
                              "--resume auto to continue that run, or choose another --out")
         return
-    resumed = int(STEP_NAME.match(Path(resume_from).name).group(1))
+    resumed = read_meta(resume_from)["step"]  # the folder may have any name
     later = [p for p in found if int(STEP_NAME.match(p.name).group(1)) > resumed]
     if set_aside and later and Path(resume_from).resolve().parent == Path(root).resolve():
         aside = Path(root) / f"abandoned-after-{step_name(resumed)}"
@@ -168,20 +175,30 @@ def save(engine, root, step: int, *, config: dict, meta: dict, keep_last: int) -
     rank = dist.get_rank()
     final = root / step_name(step)
     tmp = root / f".tmp-{step_name(step)}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
-    weights = consolidated_state_dict(engine)
-    if rank == 0:
-        save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        write_json_atomic(tmp / CONFIG_FILE, config)
-    dist.barrier()
-    if rank != 0:
-        return None
-    fsync_tree(tmp)  # every rank's files are on disk before meta.json marks the folder complete
-    write_json_atomic(tmp / META_FILE, {"format_version": FORMAT_VERSION, **meta})
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        weights = consolidated_state_dict(engine)
+        if rank == 0:
+            save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+            os.chmod(tmp / MODEL_FILE, FILE_MODE)  # safetensors creates it private (0600)
+            write_json_atomic(tmp / CONFIG_FILE, config)
+        dist.barrier()
+        if rank != 0:
+            return None
+        fsync_tree(tmp)  # every rank's files are on disk before meta.json marks the folder complete
+        files = file_hashes(tmp)
+        write_json_atomic(tmp / META_FILE, {"format_version": FORMAT_VERSION, **meta, "files": files})
+    except (OSError, RuntimeError, BluesError) as exc:
+        reason = os_error(exc, tmp, "saving the checkpoint") if isinstance(exc, OSError) else None
+        reason = reason or folder_error(tmp, "saving the checkpoint")
+        shutil.rmtree(tmp, ignore_errors=True)  # a .tmp- folder never counts; free its space
+        if reason is None:
+            raise
+        raise reason from None
     shutil.rmtree(final, ignore_errors=True)  # a stale folder of a run that was rolled back
     os.rename(tmp, final)
     sync_dir(root)
@@ -189,6 +206,57 @@ def save(engine, root, step: int, *, config: dict, meta: dict, keep_last: int) -
         if old != final:
             shutil.rmtree(old)
     return final
+
+
+def file_hashes(folder: Path, under: str | None = None) -> dict[str, str]:
+    """{relative path: sha256} of the checkpoint's own files (all but meta.json and the
+    universal copy), or of the files under `under` (e.g. universal/)."""
+    if under is None:
+        paths = [p for p in folder.rglob("*") if p.relative_to(folder).parts[0] not in DERIVED]
+    else:
+        paths = list((folder / under).rglob("*"))
+    paths = sorted(p for p in paths if p.is_file())
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
+        digests = pool.map(file_sha256, paths)
+    return {p.relative_to(folder).as_posix(): digest for p, digest in zip(paths, digests)}
+
+
+DERIVED = (META_FILE, UNIVERSAL_DIR, UNIVERSAL_DIR + ".tmp")
+
+
+def verify_files(folder) -> None:
+    """Refuse a checkpoint any of whose files changed, vanished or appeared since it was
+    saved (or, for universal/, since it was converted)."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    recorded = meta.get("files")
+    if not isinstance(recorded, dict):
+        raise BluesError(f"{folder / META_FILE}: lists no file hashes (format_version "
+                         f"{meta.get('format_version')}; Blues writes {FORMAT_VERSION}), so the "
+                         "checkpoint cannot be checked: use a checkpoint saved by this Blues")
+    compare(folder, recorded, file_hashes(folder))
+    if (folder / UNIVERSAL_DIR).exists():
+        compare(folder, meta.get("universal_files") or {}, file_hashes(folder, UNIVERSAL_DIR))
+
+
+def compare(folder: Path, recorded: dict, present: dict) -> None:
+    for name in sorted(set(recorded) | set(present)):
+        if name not in present:
+            raise BluesError(f"{folder / name}: missing; it was saved with the checkpoint "
+                             f"({META_FILE} lists it): the checkpoint is incomplete, use another one")
+        if name not in recorded:
+            raise BluesError(f"{folder / name}: not part of the checkpoint as saved ({META_FILE} "
+                             "does not list it): remove it or use another checkpoint")
+        if present[name] != recorded[name]:
+            raise BluesError(f"{folder / name}: changed since the checkpoint was saved (sha256 "
+                             f"{present[name][:16]}, {META_FILE} records {recorded[name][:16]}): "
+                             "do not use this checkpoint; restore the file or pick another one")
+
+
+def load(engine, load_dir: Path) -> None:
+    """engine.load_checkpoint, with every .pt read by a weights-only load."""
+    with weights_only_loads():
+        engine.load_checkpoint(str(load_dir), tag=DEEPSPEED_TAG)
 
 
 def deepspeed_load_dir(folder: Path, world_size: int) -> tuple[Path, bool]:
@@ -203,19 +271,26 @@ def deepspeed_load_dir(folder: Path, world_size: int) -> tuple[Path, bool]:
         return folder / DEEPSPEED_DIR, False
     universal = folder / UNIVERSAL_DIR
     if dist.get_rank() == 0 and not universal.is_dir():
-        convert_to_universal(folder / DEEPSPEED_DIR / DEEPSPEED_TAG, universal)
+        convert_to_universal(folder)
     dist.barrier()
     return universal, True
 
 
-def convert_to_universal(shards: Path, universal: Path) -> None:
+def convert_to_universal(folder: Path) -> None:
+    """folder/universal/ from folder/deepspeed/, its hashes recorded in meta.json first."""
     from deepspeed.checkpoint import ds_to_universal
 
-    tmp = universal.with_name(universal.name + ".tmp")
+    tmp = folder / (UNIVERSAL_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    args = Namespace(input_folder=str(shards), output_folder=str(tmp / DEEPSPEED_TAG),
-                     num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                     strict=True, inject_missing_state=True)
-    with open(os.devnull, "w") as quiet, redirect_stdout(quiet):
+    args = Namespace(input_folder=str(folder / DEEPSPEED_DIR / DEEPSPEED_TAG),
+                     output_folder=str(tmp / DEEPSPEED_TAG), num_extract_workers=1,
+                     num_merge_workers=1, keep_temp_folder=False, strict=True,
+                     inject_missing_state=True)
+    with open(os.devnull, "w") as quiet, redirect_stdout(quiet), weights_only_loads():
         ds_to_universal.main(args)
-    os.rename(tmp, universal)
+    hashes = file_hashes(folder, tmp.name)
+    prefix = tmp.name + "/"
+    meta = read_meta(folder)
+    meta["universal_files"] = {UNIVERSAL_DIR + "/" + k.removeprefix(prefix): v for k, v in hashes.items()}
+    write_json_atomic(folder / META_FILE, meta)
+    os.rename(tmp, folder / UNIVERSAL_DIR)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from blues_train.atomic import os_error
 from blues_train.errors import BluesError
 
 COMMANDS = {
@@ -28,11 +29,15 @@ def usage() -> str:
 
 
 def run_command(main_fn, argv: list[str]) -> int:
-    """Run a command's main, turning a BluesError into a one-line message and exit 2."""
+    """Run a command's main, turning a BluesError (or an operating system error) into a
+    one-line message and exit 2."""
     try:
         return int(main_fn(argv) or 0)
     except BluesError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # one the command did not word itself: still one line
+        print(f"error: {os_error(exc, exc.filename or 'a file', 'accessing')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

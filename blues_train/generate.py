@@ -9,24 +9,28 @@ Python API:
     print(sample_text(model, prompt="Once", max_length=40, temperature=0.8, top_p=0.95, top_k=50))
 
 A checkpoint is read from its `model.safetensors` and `config.json` only: no pickle is ever
-loaded, so no code from the file can run, and DeepSpeed is not needed.
+loaded, so no code from the file can run, and DeepSpeed is not needed. The files are checked
+first against the sha256s its `meta.json` records, and the weights' header against the
+config before anything is allocated.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from blues_model import BluesConfig, BluesLM
 from blues_model.generation import generate, perplexity
 from blues_train import checkpoint, tokenizer
 from blues_train.errors import BluesError
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' names of the dtypes weights may have
 
 
 def checkpoint_folder(path) -> Path:
@@ -52,35 +56,57 @@ def load_model(path, device: str | None = None) -> BluesLM:
     """The model of a checkpoint folder (or run folder), in eval mode, on `device`
     (default: cuda when available)."""
     folder = checkpoint_folder(path)
+    if (folder / checkpoint.META_FILE).exists():  # a folder Blues saved: nothing changed since
+        checkpoint.verify_files(folder)
     config_path, weights_path = folder / checkpoint.CONFIG_FILE, folder / checkpoint.MODEL_FILE
+    config = read_config(config_path)
+    if not weights_path.is_file():
+        raise BluesError(f"{weights_path}: missing; the checkpoint is incomplete, pick another one")
+    with torch.device("meta"):
+        model = BluesLM(config)  # names and shapes only: no memory until the weights pass the checks
+    weights = read_weights(weights_path, model.state_dict(), config_path)
+    model.load_state_dict(weights, assign=True)  # the file's tensors become the parameters
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval()
+
+
+def read_config(config_path: Path) -> BluesConfig:
     try:
-        config = BluesConfig.from_dict(json.loads(config_path.read_text()))
+        return BluesConfig.from_dict(json.loads(config_path.read_text()))
     except FileNotFoundError:
         raise BluesError(f"{config_path}: missing; a checkpoint folder needs it beside "
                          f"{checkpoint.MODEL_FILE}") from None
     except (ValueError, TypeError) as exc:
         raise BluesError(f"{config_path}: not a Blues model config ({exc})") from None
-    if not weights_path.is_file():
-        raise BluesError(f"{weights_path}: missing; the checkpoint is incomplete, pick another one")
+
+
+def read_weights(weights_path: Path, expected: dict, config_path: Path) -> dict[str, torch.Tensor]:
+    """The fp32 tensors of `weights_path`, read only once its header agrees with `expected`
+    (the state dict of the model of `config_path`), and only if every value is finite."""
     try:
-        weights = load_file(str(weights_path))
+        with safe_open(str(weights_path), framework="pt") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            header = {name: (s.get_shape(), s.get_dtype()) for name, s in slices.items()}
+            check_header(header, expected, weights_path, config_path)
+            weights = {name: f.get_tensor(name) for name in header}
     except (SafetensorError, OSError, ValueError) as exc:
         raise BluesError(f"{weights_path}: corrupt or not a safetensors file ({exc}); "
                          "pick another checkpoint") from None
-    model = BluesLM(config)
-    check_weights(model, weights, weights_path, config_path)
-    model.load_state_dict(weights)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval()
+    bad = [f"{name} holds {'NaN' if t.isnan().any() else 'Inf'}"
+           for name, t in weights.items() if not t.isfinite().all()]
+    if bad:
+        raise BluesError(f"{weights_path}: {', '.join(bad[:3])}; the run diverged before this save, "
+                         "pick an earlier checkpoint")
+    return {name: t.float() for name, t in weights.items()}
 
 
-def check_weights(model: BluesLM, weights: dict, weights_path: Path, config_path: Path) -> None:
-    """The file must hold exactly the model's tensors, in the model's shapes."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = [f"{name} {list(weights[name].shape)} vs {list(t.shape)}"
-             for name, t in expected.items() if name in weights and weights[name].shape != t.shape]
+def check_header(header: dict, expected: dict, weights_path: Path, config_path: Path) -> None:
+    """The file must hold exactly the model's tensors, in the model's shapes, as floats.
+    `header` maps names to (shape, safetensors dtype name)."""
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    wrong = [f"{name} {header[name][0]} vs {list(t.shape)}"
+             for name, t in expected.items() if name in header and header[name][0] != list(t.shape)]
     if missing or unexpected or wrong:
         details = "; ".join(filter(None, [
             missing and f"missing {', '.join(missing[:3])}",
@@ -88,12 +114,36 @@ def check_weights(model: BluesLM, weights: dict, weights_path: Path, config_path
             wrong and f"shape (file vs config) {', '.join(wrong[:3])}"]))
         raise BluesError(f"{weights_path} does not match the model of {config_path}: {details}; "
                          "the weights were saved with another model config")
+    not_float = [f"{name} has dtype {dtype}" for name, (_, dtype) in header.items() if dtype not in FLOAT_DTYPES]
+    if not_float:
+        raise BluesError(f"{weights_path}: {', '.join(not_float[:3])}; model weights are floating point "
+                         f"({', '.join(sorted(FLOAT_DTYPES))}), pick another checkpoint")
+
+
+def check_sampling(max_length, temperature, top_p, top_k, prefix: str = "") -> None:
+    """Refuse settings generation cannot use; `prefix` "--" names them as command-line flags."""
+    def integer(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    rules = [
+        ("max_length", max_length, integer(max_length) and max_length >= 1, "an integer >= 1"),
+        ("temperature", temperature, number(temperature) and temperature >= 0, "a finite number >= 0 (0 = greedy)"),
+        ("top_p", top_p, number(top_p) and 0 < top_p <= 1, "a number in (0, 1] (1 = no top-p cut)"),
+        ("top_k", top_k, integer(top_k) and top_k >= 0, "an integer >= 0 (0 = no top-k cut)"),
+    ]
+    for name, value, ok, valid in rules:
+        if not ok:
+            raise BluesError(f"{prefix}{name} must be {valid}, got {value!r}")
 
 
 def sample_text(model: BluesLM, prompt: str, max_length: int = 100, temperature: float = 1.0,
                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> str:
     """The prompt followed by at most `max_length` new tokens (stopping at <|endoftext|>).
     temperature 0 is greedy."""
+    check_sampling(max_length, temperature, top_p, top_k)
     ids = tokenizer.encode(prompt) or [tokenizer.EOT_ID]
     if len(ids) >= model.config.max_seq_len:
         raise BluesError(f"the prompt has {len(ids)} tokens; the model reads at most "
@@ -128,8 +178,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BluesError("--device cuda: this machine has no CUDA GPU (torch sees none); use --device cpu")
-    if args.max_length < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise BluesError("need --max_length >= 1, --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0")
+    check_sampling(args.max_length, args.temperature, args.top_p, args.top_k, prefix="--")
     return args
 
 

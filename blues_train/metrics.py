@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from blues_train.atomic import write_atomic
+from blues_train.atomic import os_error, write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -73,8 +73,11 @@ class MetricsLog:
         self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, record: dict) -> None:
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        try:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        except OSError as exc:  # a torn last line is dropped on resume (keep_until)
+            raise os_error(exc, self.out_dir / METRICS_FILE) from None
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):

@@ -21,6 +21,7 @@ import numpy as np
 from blues_train import store
 from blues_train.atomic import write_json_atomic
 from blues_train.errors import BluesError
+from blues_train.folder_lock import exclusive_writer
 
 FORMAT_VERSION = 1
 MIXTURE_FILE = "mixture.json"
@@ -112,11 +113,20 @@ def merge(
     manifests = read_sources(paths)
     check_options(num_tokens, val_fraction, seed, Path(out_dir))
     shares = target_shares(strategy, weights, manifests, paths)
+    if verify:
+        verify_sources(paths)
+    with exclusive_writer(out_dir):
+        manifest = mixture_manifest(strategy, weights, shares, paths, manifests, num_tokens, seed,
+                                    val_fraction)
+        report_repeats(manifest)
+        write_json_atomic(Path(out_dir) / MIXTURE_FILE, manifest)
+    return manifest
+
+
+def mixture_manifest(strategy, weights, shares, paths, manifests, num_tokens, seed, val_fraction) -> dict:
     available = [round(m["totals"]["tokens"] * (1 - val_fraction)) for m in manifests]
     total = int(num_tokens) if num_tokens is not None else sum(available)
     tokens = hamilton_round(shares, total)
-    if verify:
-        verify_sources(paths)
     manifest = {
         "format_version": FORMAT_VERSION,
         "kind": "mixture",
@@ -133,8 +143,6 @@ def merge(
         "tokenizer": manifests[0]["tokenizer"],
     }
     manifest["fingerprint"] = mixture_fingerprint(manifest)
-    report_repeats(manifest)
-    write_json_atomic(Path(out_dir) / MIXTURE_FILE, manifest)
     return manifest
 
 

@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from blues_train import store, tokenizer
-from blues_train.atomic import sync_dir, write_atomic
+from blues_train.atomic import folder_error, os_error, sync_dir, write_atomic
 from blues_train.errors import BluesError
+from blues_train.folder_lock import exclusive_writer
 from blues_train.sources import FORMATS, SkipLog, discover_sources, iter_documents, repair_text
 
 DEFAULT_CHUNK_TOKENS = 1 << 21
@@ -69,6 +70,13 @@ def prepare_dataset(
     sources = [s for s in discover_sources(inputs, fmt, glob) if not s.path.is_relative_to(out.resolve())]
     described = [_describe(source) for source in sources]
     settings = {"chunk_tokens": chunk_tokens, "text_field": text_field, "format": fmt, "glob": glob}
+    with exclusive_writer(out):
+        return write_store(out, sources, described, settings, workers, say, progress)
+
+
+def write_store(out: Path, sources, described: list[dict], settings: dict, workers: int, say,
+                progress: bool) -> dict:
+    """The store of `sources` in `out`, resuming a killed run; a no-op when up to date."""
     key = run_key(described, settings)
     current = _finished_manifest(out, key)
     if current is not None:
@@ -80,15 +88,16 @@ def prepare_dataset(
         tally.resume(out, journal.chunks)
         say(f"{out}: resuming after {len(journal.chunks)} finished chunk(s), {tally.docs} documents")
     skips = SkipLog()
-    docs = iter_documents(sources, text_field, skips)
+    docs = iter_documents(sources, settings["text_field"], skips)
     docs = itertools.islice(docs, tally.docs, None)  # read again, not tokenized again
-    with Meter(progress) as meter, ChunkBuilder(out, journal, tally, chunk_tokens) as builder:
+    with Meter(progress) as meter, ChunkBuilder(out, journal, tally, settings["chunk_tokens"]) as builder:
         for batch, tokenized in tokenize_batches(_batches(docs), workers):
             builder.add(batch, tokenized)
             meter.update(int(tokenized[2].sum()), int(tokenized[1].sum()))
         builder.flush()
     if not tally.docs:
-        raise BluesError(f"no documents found in {', '.join(map(str, inputs))} ({_skip_text(skips)})")
+        raise BluesError(f"no documents found in {', '.join(s.label for s in sources) or 'the inputs'} "
+                         f"({_skip_text(skips)})")
     manifest = build_manifest(described, settings, tally, skips)
     journal.finish(manifest)
     say(format_summary(manifest, out))
@@ -101,7 +110,7 @@ def check_output(out: Path) -> None:
     if blocking is not None and not blocking.is_dir():
         raise BluesError(f"--cache_dir {out}: {blocking} is a file, not a folder")
     if blocking is not None and not os.access(blocking, os.W_OK):
-        raise BluesError(f"--cache_dir {out}: {blocking} is not writable")
+        raise BluesError(f"--cache_dir {out}: {folder_error(blocking) or f'{blocking} is not writable'}")
 
 
 def _silent(*args, **kwargs) -> None:
@@ -259,9 +268,12 @@ class Journal:
 
     def record(self, record: dict) -> None:
         self.claim()
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
+        try:
+            self.handle.write(json.dumps(record) + "\n")
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+        except OSError as exc:  # a torn last line is ignored on resume
+            raise os_error(exc, self.path) from None
 
     def claim(self) -> None:
         """Before this run's first write: the old manifest goes (the folder is now a partial store)."""

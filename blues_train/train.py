@@ -40,6 +40,7 @@ import os
 import socket
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ import torch
 from blues_model import BluesConfig, BluesLM, flops_per_token
 from blues_train import checkpoint, metrics, tokenizer
 from blues_train.errors import BluesError
+from blues_train.folder_lock import exclusive_writer
 from blues_train.loader import PackedSequenceDataset
 from blues_train.mixture import read_mixture
 from blues_train.pipes_bridge import open_reporter
@@ -54,6 +56,7 @@ from blues_train.pipes_bridge import open_reporter
 DEFAULT_DS_CONFIG = Path(__file__).with_name("ds_config.json")
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 CPU_MAX_MICRO_BATCH = 8
+DEFAULT_SEQ_LEN = 1024
 
 
 def parse_args(argv):
@@ -65,7 +68,9 @@ def parse_args(argv):
                         "or the checkpoint's config when resuming")
     p.add_argument("--deepspeed", default=str(DEFAULT_DS_CONFIG), help="DeepSpeed config JSON")
     p.add_argument("--max_steps", type=int, default=1000, help="optimizer steps in all")
-    p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--seq_len", type=int, default=None,
+                   help=f"tokens per training window (default {DEFAULT_SEQ_LEN}, at most the model's "
+                        "max_seq_len; a resumed run keeps its own)")
     p.add_argument("--global_batch_tokens", type=int, default=524288, help="tokens per optimizer step")
     p.add_argument("--micro_batch", type=int, default=0,
                    help="sequences per rank per forward; 0 = largest that fits (GPU) or <= 8 (CPU)")
@@ -83,7 +88,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     for flag in ("max_steps", "seq_len", "global_batch_tokens", "eval_interval", "eval_sequences",
                  "save_interval", "keep_last"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise BluesError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     return args
 
@@ -268,20 +273,32 @@ def evaluate(engine, val_data, val_start: dict, windows: int, micro: int, device
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    with ExitStack() as stack:
+        if os.environ.get("RANK", "0") == "0":  # the other ranks write only what rank 0 waits for
+            stack.enter_context(exclusive_writer(args.out))
+        return train(args)
+
+
+def train(args) -> int:
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     mixture = read_mixture(args.data_cache_dir)
     out = Path(args.out)
     checkpoints = out / "checkpoints"
+    is_rank0 = os.environ.get("RANK", "0") == "0"
     resume_from = checkpoint.resolve_resume(args.resume, checkpoints)
-    checkpoint.check_start(checkpoints, resume_from, set_aside=os.environ.get("RANK", "0") == "0")
+    if resume_from and is_rank0:
+        checkpoint.verify_files(resume_from)  # before anything of it is read
+    checkpoint.check_start(checkpoints, resume_from, set_aside=is_rank0)
     resume_meta = checkpoint.read_meta(resume_from) if resume_from else None
     if resume_meta and resume_meta["mixture"]["fingerprint"] != mixture["fingerprint"]:
         raise BluesError(f"--resume {resume_from} was trained on mixture {resume_meta['mixture']['fingerprint'][:16]}, "
                          f"--data_cache_dir {args.data_cache_dir} is {mixture['fingerprint'][:16]}: "
                          "resume with the same mixture or start a new --out")
     config = model_config(args.model, resume_meta)
+    if args.seq_len is None:
+        args.seq_len = resume_meta["seq_len"] if resume_meta else min(DEFAULT_SEQ_LEN, config.max_seq_len)
     if config.vocab_size < tokenizer.N_VOCAB:
         raise BluesError(f"--model: vocab_size {config.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.N_VOCAB} ids ({tokenizer.NAME})")
@@ -310,7 +327,7 @@ def main(argv=None) -> int:
     val_start = val_data.state_dict()
     start_step = 0
     if resume_from:
-        engine.load_checkpoint(str(load_dir), tag=checkpoint.DEEPSPEED_TAG)
+        checkpoint.load(engine, load_dir)
         train_data.load_state_dict(resume_meta["loader"])
         start_step = resume_meta["step"]
     stream = iter(train_data)

@@ -6,6 +6,7 @@ import hashlib
 import os
 
 import pytest
+from training_runs import mixture_dir, reference, two_rank_run  # noqa: F401 (shared fixtures)
 
 from blues_train import tokenizer
 

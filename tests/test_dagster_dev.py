@@ -1,17 +1,25 @@
 """Smoke test of the UI server: `dagster dev` on loopback from the repository root, launch
 `merged_dataset` through GraphQL, wait for success (and for the sensor's tokenization
-runs), stop the server by its process id."""
+runs), stop the server by its process id. And `make dev`'s launcher stops on SIGTERM and
+SIGINT when started the way a script's background job is (SIGINT ignored)."""
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
 
+import psutil  # installed with deepspeed
 import pytest
 from dagster_graphql import DagsterGraphQLClient
 
 from blues_project import write_project
 from blues_train.mixture import read_mixture
 from blues_train.prepare import prepare_dataset
-from dagster_server import dagster_dev, graphql, wait_for_runs
+from dagster_server import REPO, dagster_dev, free_port, graphql, wait_for_runs
 from pipelines.config import load_project_config
+from pipelines.home import ensure_dagster_home
 
 SENSOR_RUNS = """{ runsOrError(filter: {tags: [{key: "dagster/sensor_name", value: "raw_corpus_sensor"}]}) {
   ... on Runs { results { status assetSelection { path } } } } }"""
@@ -42,3 +50,61 @@ def test_dagster_dev_materializes_merged_dataset(tmp_path):
         assert sorted((r["status"], "/".join(key["path"])) for r in runs for key in r["assetSelection"]) == [
             ("SUCCESS", "tokenized_dataset/code"), ("SUCCESS", "tokenized_dataset/prose")]
     assert read_mixture(config.mixture.output)["strategy"] == "weighted"
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    left = []
+    for process in processes:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                left.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_make_dev_stops_on_signal_as_a_background_job(tmp_path, sig):
+    # No raw corpus, so the sensor launches no run; the code location loads all the same.
+    config_path = write_project(tmp_path, corpus_mb=0.01)
+    shutil.rmtree(tmp_path / "corpus")
+    port = free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(ensure_dagster_home(tmp_path / "home")),
+           "BLUES_CONFIG": str(config_path)}
+    log_path = tmp_path / "dev.log"
+    with open(log_path, "w") as log:
+        # What the Makefile's dev target runs, as `make dev &` in a script starts it.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
+    tree = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, f"dagster dev exited:\n{log_path.read_text()[-3000:]}"
+            try:
+                if graphql(port, "{ assetNodes { id } }")["assetNodes"]:
+                    break
+            except (OSError, KeyError, TypeError):
+                pass
+            assert time.monotonic() < deadline, f"dagster dev not ready:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        commands = " ".join(" ".join(p.cmdline()) for p in tree)
+        assert all(name in commands for name in ("dagster_webserver", "dagster._daemon", "code-server")), commands
+
+        process.send_signal(sig)
+        deadline = time.monotonic() + 30
+        while alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [" ".join(p.cmdline()) for p in alive(tree)]
+        assert not left, f"still running 30 s after {sig.name}: {left}"
+    finally:
+        for leftover in alive(tree):
+            leftover.kill()
+        if process.poll() is None:
+            process.kill()
+        process.wait()

@@ -1,0 +1,23 @@
+"""`make dev`: run `dagster dev ARGS` with the default handling of SIGINT and SIGTERM.
+
+    python -m pipelines.dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+A background job of a non-interactive shell (`make dev &` in a script, CI) starts with
+SIGINT ignored, and an ignored signal stays ignored across exec. dagster dev gives SIGTERM
+the handler SIGINT has (so SIGTERM is ignored too) and stops its webserver, daemon and code
+server with SIGINT, which they inherited ignored: nothing would ever stop.
+"""
+
+import os
+import signal
+import sys
+
+
+def main(argv: list[str]) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    os.execv(sys.executable, [sys.executable, "-m", "dagster", "dev", *argv])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

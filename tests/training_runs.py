@@ -1,0 +1,88 @@
+"""Real training runs shared by the tests: tiny model, real sample data, DeepSpeed on gloo.
+
+    reference   `python -m blues_train.train`, one rank, 8 steps, checkpoints at 4 and 8
+    two_ranks   the same under `deepspeed --num_gpus 2` (two CPU ranks, same global batch)
+The fixtures are registered in conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STEPS = 8
+TRAIN_ARGS = ["--model", "tiny", "--max_steps", str(STEPS), "--seq_len", "32", "--global_batch_tokens", "128",
+              "--micro_batch", "1", "--lr", "2e-2", "--eval_interval", "4", "--eval_sequences", "4",
+              "--save_interval", "4", "--keep_last", "2"]
+PARITY_RTOL = 1e-4
+
+
+@pytest.fixture(scope="session")
+def mixture_dir(code_store, prose_store, tmp_path_factory):
+    from blues_train.mixture import merge
+
+    out = tmp_path_factory.mktemp("mixture")
+    merge([code_store, prose_store], out, val_fraction=0.05)
+    return out
+
+
+def env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def one_rank(mixture, out, *extra) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "blues_train.train", "--data_cache_dir", str(mixture), "--out", str(out),
+           *TRAIN_ARGS, *extra]
+    return checked(subprocess.run(cmd, cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=300))
+
+
+def two_ranks(mixture, out, *extra) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", free_port(), "--module",
+           "blues_train.train", "--data_cache_dir", str(mixture), "--out", str(out), *TRAIN_ARGS, *extra]
+    return checked(subprocess.run(cmd, cwd=ROOT, env=env(1), capture_output=True, text=True, timeout=300))
+
+
+def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def records(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(out)}
+
+
+def assert_close(got: dict, want: dict, steps) -> None:
+    for step in steps:
+        assert got[step] == pytest.approx(want[step], rel=PARITY_RTOL), f"step {step}: {got[step]} vs {want[step]}"
+
+
+@pytest.fixture(scope="session")
+def reference(mixture_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    one_rank(mixture_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(mixture_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_ranks")
+    result = two_ranks(mixture_dir, out)
+    return out, result
