@@ -42,7 +42,11 @@ DEV_HOST ?= 127.0.0.1
 DEV_PORT ?= 3000
 # pipelines.dev resets SIGINT and SIGTERM before it execs dagster dev: `make dev &` from a
 # script would otherwise leave dagster dev and its children ignoring both.
-dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+# config.json's raw corpus: written once (`make demo` writes it too).
+sample_corpus: | $(STAMP)
+	$(BIN)/blues sample-corpus --out sample_corpus
+
+dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml | sample_corpus
 	$(BIN)/python -m pipelines.dev -w workspace.yaml -h $(DEV_HOST) -p $(DEV_PORT)
 
 clean:

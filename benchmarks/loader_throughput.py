@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from blues_train.loader import PackedSequenceDataset
-from blues_train.mixture import merge
+from blues_train.merge import merge
 from blues_train.prepare import prepare_dataset
 from blues_train.sample_corpus import write_sample_corpus
 

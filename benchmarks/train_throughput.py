@@ -36,7 +36,9 @@ from blues_model import BluesConfig, BluesLM, flops_per_token
 from blues_model.generation import generate
 from blues_train import train
 from blues_train.loader import PackedSequenceDataset
-from blues_train.mixture import merge
+from blues_train.mixture import read_mixture
+from blues_train.training_config import TrainingConfig
+from blues_train.merge import merge
 from blues_train.prepare import prepare_dataset
 from blues_train.sample_corpus import write_sample_corpus
 
@@ -90,9 +92,9 @@ def blues_engine(config: BluesConfig, micro: int, grad_accum: int, compile_block
     optional `overrides` merged into its top-level sections (the levers measured)."""
     import deepspeed
 
-    args = argparse.Namespace(lr=None, max_steps=1000)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ds_config = train.deepspeed_config(train.read_ds_config(str(train.DEFAULT_DS_CONFIG)), args, micro,
+    defaults = TrainingConfig()
+    ds_config = train.deepspeed_config(train.read_ds_config(defaults.deepspeed), defaults, micro,
                                        grad_accum, 1, device)
     ds_config["bf16"] = {"enabled": bf16}
     for key, value in (overrides or {}).items():
@@ -101,7 +103,7 @@ def blues_engine(config: BluesConfig, micro: int, grad_accum: int, compile_block
         else:
             ds_config[key] = value
     if "params" in (overrides or {}).get("optimizer", {}):
-        ds_config["optimizer"]["params"] = {**train.read_ds_config(str(train.DEFAULT_DS_CONFIG))["optimizer"]["params"],
+        ds_config["optimizer"]["params"] = {**train.read_ds_config(defaults.deepspeed)["optimizer"]["params"],
                                             **overrides["optimizer"]["params"]}
     model = BluesLM(config)
     if compile_blocks:
@@ -110,13 +112,18 @@ def blues_engine(config: BluesConfig, micro: int, grad_accum: int, compile_block
     return engine
 
 
-def run_steps(engine, stream, config, micro: int, steps: int, grad_accum: int = 1, seed: int = 0) -> list[float]:
-    device = engine.device
-    losses = []
-    for step in range(1, steps + 1):
-        step_losses, _ = train.train_step(engine, stream, config, micro, grad_accum, seed * 2**40 + step * 2**12,
-                                          0, 1, device)
-        losses.append(step_losses[0] / grad_accum)
+def blues_run(engine, mixture, config: BluesConfig, seq_len: int, micro: int, grad_accum: int = 1) -> train.Run:
+    """The state `blues train` steps with, around `engine`: one rank, loader seed 0."""
+    loaders = [PackedSequenceDataset(mixture, seq_len, seed=0, split=split) for split in ("train", "val")]
+    return train.Run(cfg=TrainingConfig(data_cache_dir=str(mixture), seq_len=seq_len), mixture=read_mixture(mixture),
+                     model_config=config, engine=engine, train_data=loaders[0], val_data=loaders[1], rank=0,
+                     world_size=1, device=torch.device(engine.device), micro=micro, grad_accum=grad_accum,
+                     start_step=0)
+
+
+def run_steps(run: train.Run, first: int, steps: int) -> list[float]:
+    """Optimizer steps first .. first + steps - 1, as `blues train` runs them; their losses."""
+    losses = [run.train_step(step)[0][0] / run.grad_accum for step in range(first, first + steps)]
     return [float(x) for x in torch.stack(losses).tolist()]
 
 
@@ -126,17 +133,17 @@ def time_blues(config, mixture, micro, seq_len, warmup, steps, peak, overrides=N
     torch.manual_seed(0)
     on_gpu = torch.cuda.is_available()
     if micro == 0:
-        probe_args = argparse.Namespace(global_batch_tokens=grad_accum * seq_len, seq_len=seq_len, micro_batch=0)
-        micro, grad_accum = train.batch_layout(probe_args, 1, BluesLM(config), torch.device("cuda" if on_gpu else "cpu"))
+        probe = TrainingConfig(global_batch_tokens=grad_accum * seq_len, seq_len=seq_len)
+        micro, grad_accum = train.batch_layout(probe, 1, BluesLM(config), torch.device("cuda" if on_gpu else "cpu"))
         release()
     engine = blues_engine(config, micro, grad_accum, on_gpu, on_gpu, overrides)
-    stream = iter(PackedSequenceDataset(mixture, seq_len, seed=0))
-    run_steps(engine, stream, config, micro, warmup, grad_accum)
+    run = blues_run(engine, mixture, config, seq_len, micro, grad_accum)
+    run_steps(run, 1, warmup)
     sync()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    losses = run_steps(engine, stream, config, micro, steps, grad_accum)
+    losses = run_steps(run, warmup + 1, steps)
     sync()
     elapsed = time.perf_counter() - t0
     tokens_per_s = steps * grad_accum * micro * seq_len / elapsed
@@ -144,7 +151,7 @@ def time_blues(config, mixture, micro, seq_len, warmup, steps, peak, overrides=N
               "micro_batch": micro, "grad_accum": grad_accum, "flops_per_token": flops_per_token(config, seq_len),
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None}
     result["mfu"] = result["flops_per_token"] * tokens_per_s / peak if peak else None
-    del engine
+    del engine, run
     release()
     return result
 
@@ -243,8 +250,7 @@ def loss_parity(config, mixture, micro, seq_len, steps) -> dict:
     for name, fast in (("fast", on_gpu), ("plain", False)):
         torch.manual_seed(0)
         engine = blues_engine(config, micro, 1, compile_blocks=fast, bf16=fast)
-        stream = iter(PackedSequenceDataset(mixture, seq_len, seed=0))
-        curves[name] = run_steps(engine, stream, config, micro, steps)
+        curves[name] = run_steps(blues_run(engine, mixture, config, seq_len, micro), 1, steps)
         del engine
         release()
     inductor_config.fallback_random = False

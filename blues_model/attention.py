@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_backend(requested: str) -> str:
-    """The attention backend a model will use for `config.attn_backend`, logged once per model."""
+    """The attention backend a model will use for `RunOptions.attn_backend`, logged once per model."""
     backend = requested
     if requested == "auto":
         backend = "flash_attn" if flash_attn_func is not None else "sdpa"

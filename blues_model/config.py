@@ -1,11 +1,35 @@
-"""Blues model configuration, named presets, parameter count and FLOP estimate."""
+"""Blues model configuration, named presets, parameter count and FLOP estimate.
+
+`BluesConfig` is the architecture: what the weights mean. How a model executes (attention
+kernel, gradient checkpointing, loss chunking) is a `RunOptions`, chosen per run: it never
+changes what a checkpoint holds, so a resumed run may change it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 ATTN_BACKENDS = ("auto", "sdpa", "flash_attn")
+# Keys older checkpoints' config.json hold; they are RunOptions now and ignored there.
+FORMER_FIELDS = ("loss_chunk_tokens", "gradient_checkpointing", "attn_backend")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How a BluesLM computes, not what: every choice gives the same function."""
+
+    attn_backend: str = "auto"  # "auto" (flash_attn if importable, else sdpa), "sdpa", "flash_attn"
+    gradient_checkpointing: bool = False  # recompute each block in backward (RNG-preserving)
+    loss_chunk_tokens: int = 4096  # tokens per chunk of the fused head + cross-entropy
+
+    def __post_init__(self) -> None:
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend {self.attn_backend!r} must be one of {ATTN_BACKENDS}")
+        if type(self.loss_chunk_tokens) is not int or self.loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens must be a positive integer, got {self.loss_chunk_tokens!r}")
 
 
 @dataclass(kw_only=True)
@@ -28,9 +52,6 @@ class BluesConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 2048
     init_std: float = 0.02
-    loss_chunk_tokens: int = 4096  # tokens per chunk of the fused head + cross-entropy
-    gradient_checkpointing: bool = False
-    attn_backend: str = "auto"  # "auto" (flash_attn if importable, else sdpa), "sdpa", "flash_attn"
 
     def __post_init__(self) -> None:
         problems = []
@@ -52,8 +73,6 @@ class BluesConfig:
             problems.append(f"top_k {self.top_k} must be between 1 and n_experts {self.n_experts}")
         if not 1 <= self.moe_every <= self.n_layers:
             problems.append(f"moe_every {self.moe_every} must be between 1 (every layer MoE) and n_layers {self.n_layers}")
-        if self.attn_backend not in ATTN_BACKENDS:
-            problems.append(f"attn_backend {self.attn_backend!r} must be one of {ATTN_BACKENDS}")
         if problems:
             raise ValueError("invalid BluesConfig: " + "; ".join(problems))
 
@@ -75,16 +94,30 @@ class BluesConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**PRESETS[name])
 
+    @classmethod
+    def resolve(cls, spec: str) -> BluesConfig:
+        """A model by name: a preset (`blues-01`, `tiny`) or a BluesConfig JSON file (`*.json`)."""
+        if not spec.endswith(".json"):
+            return cls.preset(spec)
+        try:
+            return cls.from_dict(json.loads(Path(spec).read_text()))
+        except OSError as exc:
+            raise ValueError(f"cannot read {spec} ({exc.strerror or exc})") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{spec} is not valid JSON ({exc})") from None
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> BluesConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a BluesConfig is a JSON object of fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known - set(FORMER_FIELDS))
         if unknown:
             raise ValueError(f"unknown BluesConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 PRESETS: dict[str, dict] = {

@@ -17,8 +17,8 @@ Architectural choices of Blues-01 (`BluesConfig()`):
   so fp32 logits of the whole batch never exist; the gradients are computed in the same
   pass, so no logits are recomputed in backward. On CUDA the per-chunk softmax arithmetic
   is the same function through torch.compile (fused passes over the logits).
-- Gradient checkpointing per block (`gradient_checkpointing`), RNG-preserving, so the
-  router noise is the same in the recomputation.
+- Gradient checkpointing per block (`RunOptions.gradient_checkpointing`), RNG-preserving,
+  so the router noise is the same in the recomputation.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, KVCache, resolve_backend, rope_cos_sin
-from .config import BluesConfig
+from .config import BluesConfig, RunOptions
 from .moe import MoE
 
 IGNORE_INDEX = -100
@@ -159,10 +159,10 @@ def chunked_cross_entropy(h_ND, weight_VD, labels_N, vocab_size: int, chunk: int
 
 
 class BluesLM(nn.Module):
-    def __init__(self, config: BluesConfig):
+    def __init__(self, config: BluesConfig, options: RunOptions = RunOptions()):
         super().__init__()
-        self.config = config
-        backend = resolve_backend(config.attn_backend)
+        self.config, self.options = config, options
+        backend = resolve_backend(options.attn_backend)
         self.embed = nn.Embedding(config.padded_vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i, backend) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
@@ -211,7 +211,7 @@ class BluesLM(nn.Module):
         x = self.embed(input_ids)
         moe_stats = []
         for block in self.blocks:
-            if c.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if self.options.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, stats = checkpoint(block, x, cos, sin, mask, kv_cache, use_reentrant=False)
             else:
                 x, stats = block(x, cos, sin, mask, kv_cache)
@@ -225,6 +225,7 @@ class BluesLM(nn.Module):
             logits = F.linear(x[:, -1:] if last_only else x, self.embed.weight)[..., : c.vocab_size]
         else:
             loss = chunked_cross_entropy(
-                x.flatten(0, 1), self.embed.weight, labels.flatten(), c.vocab_size, c.loss_chunk_tokens
+                x.flatten(0, 1), self.embed.weight, labels.flatten(), c.vocab_size,
+                self.options.loss_chunk_tokens,
             )
         return BluesOutput(logits, loss, aux_loss.mean(), z_loss.mean(), tokens_per_expert.detach())

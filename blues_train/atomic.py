@@ -71,6 +71,19 @@ ADVICE = {
 }
 
 
+def check_output_folder(folder, flag: str) -> None:
+    """Before any work is done: the output `folder` (given as `flag`) can be made and
+    written, so far as its nearest existing ancestor tells."""
+    folder = Path(folder)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocking is None:
+        return
+    if not blocking.is_dir():
+        raise BluesError(f"{flag} {folder}: {blocking} is a file, not a folder")
+    if not os.access(blocking, os.W_OK):
+        raise BluesError(f"{flag} {folder}: {folder_error(blocking) or f'{blocking} is not writable'}")
+
+
 def folder_error(folder, action: str = "writing") -> BluesError | None:
     """Why writing under `folder` fails, when a library reports only that it failed
     (torch.save raises `RuntimeError: basic_ios::clear` on a full disk); None if no reason

@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import subprocess
-from argparse import Namespace
+from types import SimpleNamespace
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stdout
 from importlib import metadata
@@ -282,10 +282,10 @@ def convert_to_universal(folder: Path) -> None:
 
     tmp = folder / (UNIVERSAL_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    args = Namespace(input_folder=str(folder / DEEPSPEED_DIR / DEEPSPEED_TAG),
-                     output_folder=str(tmp / DEEPSPEED_TAG), num_extract_workers=1,
-                     num_merge_workers=1, keep_temp_folder=False, strict=True,
-                     inject_missing_state=True)
+    args = SimpleNamespace(input_folder=str(folder / DEEPSPEED_DIR / DEEPSPEED_TAG),
+                           output_folder=str(tmp / DEEPSPEED_TAG), num_extract_workers=1,
+                           num_merge_workers=1, keep_temp_folder=False, strict=True,
+                           inject_missing_state=True)  # the arguments of its command line
     with open(os.devnull, "w") as quiet, redirect_stdout(quiet), weights_only_loads():
         ds_to_universal.main(args)
     hashes = file_hashes(folder, tmp.name)

@@ -31,7 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from blues_train import store
 from blues_train.errors import BluesError
-from blues_train.mixture import held_out, read_mixture
+from blues_train.mixture import held_out, read_mixture, source_manifest
 from blues_train.tokenizer import EOT_ID
 
 SPLITS = ("train", "val")
@@ -105,7 +105,7 @@ def load_sources(mixture: dict, split: str) -> tuple[list[Source], list, list[in
     fraction = mixture["validation"]["fraction"]
     sources, paths, n_tokens = [], [], []
     for entry in mixture["sources"]:
-        manifest = checked_manifest(entry)
+        manifest = source_manifest(entry)
         parts = []
         for chunk in manifest["chunks"]:
             path = store.chunk_path(entry["path"], chunk)
@@ -118,18 +118,6 @@ def load_sources(mixture: dict, split: str) -> tuple[list[Source], list, list[in
         for source, entry in zip(sources, mixture["sources"]):
             source.per_pass = source.tokens if entry["tokens"] > 0 else 0
     return sources, paths, n_tokens
-
-
-def checked_manifest(entry: dict) -> dict:
-    """A source's store manifest, refusing one that changed since the mixture was made."""
-    manifest = store.read_manifest(entry["path"])
-    current = store.store_fingerprint(manifest)
-    if current != entry["fingerprint"]:
-        raise BluesError(
-            f"{entry['path']}: fingerprint {current[:16]} differs from {entry['fingerprint'][:16]} "
-            "recorded in the mixture: the dataset changed after merging; re-run `blues merge`"
-        )
-    return manifest
 
 
 def chunk_documents(path, manifest: dict, chunk_id: int, fraction: float, split: str):
@@ -208,6 +196,16 @@ def build_pass(sources: list[Source], seeds: list[int], epoch: int, seq_len: int
         packed_start=packed_end - (length + 1),
         n_windows=max(int(packed_end[-1]) - 1, 0) // seq_len,
     )
+
+
+def realized_shares(mixture: dict, split: str = "train") -> tuple[list[float], list[int]]:
+    """Each source's share of the tokens of pass 0 as this loader builds it, and each
+    source's tokens in `split` (what `blues verify` and the merged_dataset asset report)."""
+    sources, _, _ = load_sources(mixture, split)
+    check_sources(sources, mixture, split)
+    plan = build_pass(sources, stream_seeds(mixture, 0, split), 0, seq_len=1)
+    realized = np.bincount(plan.source, weights=plan.length, minlength=len(sources))
+    return (realized / realized.sum()).tolist(), [source.tokens for source in sources]
 
 
 def pack(plan: Pass, first: int, out: np.ndarray, cache: ChunkCache) -> None:

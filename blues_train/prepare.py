@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from blues_train import store, tokenizer
-from blues_train.atomic import folder_error, os_error, sync_dir, write_atomic
+from blues_train.atomic import check_output_folder, os_error, sync_dir, write_atomic
 from blues_train.errors import BluesError
 from blues_train.folder_lock import exclusive_writer
-from blues_train.sources import FORMATS, SkipLog, discover_sources, iter_documents, repair_text
+from blues_train.sources import DEFAULT_GLOB, FORMATS, SkipLog, discover_sources, iter_documents, repair_text
 
 DEFAULT_CHUNK_TOKENS = 1 << 21
 MAX_CHUNK_TOKENS = (1 << 31) - 1 - (1 << 26)  # a chunk closes after the document that crosses the limit
@@ -54,7 +54,7 @@ def prepare_dataset(
     *,
     fmt=None,
     text_field="text",
-    glob="**/*.txt",
+    glob=DEFAULT_GLOB,
     workers=None,
     chunk_tokens=DEFAULT_CHUNK_TOKENS,
     progress=True,
@@ -66,7 +66,7 @@ def prepare_dataset(
                          f"{MAX_CHUNK_TOKENS:,} (Arrow list offsets are 32-bit)")
     say = print if progress else _silent
     out = Path(out_dir)
-    check_output(out)
+    check_output_folder(out, "--cache_dir")
     sources = [s for s in discover_sources(inputs, fmt, glob) if not s.path.is_relative_to(out.resolve())]
     described = [_describe(source) for source in sources]
     settings = {"chunk_tokens": chunk_tokens, "text_field": text_field, "format": fmt, "glob": glob}
@@ -104,15 +104,6 @@ def write_store(out: Path, sources, described: list[dict], settings: dict, worke
     return manifest
 
 
-def check_output(out: Path) -> None:
-    """The store folder must be a folder that can be made, before any work is done."""
-    blocking = next((p for p in (out, *out.parents) if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise BluesError(f"--cache_dir {out}: {blocking} is a file, not a folder")
-    if blocking is not None and not os.access(blocking, os.W_OK):
-        raise BluesError(f"--cache_dir {out}: {folder_error(blocking) or f'{blocking} is not writable'}")
-
-
 def _silent(*args, **kwargs) -> None:
     pass
 
@@ -137,6 +128,8 @@ def _finished_manifest(out: Path, key: str) -> dict | None:
     except BluesError:
         return None
     if run_key(manifest["sources"], manifest.get("settings", {})) != key:
+        return None
+    if tokenizer.tokenizer_mismatch(manifest["tokenizer"]):
         return None
     for chunk in manifest["chunks"]:
         path = store.chunk_path(out, chunk)
@@ -462,7 +455,7 @@ def parse_args(argv):
                         metavar="DIR", help="the token store folder to write")
     parser.add_argument("--format", choices=FORMATS, help="format of every input (default: from extension)")
     parser.add_argument("--text_field", default="text", help="CSV column / JSON field / Parquet column")
-    parser.add_argument("--glob", default="**/*.txt", help="files to take from --input_dir folders")
+    parser.add_argument("--glob", default=DEFAULT_GLOB, help="files to take from --input_dir folders")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--chunk_tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
                         help=f"tokens per chunk file (default {DEFAULT_CHUNK_TOKENS:,})")

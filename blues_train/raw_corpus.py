@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from blues_train.sources import discover_sources
+from blues_train.sources import DEFAULT_GLOB, discover_sources
 from blues_train.store import file_sha256
 
 
@@ -24,7 +24,7 @@ class RawFile:
     sha256: str | None = None
 
 
-def list_files(inputs, fmt: str | None = None, glob: str = "**/*.txt") -> list[RawFile]:
+def list_files(inputs, fmt: str | None = None, glob: str = DEFAULT_GLOB) -> list[RawFile]:
     """The corpus's files with sizes and modification times (no content read)."""
     files = []
     for source in discover_sources(inputs, fmt, glob):
@@ -39,7 +39,7 @@ def signature(files: list[RawFile]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def observe(inputs, fmt: str | None = None, glob: str = "**/*.txt") -> list[RawFile]:
+def observe(inputs, fmt: str | None = None, glob: str = DEFAULT_GLOB) -> list[RawFile]:
     """`list_files` with each file's sha256."""
     return [
         RawFile(f.path, f.label, f.format, f.bytes, f.mtime_ns, file_sha256(f.path))

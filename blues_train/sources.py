@@ -24,6 +24,7 @@ import zstandard
 from blues_train.errors import BluesError
 
 FORMATS = ("text", "csv", "jsonl", "jsonl.zst", "parquet")
+DEFAULT_GLOB = "**/*.txt"  # files taken from an input folder
 EXTENSIONS = {
     ".jsonl.zst": "jsonl.zst",
     ".json.zst": "jsonl.zst",
@@ -89,7 +90,7 @@ def format_of(path: Path, fmt: str | None) -> str | None:
     return None
 
 
-def discover_sources(inputs, fmt: str | None = None, glob: str = "**/*.txt") -> list[Source]:
+def discover_sources(inputs, fmt: str | None = None, glob: str = DEFAULT_GLOB) -> list[Source]:
     """The raw files behind `inputs` (files, or folders searched with `glob`), in order.
 
     Labels are paths relative to the folder that holds all inputs, so a corpus that moves

@@ -87,3 +87,13 @@ def decode(ids) -> str:
 def tokenizer_info() -> dict:
     """What a token store or checkpoint records about the tokenizer that made it."""
     return {"name": NAME, "vocab_sha256": VOCAB_SHA256, "n_vocab": N_VOCAB, "eot_id": EOT_ID}
+
+
+def tokenizer_mismatch(recorded) -> str | None:
+    """How a recorded `tokenizer_info()` (a token store's, a mixture's) differs from the
+    shipped tokenizer, e.g. "tokenizer.n_vocab 100277 differs from the shipped tokenizer's
+    200019"; None when it is the same tokenizer."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    differences = [f"tokenizer.{key} {recorded.get(key)!r} differs from the shipped tokenizer's {value!r}"
+                   for key, value in tokenizer_info().items() if recorded.get(key) != value]
+    return ", ".join(differences) or None

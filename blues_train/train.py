@@ -5,6 +5,11 @@ One `main`, three ways in:
     python -m blues_train.train --data_cache_dir MIXTURE --out runs/demo
     deepspeed --num_gpus=N --module blues_train.train --data_cache_dir MIXTURE ... --deepspeed ds_config.json
 
+The settings are one `TrainingConfig` (blues_train/training_config.py: a flag per field,
+or `--training_config FILE.json`). `main` takes the run folder's writer lock; `start` builds
+the `Run` (resume point, model, DeepSpeed engine, loaders); `train` loops over
+`Run.train_step`, `step_record`, evaluation and `save`.
+
 DeepSpeed owns the optimizer (AdamW), ZeRO, bf16 (on a GPU) and gradient accumulation, as
 set in `--deepspeed` (default: the shipped `blues_train/ds_config.json`). The batch has one
 source of truth, `--global_batch_tokens`: global_batch_tokens / seq_len sequences per
@@ -32,7 +37,6 @@ position is global); with --micro_batch 1 even the micro-batches, and so the los
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -40,7 +44,7 @@ import os
 import socket
 import sys
 import time
-from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,45 +56,10 @@ from blues_train.folder_lock import exclusive_writer
 from blues_train.loader import PackedSequenceDataset
 from blues_train.mixture import read_mixture
 from blues_train.pipes_bridge import open_reporter
+from blues_train.training_config import DEFAULT_SEQ_LEN, TrainingConfig, from_flags
 
-DEFAULT_DS_CONFIG = Path(__file__).with_name("ds_config.json")
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 CPU_MAX_MICRO_BATCH = 8
-DEFAULT_SEQ_LEN = 1024
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="blues train", description=__doc__.split("\n")[0])
-    p.add_argument("--data_cache_dir", required=True, help="mixture folder (blues merge output)")
-    p.add_argument("--out", default="runs/blues", help="run folder: metrics.jsonl, tensorboard/, checkpoints/")
-    p.add_argument("--model", default=None,
-                   help="preset (blues-01, tiny) or a BluesConfig JSON file; default blues-01, "
-                        "or the checkpoint's config when resuming")
-    p.add_argument("--deepspeed", default=str(DEFAULT_DS_CONFIG), help="DeepSpeed config JSON")
-    p.add_argument("--max_steps", type=int, default=1000, help="optimizer steps in all")
-    p.add_argument("--seq_len", type=int, default=None,
-                   help=f"tokens per training window (default {DEFAULT_SEQ_LEN}, at most the model's "
-                        "max_seq_len; a resumed run keeps its own)")
-    p.add_argument("--global_batch_tokens", type=int, default=524288, help="tokens per optimizer step")
-    p.add_argument("--micro_batch", type=int, default=0,
-                   help="sequences per rank per forward; 0 = largest that fits (GPU) or <= 8 (CPU)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the DeepSpeed config's)")
-    p.add_argument("--eval_interval", type=int, default=100, help="validate every N steps (and at the end)")
-    p.add_argument("--eval_sequences", type=int, default=64,
-                   help="held-out windows per validation, shared by the ranks (rounded up to a multiple of them)")
-    p.add_argument("--save_interval", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--keep_last", type=int, default=3, help="checkpoints kept")
-    p.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint in OUT, if any) or a step-N folder")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile each decoder block; auto = on a GPU only")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    args = p.parse_args(argv)
-    for flag in ("max_steps", "seq_len", "global_batch_tokens", "eval_interval", "eval_sequences",
-                 "save_interval", "keep_last"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise BluesError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    return args
 
 
 def init_distributed() -> tuple[int, int]:
@@ -115,11 +84,8 @@ def model_config(name: str | None, resume_meta: dict | None) -> BluesConfig:
     if name is None:
         return saved or BluesConfig.preset("blues-01")
     try:
-        if name.endswith(".json"):
-            config = BluesConfig.from_dict(json.loads(Path(name).read_text()))
-        else:
-            config = BluesConfig.preset(name)
-    except (OSError, ValueError, TypeError) as exc:
+        config = BluesConfig.resolve(name)
+    except (ValueError, TypeError) as exc:
         raise BluesError(f"--model {name}: {exc}") from None
     if saved and saved != config:
         raise BluesError(f"--model {name} differs from the config of the checkpoint being resumed; "
@@ -142,20 +108,21 @@ def read_ds_config(path: str) -> dict:
     return ds_config
 
 
-def batch_layout(args, world_size: int, model, device) -> tuple[int, int]:
-    """(micro_batch, grad_accum) for global_batch_tokens / seq_len sequences per step."""
-    global_batch = args.global_batch_tokens // args.seq_len
+def batch_layout(cfg: TrainingConfig, world_size: int, model, device) -> tuple[int, int]:
+    """(micro_batch, grad_accum) for global_batch_tokens / seq_len sequences per step
+    (`cfg.seq_len` resolved, see `resolve_seq_len`)."""
+    global_batch = cfg.global_batch_tokens // cfg.seq_len
     if global_batch < world_size or global_batch % world_size:
-        raise BluesError(f"--global_batch_tokens {args.global_batch_tokens} / --seq_len {args.seq_len} = "
+        raise BluesError(f"--global_batch_tokens {cfg.global_batch_tokens} / --seq_len {cfg.seq_len} = "
                          f"{global_batch} sequences per step, which {world_size} ranks cannot share equally")
     per_rank = global_batch // world_size
-    if args.micro_batch:
-        if per_rank % args.micro_batch:
-            raise BluesError(f"--micro_batch {args.micro_batch} does not divide the {per_rank} "
+    if cfg.micro_batch:
+        if per_rank % cfg.micro_batch:
+            raise BluesError(f"--micro_batch {cfg.micro_batch} does not divide the {per_rank} "
                              "sequences per rank of one step")
-        micro = args.micro_batch
+        micro = cfg.micro_batch
     elif device.type == "cuda":
-        micro = probe_micro_batch(model, args.seq_len, per_rank, world_size, device)
+        micro = probe_micro_batch(model, cfg.seq_len, per_rank, world_size, device)
     else:
         micro = max(b for b in range(1, min(per_rank, CPU_MAX_MICRO_BATCH) + 1) if per_rank % b == 0)
     return micro, per_rank // micro
@@ -182,7 +149,7 @@ def probe_micro_batch(model, seq_len: int, per_rank: int, world_size: int, devic
         if fits:
             return micro
     raise BluesError(f"not even one sequence of --seq_len {seq_len} fits in GPU memory; "
-                     "lower --seq_len or set gradient_checkpointing in the --model config")
+                     "lower --seq_len or pass --gradient_checkpointing")
 
 
 def param_groups(model) -> list[dict]:
@@ -192,7 +159,8 @@ def param_groups(model) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def deepspeed_config(ds_config: dict, args, micro: int, grad_accum: int, world_size: int, device) -> dict:
+def deepspeed_config(ds_config: dict, cfg: TrainingConfig, micro: int, grad_accum: int, world_size: int,
+                     device) -> dict:
     ds_config = json.loads(json.dumps(ds_config))
     ds_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=grad_accum,
                      train_batch_size=micro * grad_accum * world_size)
@@ -200,12 +168,12 @@ def deepspeed_config(ds_config: dict, args, micro: int, grad_accum: int, world_s
     optimizer = ds_config.get("optimizer", {}).get("params", {})
     if device.type == "cuda" and optimizer.get("torch_adam"):
         optimizer.setdefault("fused", True)  # one kernel for the whole AdamW update
-    if args.lr is not None:
-        ds_config["optimizer"]["params"]["lr"] = args.lr
+    if cfg.lr is not None:
+        ds_config["optimizer"]["params"]["lr"] = cfg.lr
     scheduler = ds_config.get("scheduler", {})
     if scheduler.get("type") in ("WarmupCosineLR", "WarmupDecayLR"):
-        scheduler["params"].setdefault("total_num_steps", args.max_steps)
-        scheduler["params"].setdefault("warmup_num_steps", max(1, args.max_steps // 20))
+        scheduler["params"].setdefault("total_num_steps", cfg.max_steps)
+        scheduler["params"].setdefault("warmup_num_steps", max(1, cfg.max_steps // 20))
     return ds_config
 
 
@@ -215,28 +183,6 @@ def next_batch(stream, micro: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     if device.type == "cuda":
         windows = windows.pin_memory().to(device, non_blocking=True)
     return windows[:, :-1], windows[:, 1:]
-
-
-def train_step(engine, stream, config: BluesConfig, micro: int, grad_accum: int, seed: int,
-               rank: int, world_size: int, device):
-    """One optimizer step over grad_accum micro-batches. Returns, on the device with no host
-    sync, the sums over micro-batches of (cross-entropy, aux, z) and tokens per expert.
-
-    The router noise of each micro-batch is seeded by `seed` and the micro-batch's index in
-    the global batch, so it repeats on resume, and with one window per micro-batch it is
-    the same on any number of ranks (the loader deals windows to ranks round-robin)."""
-    losses = torch.zeros(3, device=device)
-    tokens_per_expert = 0
-    for micro_step in range(grad_accum):
-        torch.manual_seed(seed + micro_step * world_size + rank)
-        input_ids, labels = next_batch(stream, micro, device)
-        out = engine(input_ids, labels=labels)
-        loss = out.loss + config.aux_loss_coef * out.aux_loss + config.z_loss_coef * out.z_loss
-        engine.backward(loss)  # scales by 1 / grad_accum; gradients are averaged over ranks
-        engine.step()  # the optimizer steps only after the last micro-batch
-        losses += torch.stack([out.loss, out.aux_loss, out.z_loss]).detach()
-        tokens_per_expert = tokens_per_expert + out.tokens_per_expert
-    return losses, tokens_per_expert
 
 
 def global_means(losses, tokens_per_expert, grad_accum: int, world_size: int):
@@ -271,124 +217,197 @@ def evaluate(engine, val_data, val_start: dict, windows: int, micro: int, device
     return total.item()
 
 
+@dataclass
+class Run:
+    """A training run's state: what it trains, where it stands, where it reports."""
+
+    cfg: TrainingConfig  # seq_len resolved
+    mixture: dict
+    model_config: BluesConfig
+    engine: object  # deepspeed.DeepSpeedEngine
+    train_data: PackedSequenceDataset
+    val_data: PackedSequenceDataset
+    rank: int
+    world_size: int
+    device: torch.device
+    micro: int
+    grad_accum: int
+    start_step: int
+
+    def __post_init__(self):
+        self.stream = iter(self.train_data)
+        self.val_start = self.val_data.state_dict()
+        self.tokens_per_step = self.micro * self.grad_accum * self.world_size * self.cfg.seq_len
+        self.flops_per_token = flops_per_token(self.model_config, self.cfg.seq_len)
+        on_gpu = self.device.type == "cuda"
+        self.peak_flops = metrics.peak_flops(torch.cuda.get_device_name(self.device)) if on_gpu else None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    def train_step(self, step: int):
+        """One optimizer step over grad_accum micro-batches. Returns, on the device with no
+        host sync, the sums over micro-batches of (cross-entropy, aux, z) and tokens per expert.
+
+        The router noise of each micro-batch is seeded by (seed, step) and the micro-batch's
+        index in the global batch, so it repeats on resume, and with one window per
+        micro-batch it is the same on any number of ranks (the loader deals windows to
+        ranks round-robin)."""
+        config, seed = self.model_config, self.cfg.seed * 2**40 + step * 2**16
+        losses = torch.zeros(3, device=self.device)
+        tokens_per_expert = 0
+        for micro_step in range(self.grad_accum):
+            torch.manual_seed(seed + micro_step * self.world_size + self.rank)
+            input_ids, labels = next_batch(self.stream, self.micro, self.device)
+            out = self.engine(input_ids, labels=labels)
+            loss = out.loss + config.aux_loss_coef * out.aux_loss + config.z_loss_coef * out.z_loss
+            self.engine.backward(loss)  # scales by 1 / grad_accum; gradients are averaged over ranks
+            self.engine.step()  # the optimizer steps only after the last micro-batch
+            losses += torch.stack([out.loss, out.aux_loss, out.z_loss]).detach()
+            tokens_per_expert = tokens_per_expert + out.tokens_per_expert
+        return losses, tokens_per_expert
+
+    def evaluate(self) -> float:
+        windows = -(-self.cfg.eval_sequences // self.world_size)
+        return evaluate(self.engine, self.val_data, self.val_start, windows, self.micro, self.device)
+
+    def checkpoint_meta(self, step: int, record: dict) -> dict:
+        import deepspeed
+
+        return {"step": step, "loss": record["loss"], "val_loss": record.get("val_loss"),
+                "world_size": self.world_size, "micro_batch": self.micro, "grad_accum": self.grad_accum,
+                "seq_len": self.cfg.seq_len, "tokens": step * self.tokens_per_step,
+                "loader": self.train_data.state_dict(), "seed": self.cfg.seed,
+                "mixture": {"path": str(Path(self.cfg.data_cache_dir).resolve()),
+                            "fingerprint": self.mixture["fingerprint"]},
+                "model_config": self.model_config.to_dict(), "code_version": checkpoint.code_version(),
+                "torch": torch.__version__, "deepspeed": deepspeed.__version__}
+
+
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    with ExitStack() as stack:
-        if os.environ.get("RANK", "0") == "0":  # the other ranks write only what rank 0 waits for
-            stack.enter_context(exclusive_writer(args.out))
-        return train(args)
+    cfg = from_flags(sys.argv[1:] if argv is None else argv, __doc__.split("\n")[0])
+    if not is_rank0():  # the other ranks write only what rank 0 waits for
+        return train(cfg)
+    with exclusive_writer(cfg.out):
+        return train(cfg)
 
 
-def train(args) -> int:
+def is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def train(cfg: TrainingConfig) -> int:
+    run = start(cfg)
+    log = None
+    if run.rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        metrics.keep_until(run.out, run.start_step)
+        log = metrics.MetricsLog(run.out, run.start_step)
+        print(f"training {'resumed at step ' + str(run.start_step) if run.start_step else 'from scratch'}: "
+              f"{run.world_size} rank(s) x micro-batch {run.micro} x grad_accum {run.grad_accum} x seq_len "
+              f"{cfg.seq_len} = {run.tokens_per_step} tokens per step, on {run.device.type}", flush=True)
+    with open_reporter(run.rank) as reporter:
+        record, last_saved = {}, run.start_step
+        clock = time.perf_counter()
+        for step in range(run.start_step + 1, cfg.max_steps + 1):
+            record = step_record(run, step, *run.train_step(step), started=clock)
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                record["val_loss"] = run.evaluate()
+                record["val_perplexity"] = math.exp(record["val_loss"])
+            if log:
+                log.write(record)
+                reporter.log(metrics.format_line(record))
+            if step % cfg.save_interval == 0 or step == cfg.max_steps:
+                save(run, step, record, reporter)
+                last_saved = step
+            clock = time.perf_counter()
+        if record:
+            reporter.finish({"final_loss": record["loss"], "final_val_loss": record.get("val_loss"),
+                             "steps": cfg.max_steps, "last_checkpoint": last_saved})
+    if log:
+        log.close()
+    return 0
+
+
+def start(cfg: TrainingConfig) -> Run:
+    """Everything before the first step: what to resume, the model, DeepSpeed, the loaders."""
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    mixture = read_mixture(args.data_cache_dir)
-    out = Path(args.out)
-    checkpoints = out / "checkpoints"
-    is_rank0 = os.environ.get("RANK", "0") == "0"
-    resume_from = checkpoint.resolve_resume(args.resume, checkpoints)
-    if resume_from and is_rank0:
+    mixture = read_mixture(cfg.data_cache_dir)
+    checkpoints = Path(cfg.out) / "checkpoints"
+    resume_from = checkpoint.resolve_resume(cfg.resume, checkpoints)
+    if resume_from and is_rank0():
         checkpoint.verify_files(resume_from)  # before anything of it is read
-    checkpoint.check_start(checkpoints, resume_from, set_aside=is_rank0)
+    checkpoint.check_start(checkpoints, resume_from, set_aside=is_rank0())
     resume_meta = checkpoint.read_meta(resume_from) if resume_from else None
     if resume_meta and resume_meta["mixture"]["fingerprint"] != mixture["fingerprint"]:
         raise BluesError(f"--resume {resume_from} was trained on mixture {resume_meta['mixture']['fingerprint'][:16]}, "
-                         f"--data_cache_dir {args.data_cache_dir} is {mixture['fingerprint'][:16]}: "
+                         f"--data_cache_dir {cfg.data_cache_dir} is {mixture['fingerprint'][:16]}: "
                          "resume with the same mixture or start a new --out")
-    config = model_config(args.model, resume_meta)
-    if args.seq_len is None:
-        args.seq_len = resume_meta["seq_len"] if resume_meta else min(DEFAULT_SEQ_LEN, config.max_seq_len)
+    config = model_config(cfg.model, resume_meta)
+    cfg = cfg.model_copy(update={"seq_len": resolve_seq_len(cfg, config, resume_meta)})
     if config.vocab_size < tokenizer.N_VOCAB:
         raise BluesError(f"--model: vocab_size {config.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.N_VOCAB} ids ({tokenizer.NAME})")
-    if args.seq_len > config.max_seq_len:
-        raise BluesError(f"--seq_len {args.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
-    ds_config = read_ds_config(args.deepspeed)
+    ds_config = read_ds_config(cfg.deepspeed)
 
     rank, world_size = init_distributed()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    torch.manual_seed(args.seed)
-    model = BluesLM(config)
-    micro, grad_accum = batch_layout(args, world_size, model, device)
-    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+    torch.manual_seed(cfg.seed)
+    model = BluesLM(config, cfg.run_options())
+    micro, grad_accum = batch_layout(cfg, world_size, model, device)
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         model.compile_blocks()
-    ds_config = deepspeed_config(ds_config, args, micro, grad_accum, world_size, device)
+    ds_config = deepspeed_config(ds_config, cfg, micro, grad_accum, world_size, device)
     if resume_from:
         load_dir, universal = checkpoint.deepspeed_load_dir(resume_from, world_size)
         if universal:
             ds_config["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config)
 
-    train_data = PackedSequenceDataset(args.data_cache_dir, args.seq_len, seed=args.seed, rank=rank,
-                                       world_size=world_size, split="train")
-    val_data = PackedSequenceDataset(args.data_cache_dir, args.seq_len, seed=args.seed, rank=rank,
-                                     world_size=world_size, split="val")
-    val_start = val_data.state_dict()
-    start_step = 0
+    loaders = [PackedSequenceDataset(cfg.data_cache_dir, cfg.seq_len, seed=cfg.seed, rank=rank,
+                                     world_size=world_size, split=split) for split in ("train", "val")]
     if resume_from:
         checkpoint.load(engine, load_dir)
-        train_data.load_state_dict(resume_meta["loader"])
-        start_step = resume_meta["step"]
-    stream = iter(train_data)
+        loaders[0].load_state_dict(resume_meta["loader"])
+    return Run(cfg=cfg, mixture=mixture, model_config=config, engine=engine, train_data=loaders[0],
+               val_data=loaders[1], rank=rank, world_size=world_size, device=device, micro=micro,
+               grad_accum=grad_accum, start_step=resume_meta["step"] if resume_meta else 0)
 
-    eval_windows = -(-args.eval_sequences // world_size)
-    tokens_per_step = micro * grad_accum * world_size * args.seq_len
-    flops = flops_per_token(config, args.seq_len)
-    peak = metrics.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    log = None
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics.keep_until(out, start_step)
-        log = metrics.MetricsLog(out, start_step)
-        print(f"training {'resumed at step ' + str(start_step) if start_step else 'from scratch'}: "
-              f"{world_size} rank(s) x micro-batch {micro} x grad_accum {grad_accum} x seq_len "
-              f"{args.seq_len} = {tokens_per_step} tokens per step, on {device.type}", flush=True)
 
-    record, last_saved = {}, start_step
-    with open_reporter(rank) as reporter:
-        clock = time.perf_counter()
-        for step in range(start_step + 1, args.max_steps + 1):
-            seed = args.seed * 2**40 + step * 2**16
-            losses, tokens_per_expert = train_step(engine, stream, config, micro, grad_accum, seed,
-                                                   rank, world_size, device)
-            (loss, aux, z), counts = global_means(losses, tokens_per_expert, grad_accum, world_size)
-            now = time.perf_counter()
-            record = {"step": step, "loss": loss, "aux_loss": aux, "z_loss": z,
-                      "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm()),
-                      "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / (now - clock),
-                      "experts": metrics.expert_utilization(counts, config.moe_layers)}
-            if peak:
-                record["mfu"] = flops * record["tokens_per_s"] / (peak * world_size)
-            if step % args.eval_interval == 0 or step == args.max_steps:
-                record["val_loss"] = evaluate(engine, val_data, val_start, eval_windows, micro, device)
-                record["val_perplexity"] = math.exp(record["val_loss"])
-            if log:
-                log.write(record)
-                reporter.log(metrics.format_line(record))
-            if step % args.save_interval == 0 or step == args.max_steps:
-                meta = {"step": step, "loss": loss, "val_loss": record.get("val_loss"),
-                        "world_size": world_size, "micro_batch": micro, "grad_accum": grad_accum,
-                        "seq_len": args.seq_len, "tokens": step * tokens_per_step,
-                        "loader": train_data.state_dict(), "seed": args.seed,
-                        "mixture": {"path": str(Path(args.data_cache_dir).resolve()),
-                                    "fingerprint": mixture["fingerprint"]},
-                        "model_config": config.to_dict(), "code_version": checkpoint.code_version(),
-                        "torch": torch.__version__, "deepspeed": deepspeed.__version__}
-                saved = checkpoint.save(engine, checkpoints, step, config=config.to_dict(), meta=meta,
-                                        keep_last=args.keep_last)
-                last_saved = step
-                if saved:
-                    print(f"checkpoint {saved}", flush=True)
-                    reporter.checkpoint(saved, step=step, loss=loss, val_loss=record.get("val_loss"),
-                                        mixture_fingerprint=mixture["fingerprint"])
-            clock = time.perf_counter()
-        if record:
-            reporter.finish({"final_loss": record["loss"], "final_val_loss": record.get("val_loss"),
-                             "steps": args.max_steps, "last_checkpoint": last_saved})
-    if log:
-        log.close()
-    return 0
+def resolve_seq_len(cfg: TrainingConfig, config: BluesConfig, resume_meta: dict | None) -> int:
+    """--seq_len, else the resumed run's, else the default capped by the model's max_seq_len."""
+    seq_len = cfg.seq_len or (resume_meta["seq_len"] if resume_meta else min(DEFAULT_SEQ_LEN, config.max_seq_len))
+    if seq_len > config.max_seq_len:
+        raise BluesError(f"--seq_len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    return seq_len
+
+
+def step_record(run: Run, step: int, losses, tokens_per_expert, started: float) -> dict:
+    """The step's figures, all ranks' together (one all-reduce, one host sync); its time
+    runs from `started` to that sync."""
+    (loss, aux, z), counts = global_means(losses, tokens_per_expert, run.grad_accum, run.world_size)
+    seconds = time.perf_counter() - started
+    record = {"step": step, "loss": loss, "aux_loss": aux, "z_loss": z,
+              "lr": run.engine.get_lr()[0], "grad_norm": float(run.engine.get_global_grad_norm()),
+              "tokens": step * run.tokens_per_step, "tokens_per_s": run.tokens_per_step / seconds,
+              "experts": metrics.expert_utilization(counts, run.model_config.moe_layers)}
+    if run.peak_flops:
+        record["mfu"] = run.flops_per_token * record["tokens_per_s"] / (run.peak_flops * run.world_size)
+    return record
+
+
+def save(run: Run, step: int, record: dict, reporter) -> None:
+    """Checkpoint step `step` (all ranks); rank 0 reports it."""
+    config = run.model_config.to_dict()
+    saved = checkpoint.save(run.engine, run.out / "checkpoints", step, config=config,
+                            meta=run.checkpoint_meta(step, record), keep_last=run.cfg.keep_last)
+    if saved:
+        print(f"checkpoint {saved}", flush=True)
+        reporter.checkpoint(saved, step=step, loss=record["loss"], val_loss=record.get("val_loss"),
+                            mixture_fingerprint=run.mixture["fingerprint"])
 
 
 if __name__ == "__main__":

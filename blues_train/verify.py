@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 
 from blues_train import store
 from blues_train.errors import BluesError
-from blues_train.mixture import MIXTURE_FILE, mixture_fingerprint, read_mixture
-from blues_train.tokenizer import N_VOCAB, VOCAB_SHA256
+from blues_train.mixture import MIXTURE_FILE, mixture_fingerprint, read_mixture, source_manifest
+from blues_train.tokenizer import N_VOCAB, tokenizer_mismatch
 
 SHARE_TOLERANCE = 0.01
 
@@ -90,7 +90,9 @@ def verify_store(path: Path, report: VerifyReport) -> None:
         report.add(path / store.MANIFEST, str(exc).removeprefix(f"{path / store.MANIFEST}: "))
         return
     manifest_file = path / store.MANIFEST
-    check_tokenizer(manifest, manifest_file, report)
+    mismatch = tokenizer_mismatch(manifest["tokenizer"])
+    if mismatch:
+        report.add(manifest_file, f"{mismatch}; prepare the dataset again")
     if store.store_fingerprint(manifest) != manifest["fingerprint"]:
         report.add(manifest_file, "fingerprint does not match the tokenizer and chunk hashes")
     check_chunk_files(path, manifest, report)
@@ -101,15 +103,6 @@ def verify_store(path: Path, report: VerifyReport) -> None:
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
     check_totals(manifest, manifest_file, report)
     report.datasets.append(dataset_stats(path, manifest, lengths))
-
-
-def check_tokenizer(manifest: dict, manifest_file: Path, report: VerifyReport) -> None:
-    info = manifest["tokenizer"]
-    if info.get("vocab_sha256") != VOCAB_SHA256:
-        report.add(manifest_file, f"tokenizer.vocab_sha256 {info.get('vocab_sha256')} is not the "
-                   f"shipped o200k_base vocabulary's {VOCAB_SHA256}; prepare the dataset again")
-    if info.get("n_vocab") != N_VOCAB:
-        report.add(manifest_file, f"tokenizer.n_vocab {info.get('n_vocab')} is not {N_VOCAB}")
 
 
 def check_chunk_files(path: Path, manifest: dict, report: VerifyReport) -> None:
@@ -215,7 +208,7 @@ def verify_mixture(path: Path, report: VerifyReport, verified: set[Path]) -> Non
              "strategy": mixture["strategy"], "total_tokens": mixture["total_tokens"],
              "sources": []}
     if len(report.problems) == before:
-        stats["sources"] = realized_shares(mixture, mixture_file, report)
+        stats["sources"] = check_realized_shares(mixture, mixture_file, report)
     report.mixtures.append(stats)
 
 
@@ -239,33 +232,29 @@ def check_source(entry: dict, mixture_file: Path, report: VerifyReport, verified
         report.add(path, f"source of {mixture_file} not found")
         return
     verify_store_once(path, report, verified)
+    manifest_file = path / store.MANIFEST
     try:
-        current = store.read_manifest(path)["fingerprint"]
-    except BluesError:
-        return  # reported by verify_store
-    if current != entry["fingerprint"]:
-        report.add(path / store.MANIFEST, f"fingerprint {current} differs from {entry['fingerprint']} "
-                   f"recorded in {mixture_file}: the dataset changed after merging; run `blues merge` again")
+        source_manifest(entry)
+    except BluesError as exc:
+        problem = Problem(str(manifest_file), str(exc).removeprefix(f"{manifest_file}: "))
+        if problem not in report.problems:  # an unreadable manifest, which verify_store reported
+            report.problems.append(problem)
 
 
-def realized_shares(mixture: dict, mixture_file: Path, report: VerifyReport) -> list[dict]:
+def check_realized_shares(mixture: dict, mixture_file: Path, report: VerifyReport) -> list[dict]:
     """Target vs realized shares of pass 0 as the loader builds it, and true repeat factors."""
-    from blues_train.loader import build_pass, check_sources, load_sources, stream_seeds
+    from blues_train.loader import realized_shares  # the loader imports torch: only mixtures need it
 
     try:
-        sources, _, _ = load_sources(mixture, "train")
-        check_sources(sources, mixture, "train")
+        shares, train_tokens = realized_shares(mixture)
     except BluesError as exc:
         report.add(mixture_file, str(exc))
         return []
-    plan = build_pass(sources, stream_seeds(mixture, 0, "train"), 0, seq_len=1)
-    realized = np.bincount(plan.source, weights=plan.length, minlength=len(sources))
     rows = []
-    for number, (entry, source) in enumerate(zip(mixture["sources"], sources)):
-        share = realized[number] / realized.sum()
+    for number, (entry, share, tokens) in enumerate(zip(mixture["sources"], shares, train_tokens)):
         rows.append({"path": entry["path"], "target": entry["weight"], "realized": round(share, 6),
-                     "tokens_per_pass": entry["tokens"], "train_tokens": source.tokens,
-                     "repeat": round(entry["tokens"] / max(source.tokens, 1), 4)})
+                     "tokens_per_pass": entry["tokens"], "train_tokens": tokens,
+                     "repeat": round(entry["tokens"] / max(tokens, 1), 4)})
         if abs(share - entry["weight"]) > SHARE_TOLERANCE:
             report.add(mixture_file, f"sources[{number}] realizes {share:.4f}, target {entry['weight']:.4f}")
     return rows

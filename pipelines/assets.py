@@ -1,16 +1,25 @@
 """The asset graph: raw_corpus (a partition per dataset) -> tokenized_dataset/<dataset>
 -> merged_dataset -> trained_model -> model_checkpoint, model_eval. Each body calls one
-blues_train function and turns its result into the metadata people look at."""
+blues_train function and turns its result into the metadata people look at.
+
+The per-dataset assets and `merged_dataset`, which depends on them, are built from the
+project configuration by `build_data_assets` when the definitions load (definitions.py);
+nothing here reads the configuration at import.
+"""
 
 from pathlib import Path
 
 import dagster as dg
 
-from blues_train.mixture import merge
+from blues_train import checkpoint as checkpoints
+from blues_train.atomic import write_json_atomic
+from blues_train.errors import BluesError
+from blues_train.loader import realized_shares
+from blues_train.merge import merge
 from blues_train.prepare import prepare_dataset
 from blues_train.raw_corpus import corpus_version
 from blues_train.report import evaluate_checkpoint, loss_curve_png, png_markdown
-from pipelines.config import EvalConfig, MergeConfig, TrainConfig, load_project_config, with_overrides
+from pipelines.config import EvalConfig, MergeConfig, ProjectConfig, TrainConfig, with_overrides
 from pipelines.partitions import checkpoint_partitions, dataset_partitions
 from pipelines.resources import BluesProject
 
@@ -50,7 +59,7 @@ def build_tokenized_dataset(dataset: str) -> dg.AssetsDefinition:
         # The sensor usually registered the partition already; a run from a fresh instance
         # (the CLI, the demo) does it here, so the observation lands on a listed partition.
         context.instance.add_dynamic_partitions(dataset_partitions.name, [dataset])
-        context.log_event(_raw_observation(dataset, manifest["sources"]))
+        context.log_event(raw_corpus_observation(dataset, manifest["sources"]))
         totals, stats = manifest["totals"], manifest["stats"]
         skipped = manifest["skipped"]
         return dg.MaterializeResult(
@@ -75,77 +84,88 @@ def build_tokenized_dataset(dataset: str) -> dg.AssetsDefinition:
     return tokenized_dataset
 
 
-# One tokenized_dataset asset per dataset of the project configuration, fixed when the
-# code location loads (the raw_corpus_sensor says when the file has more: reload then).
-tokenized_datasets = [build_tokenized_dataset(source.name) for source in load_project_config().datasets]
-
-
-def _raw_observation(dataset: str, files: list[dict]) -> dg.AssetObservation:
-    """The raw files a store was built from, as an observation of `raw_corpus`."""
-    version = corpus_version([(f["path"], f["sha256"]) for f in files])
+def raw_corpus_observation(dataset: str, files: list[dict]) -> dg.AssetObservation:
+    """The `raw_corpus` partition `dataset` as observed: its files, bytes and hashes (`path`,
+    `format`, `bytes`, `sha256` per file, as in a token store's `manifest.sources`; the
+    first 200 in the table), versioned by `corpus_version`."""
+    columns = {"path": "string", "format": "string", "bytes": "int", "sha256": "string"}
     return dg.AssetObservation(
         asset_key=raw_corpus.key,
         partition=dataset,
-        metadata=raw_corpus_metadata(files),
-        tags={"dagster/data_version": version},
-    )
-
-
-def raw_corpus_metadata(files: list[dict]) -> dict:
-    """Files, bytes and hashes of a raw corpus (`path`, `format`, `bytes`, `sha256` per
-    file, as in a token store's `manifest.sources`; the first 200 in the table)."""
-    columns = {"path": "string", "format": "string", "bytes": "int", "sha256": "string"}
-    return {
-        "files": len(files),
-        "bytes": sum(f["bytes"] for f in files),
-        "file_table": dg.MetadataValue.table(
-            [dg.TableRecord({name: f[name] for name in columns}) for f in files[:200]],
-            schema=dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in columns.items()]),
-        ),
-    }
-
-
-@dg.asset(deps=tokenized_datasets, group_name="data", kinds={"json"}, code_version="1")
-def merged_dataset(config: MergeConfig, project: BluesProject) -> dg.MaterializeResult:
-    """The training mixture: every dataset of the configuration blended by token share
-    (`blues merge`). A manifest, not a copy of the tokens."""
-    cfg = with_overrides(project.load(), "mixture", config)
-    mix = cfg.mixture
-    manifest = merge(
-        [d.token_store for d in cfg.datasets], mix.output,
-        weights=list(mix.weights) if mix.strategy == "weighted" else None,
-        strategy=mix.strategy, num_tokens=mix.num_tokens, seed=mix.seed,
-        val_fraction=mix.val_fraction,
-    )
-    total = manifest["total_tokens"]
-    shares = [
-        dg.TableRecord({
-            "dataset": dataset.name, "target_share": round(source["weight"], 4),
-            "realized_share": round(source["tokens"] / total, 4), "tokens": source["tokens"],
-            "repeat": source["repeat"], "documents": source["docs"],
-        })
-        for dataset, source in zip(cfg.datasets, manifest["sources"])
-    ]
-    return dg.MaterializeResult(
         metadata={
-            "strategy": manifest["strategy"],
-            "total_tokens": total,
-            "shares": dg.MetadataValue.table(shares, schema=dg.TableSchema(columns=[
-                dg.TableColumn("dataset", "string"), dg.TableColumn("target_share", "float"),
-                dg.TableColumn("realized_share", "float"), dg.TableColumn("tokens", "int"),
-                dg.TableColumn("repeat", "float"), dg.TableColumn("documents", "int"),
-            ])),
-            "val_fraction": manifest["validation"]["fraction"],
-            "seed": manifest["seed"],
-            "fingerprint": manifest["fingerprint"],
-            "path": dg.MetadataValue.path(str(mix.output)),
+            "files": len(files),
+            "bytes": sum(f["bytes"] for f in files),
+            "file_table": dg.MetadataValue.table(
+                [dg.TableRecord({name: f[name] for name in columns}) for f in files[:200]],
+                schema=dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in columns.items()]),
+            ),
         },
-        data_version=dg.DataVersion(manifest["fingerprint"]),
+        tags={"dagster/data_version": corpus_version([(f["path"], f["sha256"]) for f in files])},
     )
+
+
+MERGED_DATASET = dg.AssetKey("merged_dataset")
+
+
+def build_data_assets(config: ProjectConfig) -> tuple[list[dg.AssetsDefinition], dg.AssetsDefinition]:
+    """One tokenized_dataset asset per dataset of the configuration, fixed when the code
+    location loads (the raw_corpus_sensor says when the file has more: reload then), and
+    the merged_dataset that depends on them all."""
+    tokenized = [build_tokenized_dataset(source.name) for source in config.datasets]
+    return tokenized, build_merged_dataset(tokenized)
+
+
+def build_merged_dataset(tokenized: list[dg.AssetsDefinition]) -> dg.AssetsDefinition:
+    @dg.asset(key=MERGED_DATASET, deps=tokenized, group_name="data", kinds={"json"}, code_version="1")
+    def merged_dataset(context: dg.AssetExecutionContext, config: MergeConfig,
+                       project: BluesProject) -> dg.MaterializeResult:
+        """The training mixture: every dataset of the configuration blended by token share
+        (`blues merge`). A manifest, not a copy of the tokens. The realized shares are those of
+        the loader's first pass, as `blues verify` reports them."""
+        cfg = with_overrides(project.load(), "mixture", config)
+        mix = cfg.mixture
+        manifest = merge(
+            [d.token_store for d in cfg.datasets], mix.output,
+            weights=list(mix.weights) if mix.strategy == "weighted" else None,
+            strategy=mix.strategy, num_tokens=mix.num_tokens, seed=mix.seed,
+            val_fraction=mix.val_fraction, log=context.log,
+        )
+        total = manifest["total_tokens"]
+        try:
+            realized = [round(share, 4) for share in realized_shares(manifest)[0]]
+        except BluesError as exc:  # a store unreadable: the blocking mixture_integrity check says why
+            context.log.warning(f"realized shares unknown: {exc}")
+            realized = [None] * len(manifest["sources"])
+        shares = [
+            dg.TableRecord({
+                "dataset": dataset.name, "target_share": round(source["weight"], 4),
+                "realized_share": share, "tokens": source["tokens"],
+                "repeat": source["repeat"], "documents": source["docs"],
+            })
+            for dataset, source, share in zip(cfg.datasets, manifest["sources"], realized)
+        ]
+        return dg.MaterializeResult(
+            metadata={
+                "strategy": manifest["strategy"],
+                "total_tokens": total,
+                "shares": dg.MetadataValue.table(shares, schema=dg.TableSchema(columns=[
+                    dg.TableColumn("dataset", "string"), dg.TableColumn("target_share", "float"),
+                    dg.TableColumn("realized_share", "float"), dg.TableColumn("tokens", "int"),
+                    dg.TableColumn("repeat", "float"), dg.TableColumn("documents", "int"),
+                ])),
+                "val_fraction": manifest["validation"]["fraction"],
+                "seed": manifest["seed"],
+                "fingerprint": manifest["fingerprint"],
+                "path": dg.MetadataValue.path(str(mix.output)),
+            },
+            data_version=dg.DataVersion(manifest["fingerprint"]),
+        )
+
+    return merged_dataset
 
 
 @dg.asset(
-    deps=[merged_dataset],
+    deps=[MERGED_DATASET],
     group_name="training",
     kinds={"pytorch", "deepspeed"},
     pool="gpu",
@@ -162,7 +182,9 @@ def trained_model(
     checkpoint (recorded as `model_checkpoint` partitions) and the final metrics."""
     cfg = with_overrides(project.load(), "training", config)
     out = cfg.training.out / _run_name(context)
-    invocation = pipes.run(context=context, command=cfg.training.command(cfg.mixture.output, out))
+    settings = out / "training_config.json"  # the run's TrainingConfig, kept with its results
+    write_json_atomic(settings, cfg.training.run_config(cfg.mixture.output, out).model_dump())
+    invocation = pipes.run(context=context, command=cfg.training.command(settings))
     checkpoints = [m for m in invocation.get_custom_messages() if m.get("kind") == "checkpoint"]
     _record_checkpoints(context, checkpoints)
     reported = invocation.get_materialize_result()
@@ -217,8 +239,9 @@ def model_eval(
     cfg = with_overrides(project.load(), "evaluation", config)
     checkpoint = _latest_checkpoint(context)
     ev = cfg.evaluation
-    report = evaluate_checkpoint(
-        checkpoint, cfg.mixture.output, seq_len=cfg.training.seq_len, windows=ev.val_windows,
+    report = evaluate_checkpoint(  # on windows as long as the model was trained on
+        checkpoint, cfg.mixture.output, seq_len=checkpoints.read_meta(checkpoint)["seq_len"],
+        windows=ev.val_windows,
         prompts=list(ev.prompts), max_length=ev.max_length, temperature=ev.temperature,
         top_k=ev.top_k,
     )

@@ -5,25 +5,30 @@ import dagster as dg
 
 from blues_train.tokenizer_consistency import tokenizer_problems
 from blues_train.verify import verify_paths
-from pipelines.assets import merged_dataset, tokenized_datasets
+from pipelines.assets import MERGED_DATASET
 from pipelines.resources import BluesProject
 
 
-@dg.multi_asset_check(
-    specs=[dg.AssetCheckSpec("token_store_integrity", asset=asset, blocking=True)
-           for asset in tokenized_datasets],
-    can_subset=True,
-)
-def token_store_integrity(context: dg.AssetCheckExecutionContext, project: BluesProject):
-    """`blues verify` of each dataset's token store: chunk hashes, schema, counts, token ids."""
-    config = project.load()
-    for check_key in sorted(context.selected_asset_check_keys):
-        store = config.dataset(check_key.asset_key.path[-1]).token_store
-        yield _result(verify_paths([store]).problem_lines(),
-                      asset_key=check_key.asset_key, check_name=check_key.name)
+def build_token_store_integrity(tokenized_datasets: list[dg.AssetsDefinition]) -> dg.AssetChecksDefinition:
+    """The blocking integrity check of every loaded `tokenized_dataset/<name>` asset."""
+
+    @dg.multi_asset_check(
+        specs=[dg.AssetCheckSpec("token_store_integrity", asset=asset, blocking=True)
+               for asset in tokenized_datasets],
+        can_subset=True,
+    )
+    def token_store_integrity(context: dg.AssetCheckExecutionContext, project: BluesProject):
+        """`blues verify` of each dataset's token store: chunk hashes, schema, counts, token ids."""
+        config = project.load()
+        for check_key in sorted(context.selected_asset_check_keys):
+            store = config.dataset(check_key.asset_key.path[-1]).token_store
+            yield _result(verify_paths([store]).problem_lines(),
+                          asset_key=check_key.asset_key, check_name=check_key.name)
+
+    return token_store_integrity
 
 
-@dg.asset_check(asset=merged_dataset, blocking=True)
+@dg.asset_check(asset=MERGED_DATASET, blocking=True)
 def mixture_integrity(project: BluesProject) -> dg.AssetCheckResult:
     """`blues verify` of the mixture: every store it reads is intact and still has the
     fingerprint the mixture recorded, and the loader realizes the target shares."""
@@ -31,7 +36,7 @@ def mixture_integrity(project: BluesProject) -> dg.AssetCheckResult:
     return _result(report.problem_lines(), shares=report.mixtures[0]["sources"] if report.mixtures else [])
 
 
-@dg.asset_check(asset=merged_dataset, blocking=True)
+@dg.asset_check(asset=MERGED_DATASET, blocking=True)
 def tokenizer_consistency(project: BluesProject) -> dg.AssetCheckResult:
     """The mixture, every dataset in it and the model to train agree with the tokenizer
     shipped here (the one generation decodes with)."""

@@ -1,24 +1,37 @@
-"""The Blues code location: `dagster dev -w workspace.yaml`, or `-m pipelines.definitions`."""
+"""The Blues code location: `dagster dev -w workspace.yaml`, `-m pipelines.definitions`, or `dg dev`.
+
+The definitions load lazily (`@dg.definitions`): importing `pipelines` reads no project
+configuration; loading the code location does, and builds one tokenized_dataset asset per
+configured dataset.
+"""
 
 import dagster as dg
 
 from pipelines import assets, checks
-from pipelines.config import load_project_config
-from pipelines.resources import build_resources
+from pipelines.config import ProjectConfig, load_project_config
+from pipelines.resources import build_resources, dagster_failure
 from pipelines.schedules import retrain_job, retrain_schedule
-from pipelines.sensors import raw_corpus_sensor
+from pipelines.sensors import build_raw_corpus_sensor
 
-defs = dg.Definitions(
-    assets=[
-        assets.raw_corpus, *assets.tokenized_datasets, assets.merged_dataset,
-        assets.trained_model, assets.model_checkpoint, assets.model_eval,
-    ],
-    asset_checks=[checks.token_store_integrity, checks.mixture_integrity, checks.tokenizer_consistency],
-    jobs=[retrain_job],
-    schedules=[retrain_schedule(load_project_config())],
-    sensors=[raw_corpus_sensor],
-    resources=build_resources(),
-    # Asset bodies are thin; prepare has its own worker processes and training runs in
-    # its own process through Pipes. One process per run saves a process spawn per step.
-    executor=dg.in_process_executor,
-)
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    with dagster_failure():
+        return build_definitions(load_project_config())
+
+
+def build_definitions(config: ProjectConfig) -> dg.Definitions:
+    tokenized, merged = assets.build_data_assets(config)
+    return dg.Definitions(
+        assets=[assets.raw_corpus, *tokenized, merged, assets.trained_model, assets.model_checkpoint,
+                assets.model_eval],
+        asset_checks=[checks.build_token_store_integrity(tokenized), checks.mixture_integrity,
+                      checks.tokenizer_consistency],
+        jobs=[retrain_job],
+        schedules=[retrain_schedule(config)],
+        sensors=[build_raw_corpus_sensor(tokenized)],
+        resources=build_resources(),
+        # Asset bodies are thin; prepare has its own worker processes and training runs in
+        # its own process through Pipes. One process per run saves a process spawn per step.
+        executor=dg.in_process_executor,
+    )

@@ -45,14 +45,14 @@ def main(argv=None) -> int:
     from pipelines.definitions import defs
     from pipelines.home import ensure_dagster_home
 
-    config = load_project_config(config_path)
     started = time.perf_counter()
     corpus = write_sample_corpus(config_path.parent / args.corpus, args.corpus_mb)
     print(f"sample corpus: {', '.join(corpus)} under {config_path.parent / args.corpus}")
+    config = load_project_config(config_path)  # its inputs must exist: after the corpus
 
     ensure_dagster_home(Path(os.environ["DAGSTER_HOME"]))
     train_config = {"max_steps": args.max_steps} if args.max_steps else {}
-    result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+    result = defs().resolve_implicit_global_asset_job_def().execute_in_process(
         instance=dg.DagsterInstance.get(),
         run_config={**QUIET_RUN, "ops": {"trained_model": {"config": train_config}}},
     )

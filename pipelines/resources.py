@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import dagster as dg
 
+from blues_train.errors import BluesError
 from pipelines.config import ProjectConfig, default_config_path, load_project_config
 
 
@@ -15,7 +18,17 @@ class BluesProject(dg.ConfigurableResource):
     config_path: str
 
     def load(self) -> ProjectConfig:
-        return load_project_config(self.config_path)
+        with dagster_failure():
+            return load_project_config(self.config_path)
+
+
+@contextmanager
+def dagster_failure():
+    """A bad configuration reads in Dagster as its one line, not as a stack trace."""
+    try:
+        yield
+    except BluesError as exc:
+        raise dg.Failure(description=str(exc)) from None
 
 
 def build_resources() -> dict:

@@ -2,12 +2,12 @@
 
 import dagster as dg
 
-from pipelines.assets import merged_dataset, model_eval, trained_model
+from pipelines.assets import MERGED_DATASET, model_eval, trained_model
 from pipelines.config import ProjectConfig
 
 retrain_job = dg.define_asset_job(
     "retrain_job",
-    selection=dg.AssetSelection.assets(merged_dataset, trained_model, model_eval),
+    selection=dg.AssetSelection.assets(MERGED_DATASET, trained_model, model_eval),
     description="Merge the tokenized datasets, train a model on the mixture, evaluate it. "
     "Blocking checks stop the run before training on data that fails them.",
 )

@@ -15,8 +15,7 @@ import zstandard
 from blues_train import cli, store
 from blues_train.errors import BluesError
 from blues_train.loader import PackedSequenceDataset
-from blues_train.mixture import merge
-from blues_train.prepare import prepare_dataset
+from blues_train.merge import merge
 from blues_train.sources import SkipLog, discover_sources, iter_documents
 
 

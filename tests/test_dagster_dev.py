@@ -66,9 +66,11 @@ def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_make_dev_stops_on_signal_as_a_background_job(tmp_path, sig):
-    # No raw corpus, so the sensor launches no run; the code location loads all the same.
+    # Empty raw corpus folders, so the sensor launches no run; the code location loads all the same.
     config_path = write_project(tmp_path, corpus_mb=0.01)
     shutil.rmtree(tmp_path / "corpus")
+    for name in ("code", "prose"):
+        (tmp_path / "corpus" / name).mkdir(parents=True)
     port = free_port()
     env = {**os.environ, "DAGSTER_HOME": str(ensure_dagster_home(tmp_path / "home")),
            "BLUES_CONFIG": str(config_path)}

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blues_model import BluesConfig, BluesLM
+from blues_model import BluesConfig, BluesLM, RunOptions
 from blues_model.moe import MoE
 
 pytestmark = pytest.mark.gpu
@@ -33,7 +33,7 @@ def test_bf16_moe_matches_fp32_reference():
 
 def test_chunked_loss_equals_cross_entropy_on_cuda():
     torch.manual_seed(0)
-    model = BluesLM(tiny(loss_chunk_tokens=256)).cuda().eval()
+    model = BluesLM(tiny(), RunOptions(loss_chunk_tokens=256)).cuda().eval()
     ids = torch.randint(0, 200_000, (4, 257), device="cuda")
     loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
     logits = model(ids[:, :-1]).logits

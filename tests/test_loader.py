@@ -5,81 +5,17 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
+from reference import blob, pieces, store_docs, stream, take, tokens_by_source
 from torch.utils.data import DataLoader
 
 from blues_train.errors import BluesError
 from blues_train.loader import ChunkCache, PackedSequenceDataset
-from blues_train.mixture import merge
+from blues_train.merge import merge
 from blues_train.tokenizer import EOT_ID
 
 SEQ_LEN = 512
-MASK = (1 << 64) - 1
-
-
-def splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & MASK
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK
-    return x ^ (x >> 31)
-
-
-def store_docs(store_dir, fraction: float) -> dict[str, list[tuple]]:
-    """{"train": [...], "val": [...]}: every document's tokens, split by the documented rule."""
-    manifest = json.loads((store_dir / "manifest.json").read_text())
-    sha = {s["path"]: s["sha256"] for s in manifest["sources"]}
-    docs = {"train": [], "val": []}
-    for chunk in manifest["chunks"]:
-        with pa.memory_map(str(store_dir / chunk["file"])) as f:
-            rows = pa.ipc.open_file(f).read_all().to_pylist()
-        for row in rows:
-            key = splitmix64((int(sha[row["source"]][:16], 16) + row["index"]) & MASK)
-            split = "val" if key < fraction * 2.0**64 else "train"
-            if row["tokens"]:
-                docs[split].append(tuple(row["tokens"]))
-    return docs
-
-
-def blob(docs) -> bytes:
-    """Documents as uint32 bytes, each between EOTs, for substring search."""
-    ids = [EOT_ID]
-    for doc in docs:
-        ids += [*doc, EOT_ID]
-    return np.array(ids, dtype=np.uint32).tobytes()
-
-
-def stream(windows) -> list[int]:
-    """Windows overlap by one token: the packed stream they were cut from."""
-    ids = list(windows[0].tolist())
-    for window in windows[1:]:
-        assert window[0].item() == ids[-1]
-        ids += window[1:].tolist()
-    return ids
-
-
-def pieces(ids: list[int]) -> list[bytes]:
-    """Complete EOT-delimited pieces of a stream (the cut ends are dropped)."""
-    cuts = [i for i, t in enumerate(ids) if t == EOT_ID]
-    return [np.array(ids[a + 1:b], dtype=np.uint32).tobytes() for a, b in zip(cuts, cuts[1:])]
-
-
-def tokens_by_source(ids: list[int], blobs: list[bytes]) -> np.ndarray:
-    """Tokens of each source in a stream; every piece must be (part of) one source's document."""
-    counts = np.zeros(len(blobs))
-    eot = np.array([EOT_ID], dtype=np.uint32).tobytes()
-    for piece in pieces(ids):
-        owners = [i for i, b in enumerate(blobs)
-                  if eot + piece + eot in b or eot + piece in b or piece + eot in b]
-        assert owners, "a piece of the stream is in no source's documents of this split"
-        counts[owners[0]] += len(piece) // 4
-    return counts
-
-
-def take(dataset, n: int) -> list[torch.Tensor]:
-    iterator = iter(dataset)
-    return [next(iterator) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,22 @@ import shutil
 
 import numpy as np
 import pytest
+from reference import MASK, blob, splitmix64, store_docs, stream, take, tokens_by_source
 
 from blues_train import cli
 from blues_train.errors import BluesError
 from blues_train.loader import PackedSequenceDataset
-from blues_train.mixture import held_out, merge, read_mixture
-from test_loader import MASK, blob, splitmix64, store_docs, stream, tokens_by_source, take
+from blues_train.merge import log_on_stderr, merge
+from blues_train.mixture import held_out, read_mixture
 
 SEQ_LEN = 512
+
+
+@pytest.fixture(autouse=True)
+def merge_log_on_stderr(capsys):
+    """merge's notices and warnings on stderr, as `blues merge` prints them."""
+    with log_on_stderr():
+        yield
 
 
 def manifest(store_dir) -> dict:

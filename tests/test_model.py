@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blues_model import BluesConfig, BluesLM, count_parameters, flops_per_token
+from blues_model import BluesConfig, BluesLM, RunOptions, count_parameters, flops_per_token
 from blues_model.model import chunked_cross_entropy
 
 
@@ -64,7 +64,7 @@ def test_flops_per_token_counts_matmul_weights_and_attention():
 
 def test_backend_is_logged(caplog):
     with caplog.at_level(logging.INFO, logger="blues_model.attention"):
-        BluesLM(tiny(n_layers=2, attn_backend="sdpa"))
+        BluesLM(tiny(n_layers=2), RunOptions(attn_backend="sdpa"))
     assert [r.getMessage() for r in caplog.records] == ["attention backend: sdpa (requested 'sdpa')"]
 
 
@@ -109,7 +109,7 @@ def test_chunked_cross_entropy_equals_plain_value_and_grads():
 
 def test_model_loss_equals_cross_entropy_of_logits():
     torch.manual_seed(0)
-    m = BluesLM(tiny(loss_chunk_tokens=10)).eval()
+    m = BluesLM(tiny(), RunOptions(loss_chunk_tokens=10)).eval()
     ids = torch.randint(0, 1000, (2, 17))
     labels = ids[:, 1:].clone()
     labels[0, :4] = -100
@@ -128,7 +128,7 @@ def test_model_loss_equals_cross_entropy_of_logits():
 def test_gradient_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     plain = BluesLM(tiny()).train()
-    ckpt = BluesLM(tiny(gradient_checkpointing=True)).train()
+    ckpt = BluesLM(tiny(), RunOptions(gradient_checkpointing=True)).train()
     ckpt.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 1000, (2, 17))
     grads = []

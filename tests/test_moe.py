@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
+from reference import naive_moe
 
 from blues_model import BluesConfig
 from blues_model.model import BluesLM, SwiGLU
@@ -16,24 +16,6 @@ def make_moe(**overrides) -> MoE:
         for p in moe.parameters():
             p.normal_(0.0, 0.3)
     return moe
-
-
-def naive_moe(moe: MoE, x_TD):
-    """The oracle: route each token in plain fp32 arithmetic and run its experts one by one."""
-    logits_TE = x_TD @ moe.router.w_gate
-    top_TK, ids_TK = logits_TE.topk(moe.top_k, dim=-1)
-    weights_TK = top_TK.softmax(-1)
-    H = moe.w_down.shape[1]
-    rows = []
-    for t in range(x_TD.shape[0]):
-        y = torch.zeros_like(x_TD[t])
-        for k in range(moe.top_k):
-            e = ids_TK[t, k]
-            h = x_TD[t] @ moe.w_gate_up[e]
-            y = y + weights_TK[t, k] * ((F.silu(h[:H]) * h[H:]) @ moe.w_down[e])
-        rows.append(y)
-    z_loss = torch.logsumexp(logits_TE, -1).square().mean()
-    return torch.stack(rows), z_loss, torch.bincount(ids_TK.flatten(), minlength=moe.w_down.shape[0])
 
 
 def test_grouped_dispatch_equals_per_token_reference_outputs_and_grads():

@@ -11,11 +11,11 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from blues_model import BluesConfig, BluesLM
+from blues_model import BluesConfig, BluesLM, RunOptions
 from blues_model.moe import MoE
 from blues_train.loader import PackedSequenceDataset
-from blues_train.mixture import merge
-from test_moe import naive_moe
+from blues_train.merge import merge
+from reference import naive_moe
 
 
 def reference_moe_forward(moe: MoE, x_TD):
@@ -42,10 +42,9 @@ def test_fast_path_losses_equal_reference_path(code_store, prose_store, tmp_path
     stream = iter(PackedSequenceDataset(tmp_path / "mix", 32, seed=0))
     batches = [torch.stack([next(stream) for _ in range(4)]) for _ in range(6)]
 
-    config = BluesConfig.from_dict({**BluesConfig.preset("tiny").to_dict(),
-                                    "router_noise": False, "loss_chunk_tokens": 48})
+    config = BluesConfig.from_dict({**BluesConfig.preset("tiny").to_dict(), "router_noise": False})
     torch.manual_seed(0)
-    fast = BluesLM(config)
+    fast = BluesLM(config, RunOptions(loss_chunk_tokens=48))
     reference = copy.deepcopy(fast)
     use_reference_moe(reference)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=2e-2) for m in (fast, reference)]

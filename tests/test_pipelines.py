@@ -9,23 +9,26 @@ import pytest
 
 from blues_project import write_project
 from blues_train.errors import BluesError
-from blues_train.mixture import merge
+from blues_train.merge import merge
 from blues_train.prepare import prepare_dataset
-from pipelines import assets, checks, sensors
+from blues_train.verify import verify_paths
+from pipelines import assets, checks, definitions
 from pipelines.config import TrainConfig, load_project_config, parse_project_config, with_overrides
-from pipelines.definitions import defs
 from pipelines.home import ensure_dagster_home
 from pipelines.resources import BluesProject
 from pipelines.schedules import retrain_job, retrain_schedule
-from pipelines.sensors import raw_corpus_sensor
+from pipelines.sensors import build_raw_corpus_sensor
 
-CHECKS = [checks.token_store_integrity, checks.mixture_integrity, checks.tokenizer_consistency]
+DATASETS = ["code", "prose"]  # those of every project blues_project.write_project makes
+TOKENIZED = [f"tokenized_dataset/{name}" for name in DATASETS]
+TOKENIZED_ASSETS = [assets.build_tokenized_dataset(name) for name in DATASETS]
+MERGED = assets.build_merged_dataset(TOKENIZED_ASSETS)
+CHECKS = [checks.build_token_store_integrity(TOKENIZED_ASSETS), checks.mixture_integrity,
+          checks.tokenizer_consistency]
 EVERYTHING = [
-    assets.raw_corpus, *assets.tokenized_datasets, assets.merged_dataset, assets.trained_model,
+    assets.raw_corpus, *TOKENIZED_ASSETS, MERGED, assets.trained_model,
     assets.model_checkpoint, assets.model_eval, *CHECKS,
 ]
-DATASETS = ["code", "prose"]
-TOKENIZED = [f"tokenized_dataset/{name}" for name in DATASETS]
 pytestmark = pytest.mark.filterwarnings("ignore::dagster.PreviewWarning")  # raised inside Dagster Pipes
 
 
@@ -34,7 +37,7 @@ def resources(config_path):
 
 
 def tokenize_all(instance, config_path, **kwargs):
-    return dg.materialize(EVERYTHING, selection=assets.tokenized_datasets, instance=instance,
+    return dg.materialize(EVERYTHING, selection=TOKENIZED_ASSETS, instance=instance,
                           resources=resources(config_path), **kwargs)
 
 
@@ -48,7 +51,15 @@ def project(tmp_path_factory):
     return write_project(tmp_path_factory.mktemp("project"))
 
 
-def test_definitions_load():
+@pytest.fixture(scope="module")
+def defs(project):
+    """The code location as Dagster loads it: the lazy definitions, on the project's file."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BLUES_CONFIG", str(project))
+        return definitions.defs()
+
+
+def test_definitions_load(defs):
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
@@ -58,7 +69,7 @@ def test_definitions_load():
         assert node.parent_keys == {assets.raw_corpus.key} and not node.is_partitioned
         mapping = node.partition_mappings[assets.raw_corpus.key]
         assert mapping == dg.SpecificPartitionsPartitionMapping([name])
-    assert {k.to_user_string() for k in graph.get(assets.merged_dataset.key).parent_keys} == set(TOKENIZED)
+    assert {k.to_user_string() for k in graph.get(MERGED.key).parent_keys} == set(TOKENIZED)
     assert graph.get(dg.AssetKey("trained_model")).pools == {"gpu"}
     blocking = {(spec.asset_key.to_user_string(), spec.name)
                 for check in CHECKS for spec in check.check_specs if spec.blocking}
@@ -110,7 +121,7 @@ def test_whole_graph_materializes(project):
             assert observed.metadata["files"].value >= 1 and "dagster/data_version" in observed.tags
         assert sorted(instance.get_dynamic_partitions("datasets")) == DATASETS
 
-        result = dg.materialize(EVERYTHING, selection=[assets.merged_dataset, assets.trained_model, assets.model_eval],
+        result = dg.materialize(EVERYTHING, selection=[MERGED, assets.trained_model, assets.model_eval],
                                 instance=instance, resources=resources(project))
         assert result.success
         assert {e.check_name: e.passed for e in result.get_asset_check_evaluations()} == {
@@ -135,6 +146,22 @@ def test_whole_graph_materializes(project):
         assert "def " in evaluation["samples"]
 
 
+def test_merged_dataset_reports_the_shares_verify_realizes(tmp_path):
+    project = write_project(tmp_path, corpus_mb=0.05)
+    config = load_project_config(project)
+    for source in config.datasets:
+        prepare_dataset([source.input], source.token_store, glob=source.glob, progress=False)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(EVERYTHING, selection=[MERGED], instance=instance,
+                                resources=resources(project))
+        logged = [event.user_message for event in instance.all_logs(result.run_id)]
+    assert result.success
+    reported = [r.data["realized_share"] for r in metadata(result, "merged_dataset")["shares"].records]
+    verified = verify_paths([config.mixture.output]).mixtures[0]["sources"]
+    assert reported == [round(s["realized"], 4) for s in verified]
+    assert any(message.startswith("warning: ") and "is repeated" in message for message in logged)
+
+
 @pytest.mark.slow
 def test_corrupt_chunk_blocks_training(tmp_path):
     project = write_project(tmp_path, corpus_mb=0.05)
@@ -152,7 +179,7 @@ def test_corrupt_chunk_blocks_training(tmp_path):
         assert not check.passed
         assert "chunk-00000.arrow" in check.metadata["details"].value
 
-        result = dg.materialize(EVERYTHING, selection=[assets.merged_dataset, assets.trained_model, assets.model_eval],
+        result = dg.materialize(EVERYTHING, selection=[MERGED, assets.trained_model, assets.model_eval],
                                 instance=instance, resources=resources(project), raise_on_error=False)
         assert not result.success
         evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
@@ -163,7 +190,7 @@ def test_corrupt_chunk_blocks_training(tmp_path):
         assert not (tmp_path / "runs").exists()
 
 
-def test_retrain_schedule(project):
+def test_retrain_schedule(project, defs):
     schedule = retrain_schedule(load_project_config(project))
     assert schedule.cron_schedule == "15 4 * * 1"
     when = datetime(2026, 11, 30, 4, 15, tzinfo=timezone.utc)
@@ -175,12 +202,13 @@ def test_retrain_schedule(project):
     assert {key.name for key in checks_run} == {"mixture_integrity", "tokenizer_consistency"}
 
 
-def test_raw_corpus_sensor(tmp_path, monkeypatch, capfd):
+def test_raw_corpus_sensor(tmp_path, capfd):
     project = write_project(tmp_path, corpus_mb=0.05)
     resource = {"project": BluesProject(config_path=str(project))}
+    sensor = build_raw_corpus_sensor(TOKENIZED_ASSETS)
 
     def evaluate(previous=None):
-        return raw_corpus_sensor(dg.build_sensor_context(
+        return sensor(dg.build_sensor_context(
             instance=instance, cursor=previous and previous.cursor, resources=resource))
 
     def requested(result):
@@ -221,8 +249,7 @@ def test_raw_corpus_sensor(tmp_path, monkeypatch, capfd):
         instance.add_dynamic_partitions("datasets", ["more_code"])
         assert evaluate(grown).asset_events == []
 
-        monkeypatch.setattr(sensors, "tokenized_datasets",
-                            [*assets.tokenized_datasets, assets.build_tokenized_dataset("more_code")])
+        sensor = build_raw_corpus_sensor([*TOKENIZED_ASSETS, assets.build_tokenized_dataset("more_code")])
         reloaded = evaluate(grown)
         assert requested(reloaded) == ["tokenized_dataset/more_code"]
         assert evaluate(reloaded).run_requests == []

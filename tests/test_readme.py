@@ -51,7 +51,7 @@ def test_readme_command_line_tour_runs_as_written(tmp_path):
 def test_train_defaults_follow_the_model(tmp_path):
     """`blues train --data_cache_dir M --model tiny` with no --seq_len: the tiny model's 256,
     not the 1024 default of the larger model."""
-    from blues_train.mixture import merge
+    from blues_train.merge import merge
     from blues_train.prepare import prepare_dataset
     from blues_train.sample_corpus import write_sample_corpus
 

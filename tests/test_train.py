@@ -94,3 +94,11 @@ def test_checkpoint_moves_between_world_sizes(mixture_dir, reference, two_rank_r
     result = two_ranks(mixture_dir, tmp_path / "1to2", "--resume", str(reference / "checkpoints" / "step-000004"))
     assert "resumed at step 4: 2 rank(s)" in result.stdout
     assert_close(losses(tmp_path / "1to2"), losses(reference), range(5, STEPS + 1))
+
+
+def test_resume_may_switch_gradient_checkpointing_on(mixture_dir, reference, tmp_path):
+    """A run-time knob, not architecture: the resumed run continues the same losses."""
+    one_rank(mixture_dir, tmp_path / "ckpt", "--resume", str(reference / "checkpoints" / "step-000004"),
+             "--gradient_checkpointing")
+    assert sorted(losses(tmp_path / "ckpt")) == [5, 6, 7, 8]
+    assert_close(losses(tmp_path / "ckpt"), losses(reference), range(5, STEPS + 1))

@@ -27,7 +27,7 @@ PARITY_RTOL = 1e-4
 
 @pytest.fixture(scope="session")
 def mixture_dir(code_store, prose_store, tmp_path_factory):
-    from blues_train.mixture import merge
+    from blues_train.merge import merge
 
     out = tmp_path_factory.mktemp("mixture")
     merge([code_store, prose_store], out, val_fraction=0.05)

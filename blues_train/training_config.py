@@ -1,0 +1,108 @@
+"""The training configuration: every setting of a `blues train` run, each default defined here once.
+
+`TrainingConfig` is built by the `blues train` flags (one flag per field, the same names), by
+`--training_config FILE.json` (the same fields as JSON; flags given too win), by the
+`training` section of a project's config.json and its Dagster run config (pipelines/config.py),
+and by the benchmarks. Library functions take it, never an argparse Namespace.
+
+Architecture (`BluesConfig`, what the weights mean) is apart: `model` names it. The run-time
+knobs `gradient_checkpointing`, `attn_backend` and `loss_chunk_tokens` are fields here
+(`run_options()`), so a resumed run may change them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from blues_model import RunOptions
+from blues_model.config import ATTN_BACKENDS
+from blues_train.errors import BluesError
+from blues_train.settings import Settings, read_json, validated
+
+DEFAULT_DS_CONFIG = Path(__file__).with_name("ds_config.json")
+DEFAULT_SEQ_LEN = 1024  # or the model's max_seq_len, if smaller
+_OPTIONS = RunOptions()
+
+
+class TrainingConfig(Settings):
+    """One `blues train` run."""
+
+    data_cache_dir: str | None = Field(None, description="mixture folder (blues merge output); required")
+    out: str = Field("runs/blues", description="run folder: metrics.jsonl, tensorboard/, checkpoints/")
+    model: str | None = Field(None, description="preset (blues-01, tiny) or a BluesConfig JSON file; "
+                              "default blues-01, or the checkpoint's config when resuming")
+    deepspeed: str = Field(str(DEFAULT_DS_CONFIG), description="DeepSpeed config JSON")
+    max_steps: int = Field(1000, ge=1, description="optimizer steps in all")
+    seq_len: int | None = Field(None, ge=1, description=f"tokens per training window (default "
+                                f"{DEFAULT_SEQ_LEN}, at most the model's max_seq_len; a resumed run keeps its own)")
+    global_batch_tokens: int = Field(524288, ge=1, description="tokens per optimizer step")
+    micro_batch: int = Field(0, ge=0, description="sequences per rank per forward; 0 = largest that "
+                             "fits (GPU) or <= 8 (CPU)")
+    lr: float | None = Field(None, gt=0, allow_inf_nan=False,
+                             description="peak learning rate (default: the DeepSpeed config's)")
+    eval_interval: int = Field(100, ge=1, description="validate every N steps (and at the end)")
+    eval_sequences: int = Field(64, ge=1, description="held-out windows per validation, shared by the "
+                                "ranks (rounded up to a multiple of them)")
+    save_interval: int = Field(500, ge=1, description="checkpoint every N steps (and at the end)")
+    keep_last: int = Field(3, ge=1, description="checkpoints kept")
+    resume: str | None = Field(None, description="'auto' (latest complete checkpoint in OUT, if any) "
+                               "or a step-N folder")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile each decoder "
+                                                  "block; auto = on a GPU only")
+    seed: int = Field(0, ge=0, description="loader order and router noise")
+    gradient_checkpointing: bool = Field(_OPTIONS.gradient_checkpointing,
+                                         description="recompute each block in backward: less memory, more time")
+    attn_backend: Literal[ATTN_BACKENDS] = Field(_OPTIONS.attn_backend,
+                                                 description="attention kernel; auto = flash_attn when installed")
+    loss_chunk_tokens: int = Field(_OPTIONS.loss_chunk_tokens, ge=1,
+                                   description="tokens per chunk of the fused head + cross-entropy")
+
+    def run_options(self) -> RunOptions:
+        return RunOptions(attn_backend=self.attn_backend, gradient_checkpointing=self.gradient_checkpointing,
+                          loss_chunk_tokens=self.loss_chunk_tokens)
+
+
+def flag_parser(description: str) -> argparse.ArgumentParser:
+    """`blues train`'s flags, one per TrainingConfig field; unset flags stay out of the result."""
+    parser = argparse.ArgumentParser(prog="blues train", description=description,
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--training_config", metavar="FILE.json",
+                        help="settings as a JSON object of these flags' names; flags given too win")
+    for name, field in TrainingConfig.model_fields.items():
+        kind = _flag_type(field.annotation)
+        default = "" if field.default is None else f" (default {field.default})"
+        if kind is bool:
+            parser.add_argument(f"--{name}", action="store_true", help=field.description + default)
+        elif isinstance(kind, tuple):
+            parser.add_argument(f"--{name}", choices=kind, help=field.description + default)
+        else:
+            parser.add_argument(f"--{name}", type=kind, help=field.description + default)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return parser
+
+
+def _flag_type(annotation):
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType):
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def from_flags(argv: list[str], description: str = "") -> TrainingConfig:
+    """The TrainingConfig of a `blues train` command line."""
+    given = vars(flag_parser(description).parse_args(argv))
+    given.pop("local_rank", None)
+    file = given.pop("training_config", None)
+    raw = {**(read_json(file, "--training_config") if file else {}), **given}
+    config = validated(TrainingConfig, raw, "" if file is None else f"--training_config {file}: ",
+                       flags=file is None)
+    if config.data_cache_dir is None:
+        raise BluesError("--data_cache_dir is required: the mixture folder to train on (blues merge output)")
+    return config
