@@ -18,6 +18,8 @@ COMMANDS = {
     "verify": ("blues_train.verify", "check token stores and mixtures, print statistics"),
     "train": ("blues_train.train", "train a Blues model with DeepSpeed (train.py)"),
     "generate": ("blues_train.generate", "sample text or measure perplexity (generate.py)"),
+    "export": ("blues_train.export", "write a checkpoint as a Hugging Face folder (transformers, vLLM)"),
+    "lineage": ("blues_train.lineage", "the documents of a training step, its spikes, a document's steps"),
     "sample-corpus": ("blues_train.sample_corpus", "write the offline sample corpus"),
 }
 

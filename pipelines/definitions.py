@@ -7,7 +7,7 @@ configured dataset.
 
 import dagster as dg
 
-from pipelines import assets, checks
+from pipelines import assets, checks, export_assets
 from pipelines.config import ProjectConfig, load_project_config
 from pipelines.resources import build_resources, dagster_failure
 from pipelines.schedules import retrain_job, retrain_schedule
@@ -24,7 +24,7 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
     tokenized, merged = assets.build_data_assets(config)
     return dg.Definitions(
         assets=[assets.raw_corpus, *tokenized, merged, assets.trained_model, assets.model_checkpoint,
-                assets.model_eval],
+                assets.model_eval, export_assets.hf_model],
         asset_checks=[checks.build_token_store_integrity(tokenized), checks.mixture_integrity,
                       checks.tokenizer_consistency],
         jobs=[retrain_job],

@@ -63,7 +63,8 @@ def test_definitions_load(defs):
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == {"raw_corpus", *TOKENIZED, "merged_dataset", "trained_model", "model_checkpoint", "model_eval"}
+    assert keys == {"raw_corpus", *TOKENIZED, "merged_dataset", "trained_model", "model_checkpoint", "model_eval",
+                    "hf_model"}
     for name, key in zip(DATASETS, TOKENIZED):
         node = graph.get(dg.AssetKey.from_user_string(key))
         assert node.parent_keys == {assets.raw_corpus.key} and not node.is_partitioned
