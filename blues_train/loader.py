@@ -17,6 +17,12 @@ world_size W takes windows r, r+W, r+2W, ...; DataLoader workers split a rank's 
 blocks of `batch_size`, so the batches arrive in the same order as without workers.
 The state is the position of the next window no rank has consumed (pass, window in
 pass), valid for any world size: a run saved on N ranks resumes on M.
+
+Lineage. The plan of a pass maps every packed position back to a document, so a global
+window number tells exactly which documents it holds (`window_pieces`: no I/O), and
+`document_ids` names them (raw file, sha256, index in the file) reading only the `source`
+and `index` columns of the chunks involved; `document_windows` answers the reverse
+question. `blues lineage` (blues_train/lineage.py) is built on these.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from blues_train.tokenizer import EOT_ID
 SPLITS = ("train", "val")
 STATE_VERSION = 1
 BLOCK_TOKENS = 1 << 20  # windows are cut from the packed stream about this many at a time
+IDENTITY_CHUNKS = 64  # chunks whose source and index columns lineage lookups keep
 
 
 @dataclass
@@ -46,11 +53,61 @@ class Source:
     chunk: np.ndarray  # int32: index into the mixture's chunk list
     start: np.ndarray  # int64: offset of the document's first token in its chunk
     length: np.ndarray  # int64: tokens (> 0)
+    row: np.ndarray  # int32: the document's row in its chunk
     per_pass: int  # tokens this source contributes to each pass
 
     @property
     def tokens(self) -> int:
         return int(self.length.sum())
+
+
+@dataclass(frozen=True)
+class WindowPiece:
+    """The part of one document a window holds: the document's tokens [doc_start, doc_end)
+    are the window's tokens [window_start, window_end). Every window position no piece
+    covers is an EOT."""
+
+    source: int  # the mixture source (index into mixture["sources"])
+    chunk: int  # index into the mixture's chunk list (`PackedSequenceDataset.chunk_paths`)
+    row: int  # the document's row in that chunk
+    doc_start: int
+    doc_end: int
+    doc_length: int  # the whole document's tokens
+    window_start: int
+    window_end: int
+
+    @property
+    def document(self) -> tuple[int, int, int]:
+        """(source, chunk, row): the document's key within the mixture."""
+        return self.source, self.chunk, self.row
+
+
+@dataclass(frozen=True)
+class DocumentId:
+    """Who a document is: its token store, raw file (label in the store's manifest, and
+    sha256) and record number in that file (the chunk's `source` and `index` columns)."""
+
+    dataset: str  # the store folder, as the mixture records it
+    source: str
+    sha256: str
+    index: int
+
+    def to_dict(self) -> dict:
+        return {"dataset": self.dataset, "source": self.source, "sha256": self.sha256, "index": self.index}
+
+
+@dataclass(frozen=True)
+class DocumentWindow:
+    """One place a document was trained on: the document's tokens [doc_start, doc_end) are
+    tokens [window_start, window_end) of global window `window` (`epoch`: the mixture pass)."""
+
+    window: int
+    epoch: int
+    window_in_pass: int
+    doc_start: int
+    doc_end: int
+    window_start: int
+    window_end: int
 
 
 @dataclass
@@ -100,6 +157,21 @@ def chunk_offsets(table: pa.Table) -> np.ndarray:
     return np.concatenate([[0], ends])
 
 
+def chunk_identity(path) -> tuple[list[str], np.ndarray]:
+    """The `source` and `index` columns of a chunk (one entry per row), reading nothing else."""
+    try:
+        with pa.memory_map(str(path)) as file:
+            schema = pa.ipc.open_file(file).schema
+            fields = [schema.get_field_index(name) for name in ("source", "index")]
+            if min(fields) < 0:
+                raise BluesError(f"{path}: has no source and index columns; run `blues verify`")
+            options = pa.ipc.IpcReadOptions(included_fields=fields)
+            table = pa.ipc.open_file(file, options=options).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise BluesError(f"{path}: not a readable Arrow chunk ({exc}); run `blues verify`") from None
+    return table.column("source").to_pylist(), table.column("index").to_numpy()
+
+
 def load_sources(mixture: dict, split: str) -> tuple[list[Source], list, list[int]]:
     """The split's documents of every source, and the mixture's chunk paths and sizes."""
     fraction = mixture["validation"]["fraction"]
@@ -112,8 +184,8 @@ def load_sources(mixture: dict, split: str) -> tuple[list[Source], list, list[in
             parts.append(chunk_documents(path, manifest, len(paths), fraction, split))
             paths.append(path)
             n_tokens.append(chunk["n_tokens"])
-        chunk_ids, starts, lengths = (np.concatenate(p) for p in zip(*parts))
-        sources.append(Source(chunk_ids, starts, lengths, per_pass=entry["tokens"]))
+        chunk_ids, starts, lengths, rows = (np.concatenate(p) for p in zip(*parts))
+        sources.append(Source(chunk_ids, starts, lengths, rows, per_pass=entry["tokens"]))
     if split == "val":  # every held-out document once, of the sources the mixture trains on
         for source, entry in zip(sources, mixture["sources"]):
             source.per_pass = source.tokens if entry["tokens"] > 0 else 0
@@ -121,13 +193,14 @@ def load_sources(mixture: dict, split: str) -> tuple[list[Source], list, list[in
 
 
 def chunk_documents(path, manifest: dict, chunk_id: int, fraction: float, split: str):
-    """(chunk ids, token offsets, lengths) of the non-empty documents of `split` in a chunk."""
+    """(chunk ids, token offsets, lengths, rows) of the non-empty documents of `split` in a chunk."""
     table = store.read_chunk(path)
     offsets = chunk_offsets(table)
     lengths = np.diff(offsets)
     keep = (lengths > 0) & (validation_mask(table, manifest, fraction) == (split == "val"))
     starts = offsets[:-1][keep]
-    return np.full(len(starts), chunk_id, dtype=np.int32), starts, lengths[keep]
+    rows = np.flatnonzero(keep).astype(np.int32)
+    return np.full(len(starts), chunk_id, dtype=np.int32), starts, lengths[keep], rows
 
 
 def validation_mask(table: pa.Table, manifest: dict, fraction: float) -> np.ndarray:
@@ -255,6 +328,9 @@ class PackedSequenceDataset(IterableDataset):
         self._n_windows: dict[int, int] = {}
         self._start, self._start_windows = (0, 0), 0  # where this run began (or resumed)
         self._taken = 0  # windows this rank's own iterator handed out since then
+        self._lookup_cache: ChunkCache | None = None  # lineage lookups (window_tokens)
+        self._identity: OrderedDict[int, tuple[list[str], np.ndarray]] = OrderedDict()  # chunk -> columns
+        self._source_sha: dict[int, dict[str, str]] = {}  # mixture source -> raw file label -> sha256
         if self.num_windows(0) == 0:
             raise BluesError(f"{mixture_dir}: one pass of the {split} split is shorter than "
                              f"one window of seq_len + 1 = {seq_len + 1} tokens")
@@ -321,8 +397,13 @@ class PackedSequenceDataset(IterableDataset):
         epoch, window = self.advance(self._start, consumed * self.world_size)
         return {"version": STATE_VERSION, "mixture": self.mixture["fingerprint"],
                 "seed": self.seed, "seq_len": self.seq_len, "split": self.split,
-                "epoch": epoch, "window": window,
-                "windows": self._start_windows + consumed * self.world_size}
+                "epoch": epoch, "window": window, "windows": self.windows_consumed(consumed)}
+
+    def windows_consumed(self, consumed: int | None = None) -> int:
+        """The global number of the next window no rank has consumed (`state_dict()["windows"]`),
+        once this rank has taken `consumed` windows (default: what its iterator handed out)."""
+        consumed = self._taken if consumed is None else consumed
+        return self._start_windows + consumed * self.world_size
 
     def load_state_dict(self, state: dict) -> None:
         expected = {"version": STATE_VERSION, "mixture": self.mixture["fingerprint"],
@@ -334,6 +415,136 @@ class PackedSequenceDataset(IterableDataset):
         self._start = self.advance((int(state["epoch"]), 0), int(state["window"]))
         self._start_windows = int(state["windows"])
         self._taken = 0
+
+
+    # Lineage: global window numbers <-> documents. Windows are numbered from the start of
+    # pass 0, whatever this object's own start position.
+
+    def window_position(self, window: int) -> tuple[int, int]:
+        """(pass, window in the pass) of global window `window`."""
+        if window < 0:
+            raise BluesError(f"window {window}: global window numbers start at 0")
+        return self.advance((0, 0), window)
+
+    def window_pieces(self, window: int) -> list[WindowPiece]:
+        """The document pieces global window `window` holds, in window order (no I/O)."""
+        epoch, in_pass = self.window_position(window)
+        plan = self.pass_plan(epoch)
+        first, end = in_pass * self.seq_len, (in_pass + 1) * self.seq_len + 1
+        lo = int(np.searchsorted(plan.packed_start, first, side="right")) - 1
+        hi = int(np.searchsorted(plan.packed_start, end, side="left"))
+        pieces = []
+        for k in range(lo, hi):
+            packed, length = int(plan.packed_start[k]), int(plan.length[k])
+            a, b = max(packed, first), min(packed + length, end)
+            if a < b:  # else only the piece's closing EOT is in the window
+                pieces.append(self._piece(plan, k, a - packed, b - packed, a - first))
+        return pieces
+
+    def window_tokens(self, window: int) -> np.ndarray:
+        """The `seq_len + 1` tokens of global window `window` (uint32), as training saw them."""
+        epoch, in_pass = self.window_position(window)
+        if self._lookup_cache is None:
+            self._lookup_cache = ChunkCache(self.chunk_paths, self.chunk_sizes, self.cache_chunks)
+        out = np.empty(self.seq_len + 1, dtype=np.uint32)
+        pack(self.pass_plan(epoch), in_pass * self.seq_len, out, self._lookup_cache)
+        return out
+
+    def document_ids(self, documents) -> list[DocumentId]:
+        """Who the documents are, given as (source, chunk, row) keys (or WindowPieces): reads
+        the `source` and `index` columns of their chunks only (each chunk once)."""
+        ids = []
+        for key in documents:
+            source, chunk, row = key.document if isinstance(key, WindowPiece) else key
+            if chunk not in self._identity:
+                self._identity[chunk] = chunk_identity(self.chunk_paths[chunk])
+                while len(self._identity) > IDENTITY_CHUNKS:
+                    self._identity.popitem(last=False)
+            self._identity.move_to_end(chunk)
+            labels, indices = self._identity[chunk]
+            entry = self.mixture["sources"][source]
+            if source not in self._source_sha:
+                manifest = store.read_manifest(entry["path"])
+                self._source_sha[source] = {s["path"]: s["sha256"] for s in manifest["sources"]}
+            label = labels[row]
+            ids.append(DocumentId(str(entry["path"]), label, self._source_sha[source].get(label, ""),
+                                  int(indices[row])))
+        return ids
+
+    def find_document(self, source_file: str, index: int) -> tuple[int, int, int]:
+        """The (source, chunk, row) key of record `index` of raw file `source_file` (its label in
+        a store manifest, or its sha256 or a prefix of 8+ hex digits of it), reading only the
+        `source` and `index` columns of that store's chunks. BluesError when no store of the
+        mixture has such a document, or the name fits raw files of several stores."""
+        matches = []
+        for i, entry in enumerate(self.mixture["sources"]):
+            for s in store.read_manifest(entry["path"])["sources"]:
+                by_hash = len(source_file) >= 8 and s["sha256"].startswith(source_file.lower())
+                if s["path"] == source_file or by_hash:
+                    matches.append((i, s["path"]))
+        if not matches:
+            raise BluesError(f"{source_file}: no raw file of that name (or sha256) in the mixture's "
+                             "stores; give the path as `blues verify` or manifest.json sources[].path lists it")
+        if len(matches) > 1:
+            named = ", ".join(f"{self.mixture['sources'][i]['path']}: {label}" for i, label in matches[:3])
+            raise BluesError(f"{source_file}: fits {len(matches)} raw files ({named}); give more of the sha256")
+        source, label = matches[0]
+        entry = self.mixture["sources"][source]
+        manifest = store.read_manifest(entry["path"])
+        first_chunk = self.chunk_paths.index(store.chunk_path(entry["path"], manifest["chunks"][0]))
+        for number in range(len(manifest["chunks"])):
+            labels, indices = chunk_identity(self.chunk_paths[first_chunk + number])
+            rows = np.flatnonzero((indices == index) & (np.asarray(labels, dtype=object) == label))
+            if len(rows):
+                return source, first_chunk + number, int(rows[0])
+        raise BluesError(f"{label}:{index}: {entry['path']} holds no record {index} of {label} "
+                         "(it was skipped when prepared, or the file has fewer records)")
+
+    def document_length(self, document: tuple[int, int, int]) -> int | None:
+        """Tokens of `document` (a (source, chunk, row) key), or None when it is not in this
+        split (held out by the validation rule, or empty)."""
+        source, chunk, row = document
+        src = self.sources[source]
+        found = np.flatnonzero((src.chunk == chunk) & (src.row == row))
+        return int(src.length[found[0]]) if len(found) else None
+
+    def document_windows(self, document: tuple[int, int, int], end_window: int) -> list[DocumentWindow]:
+        """Every global window before `end_window` that holds part of `document` (a (source,
+        chunk, row) key), with the tokens it holds, in window order."""
+        source, chunk, row = document
+        src = self.sources[source]
+        found = np.flatnonzero((src.chunk == chunk) & (src.row == row))
+        if not len(found):
+            return []
+        doc_start, doc_length = int(src.start[found[0]]), int(src.length[found[0]])
+        hits, epoch, offset, L = [], 0, 0, self.seq_len
+        while offset < end_window:
+            plan, n = self.pass_plan(epoch), self.num_windows(epoch)
+            mine = np.flatnonzero((plan.source == source) & (plan.chunk == chunk) & (plan.start >= doc_start)
+                                  & (plan.start < doc_start + doc_length))
+            for k in mine.tolist():
+                packed, length = int(plan.packed_start[k]), int(plan.length[k])
+                skip = int(plan.start[k]) - doc_start
+                # window w holds packed positions [w L, w L + L]
+                for w in range(max(0, -(-packed // L) - 1), min(n - 1, (packed + length - 1) // L) + 1):
+                    if offset + w >= end_window:
+                        break
+                    a, b = max(packed, w * L), min(packed + length, w * L + L + 1)
+                    hits.append(DocumentWindow(offset + w, epoch, w, skip + a - packed, skip + b - packed,
+                                               a - w * L, b - w * L))
+            offset += n
+            epoch += 1
+        return sorted(hits, key=lambda h: (h.window, h.window_start))
+
+    def _piece(self, plan: Pass, k: int, skip: int, stop: int, window_start: int) -> WindowPiece:
+        """Piece k of the plan, its tokens [skip, stop) (of the piece) at `window_start`."""
+        source, chunk, start = int(plan.source[k]), int(plan.chunk[k]), int(plan.start[k])
+        src = self.sources[source]
+        lo, hi = np.searchsorted(src.chunk, chunk, side="left"), np.searchsorted(src.chunk, chunk, side="right")
+        doc = int(lo + np.searchsorted(src.start[lo:hi], start, side="right") - 1)
+        offset = start - int(src.start[doc])
+        return WindowPiece(source, chunk, int(src.row[doc]), offset + skip, offset + stop, int(src.length[doc]),
+                           window_start, window_start + stop - skip)
 
 
 def check_arguments(seq_len, rank, world_size, split, batch_size) -> None:

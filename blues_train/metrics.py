@@ -2,12 +2,25 @@
 
 Only rank 0 builds a `MetricsLog`. A record is a flat dict with at least `step` and
 `loss`; `experts` holds one entry per MoE layer (see `expert_utilization`).
+
+Lineage (train.py writes them, blues_train/lineage.py reads them):
+- `windows`: [first, end), the global loader windows the step consumed; `layout`:
+  {world_size, micro_batch, grad_accum}. Window g of the step went to rank (g - first) %
+  world_size, as that rank's i-th window of the step, i = (g - first) // world_size: in
+  micro-batch i // micro_batch, row i % micro_batch.
+- `data` (on the first step of every start or resume): {mixture, mixture_fingerprint,
+  seed, seq_len}, what the window numbers are numbers of.
+- `spike` (only on a spike step, see `SpikeDetector`): {median, ratio, factor, steps,
+  documents}: the step's `SPIKE_DOCUMENTS` worst documents by `document_losses`, each
+  {dataset, source, sha256, index, tokens, mean_loss, max_loss}.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
+from collections import deque
 from pathlib import Path
 
 from blues_train.atomic import os_error, write_atomic
@@ -42,6 +55,83 @@ def expert_utilization(tokens_per_expert: list[list[float]], layers: tuple[int, 
             "min_load": min(share) * n,
         })
     return report
+
+
+SPIKE_MIN_STEPS = 5  # losses known before a step can count as a spike
+SPIKE_DOCUMENTS = 5  # documents recorded with a spike
+
+
+class SpikeDetector:
+    """A step is a spike when its loss exceeds `factor` x the median loss of the `window`
+    steps before it (once at least SPIKE_MIN_STEPS of them are known; factor 0 = never).
+    Non-finite losses are neither spikes nor history. `history` (the last losses, oldest
+    first) continues a resumed run exactly: checkpoints keep it."""
+
+    def __init__(self, factor: float, window: int, history=()):
+        self.factor, self.window = factor, window
+        self.history: deque[float] = deque(list(history)[-window:], maxlen=window)
+
+    def observe(self, loss: float) -> float | None:
+        """Take the step's loss; the median it is a spike against, or None."""
+        if not math.isfinite(loss):
+            return None
+        enough = self.factor > 0 and len(self.history) >= min(SPIKE_MIN_STEPS, self.window)
+        median = statistics.median(self.history) if enough else None
+        self.median_of = len(self.history)  # losses the median was taken over
+        self.history.append(loss)
+        return median if median is not None and loss > self.factor * median else None
+
+
+def token_losses(model, input_ids, labels):
+    """Cross-entropy of every label under `model` (a BluesLM, in whatever mode the caller
+    set), [B, T] fp32 on the model's device, computed as the training loss is (final norm,
+    tied head, the real vocabulary) `loss_chunk_tokens` rows at a time; no gradients. The
+    final hidden states are taken from the model's own forward (a hook on its last norm),
+    so no logits of the whole batch are ever held."""
+    import torch
+
+    hidden = []
+    handle = model.norm.register_forward_hook(lambda module, args, out: hidden.append(out))
+    try:
+        with torch.no_grad():
+            model(input_ids, last_only=True)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        h_ND, target_N = hidden[0].flatten(0, 1), labels.flatten()
+        weight, vocab = model.embed.weight, model.config.vocab_size
+        chunk = model.options.loss_chunk_tokens
+        losses = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
+        for s in range(0, h_ND.shape[0], chunk):
+            logits = (h_ND[s:s + chunk] @ weight.T)[:, :vocab].float()
+            target = logits.gather(1, target_N[s:s + chunk, None]).squeeze(1)
+            losses[s:s + chunk] = logits.logsumexp(-1) - target
+    return losses.view(labels.shape)
+
+
+def document_losses(windows) -> list[dict]:
+    """Per document, worst first: `windows` is [(pieces, losses)] with a window's
+    `loader.WindowPiece`s and the seq_len losses of its labels (label t = window token
+    t + 1). A label belongs to the document whose token it is; an EOT label (the end of a
+    document) to the document it ends. Returns [{document: (source, chunk, row), tokens,
+    mean_loss, max_loss}], sorted by mean loss, then max loss, descending."""
+    totals: dict[tuple, list[float]] = {}
+    for pieces, losses in windows:
+        losses = [float(x) for x in losses]
+        owner = [None] * (len(losses) + 1)
+        for piece in pieces:
+            owner[piece.window_start:piece.window_end] = [piece.document] * (piece.window_end - piece.window_start)
+        for t, loss in enumerate(losses):
+            document = owner[t + 1] if owner[t + 1] is not None else owner[t]
+            if document is None:
+                continue
+            entry = totals.setdefault(document, [0, 0.0, -math.inf])
+            entry[0] += 1
+            entry[1] += loss
+            entry[2] = max(entry[2], loss)
+    result = [{"document": key, "tokens": n, "mean_loss": total / n, "max_loss": worst}
+              for key, (n, total, worst) in totals.items()]
+    return sorted(result, key=lambda d: (-d["mean_loss"], -d["max_loss"], d["document"]))
 
 
 def keep_until(out_dir, step: int) -> None:
@@ -107,4 +197,6 @@ def format_line(record: dict) -> str:
     if record.get("experts"):
         worst = max(layer["max_load"] for layer in record["experts"])
         parts.append(f"max expert load {worst:.2f}")
+    if record.get("spike"):
+        parts.append(f"SPIKE {record['spike']['ratio']:.2f}x the median (blues lineage --step {record['step']})")
     return " | ".join(parts)

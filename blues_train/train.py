@@ -33,6 +33,16 @@ micro-batch from (seed, step, index of the micro-batch in the global batch). A r
 on the same number of ranks therefore repeats the losses of an uninterrupted one, and on
 another number of ranks it sees the same windows in the same optimizer steps (the loader's
 position is global); with --micro_batch 1 even the micro-batches, and so the losses, agree.
+
+Lineage. Every step record says which global loader windows the step consumed
+(`windows`, `layout`; the first record of each start also `data`: mixture, seed, seq_len),
+so `blues lineage` maps a step to its documents exactly (blues_train/metrics.py documents
+the fields). A step whose loss exceeds --spike_factor x the running median of the last
+--spike_window steps is a spike: every rank scores its own windows of that step once more,
+in eval mode under the weights the step left (those a checkpoint of the step holds), and
+rank 0 records the step's worst documents by mean loss in the record's `spike`. That extra
+forward changes neither the weights nor the random state of later steps (each micro-batch
+reseeds), so the losses are those of a run without spike detection.
 """
 
 from __future__ import annotations
@@ -60,6 +70,8 @@ from blues_train.training_config import DEFAULT_SEQ_LEN, TrainingConfig, from_fl
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 CPU_MAX_MICRO_BATCH = 8
+# A test hook: each rank appends every step's windows, as it drew them, to FILE.rank<R> (JSON lines).
+WINDOW_DUMP_ENV = "BLUES_WINDOW_DUMP"
 
 
 def init_distributed() -> tuple[int, int]:
@@ -233,9 +245,13 @@ class Run:
     micro: int
     grad_accum: int
     start_step: int
+    spike_history: tuple = ()  # the losses before start_step that spike detection continues from
 
     def __post_init__(self):
         self.stream = iter(self.train_data)
+        self.spikes = metrics.SpikeDetector(self.cfg.spike_factor, self.cfg.spike_window, self.spike_history)
+        self.step_batches: list[tuple[torch.Tensor, torch.Tensor]] = []  # this rank's last step
+        self.window_dump = os.environ.get(WINDOW_DUMP_ENV)
         self.val_start = self.val_data.state_dict()
         self.tokens_per_step = self.micro * self.grad_accum * self.world_size * self.cfg.seq_len
         self.flops_per_token = flops_per_token(self.model_config, self.cfg.seq_len)
@@ -257,16 +273,41 @@ class Run:
         config, seed = self.model_config, self.cfg.seed * 2**40 + step * 2**16
         losses = torch.zeros(3, device=self.device)
         tokens_per_expert = 0
+        self.step_batches = []
         for micro_step in range(self.grad_accum):
             torch.manual_seed(seed + micro_step * self.world_size + self.rank)
             input_ids, labels = next_batch(self.stream, self.micro, self.device)
+            self.step_batches.append((input_ids, labels))  # kept for a spike's document losses
             out = self.engine(input_ids, labels=labels)
             loss = out.loss + config.aux_loss_coef * out.aux_loss + config.z_loss_coef * out.z_loss
             self.engine.backward(loss)  # scales by 1 / grad_accum; gradients are averaged over ranks
             self.engine.step()  # the optimizer steps only after the last micro-batch
             losses += torch.stack([out.loss, out.aux_loss, out.z_loss]).detach()
             tokens_per_expert = tokens_per_expert + out.tokens_per_expert
+        if self.window_dump:
+            self.dump_windows(step)
         return losses, tokens_per_expert
+
+    def dump_windows(self, step: int) -> None:
+        windows = [torch.cat([x, y[:, -1:]], dim=1) for x, y in self.step_batches]
+        line = {"step": step, "rank": self.rank, "windows": torch.cat(windows).tolist()}
+        with open(f"{self.window_dump}.rank{self.rank}", "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+    def step_token_losses(self) -> torch.Tensor:
+        """[windows of this rank in the last step, seq_len]: each label's cross-entropy under
+        the current weights, in eval mode (no router noise), in the order the rank drew them."""
+        self.engine.eval()
+        try:
+            return torch.cat([metrics.token_losses(self.engine.module, x, y) for x, y in self.step_batches])
+        finally:
+            self.engine.train()
+
+    def data_identity(self) -> dict:
+        """What the global window numbers of this run are numbers of."""
+        return {"mixture": str(Path(self.cfg.data_cache_dir).resolve()),
+                "mixture_fingerprint": self.mixture["fingerprint"], "seed": self.cfg.seed,
+                "seq_len": self.cfg.seq_len}
 
     def evaluate(self) -> float:
         windows = -(-self.cfg.eval_sequences // self.world_size)
@@ -279,6 +320,7 @@ class Run:
                 "world_size": self.world_size, "micro_batch": self.micro, "grad_accum": self.grad_accum,
                 "seq_len": self.cfg.seq_len, "tokens": step * self.tokens_per_step,
                 "loader": self.train_data.state_dict(), "seed": self.cfg.seed,
+                "spike_history": list(self.spikes.history),
                 "mixture": {"path": str(Path(self.cfg.data_cache_dir).resolve()),
                             "fingerprint": self.mixture["fingerprint"]},
                 "model_config": self.model_config.to_dict(), "code_version": checkpoint.code_version(),
@@ -299,6 +341,7 @@ def is_rank0() -> bool:
 
 def train(cfg: TrainingConfig) -> int:
     run = start(cfg)
+    cfg = run.cfg  # with seq_len resolved
     log = None
     if run.rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
@@ -312,6 +355,13 @@ def train(cfg: TrainingConfig) -> int:
         clock = time.perf_counter()
         for step in range(run.start_step + 1, cfg.max_steps + 1):
             record = step_record(run, step, *run.train_step(step), started=clock)
+            if step == run.start_step + 1:
+                record["data"] = run.data_identity()
+            median = run.spikes.observe(record["loss"])  # the same on every rank: the loss is all-reduced
+            if median is not None:
+                spike = spike_record(run, record, median)
+                if spike:
+                    record["spike"] = spike
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 record["val_loss"] = run.evaluate()
                 record["val_perplexity"] = math.exp(record["val_loss"])
@@ -374,7 +424,8 @@ def start(cfg: TrainingConfig) -> Run:
         loaders[0].load_state_dict(resume_meta["loader"])
     return Run(cfg=cfg, mixture=mixture, model_config=config, engine=engine, train_data=loaders[0],
                val_data=loaders[1], rank=rank, world_size=world_size, device=device, micro=micro,
-               grad_accum=grad_accum, start_step=resume_meta["step"] if resume_meta else 0)
+               grad_accum=grad_accum, start_step=resume_meta["step"] if resume_meta else 0,
+               spike_history=tuple(resume_meta.get("spike_history", ())) if resume_meta else ())
 
 
 def resolve_seq_len(cfg: TrainingConfig, config: BluesConfig, resume_meta: dict | None) -> int:
@@ -390,13 +441,40 @@ def step_record(run: Run, step: int, losses, tokens_per_expert, started: float) 
     runs from `started` to that sync."""
     (loss, aux, z), counts = global_means(losses, tokens_per_expert, run.grad_accum, run.world_size)
     seconds = time.perf_counter() - started
+    end = run.train_data.windows_consumed()
     record = {"step": step, "loss": loss, "aux_loss": aux, "z_loss": z,
               "lr": run.engine.get_lr()[0], "grad_norm": float(run.engine.get_global_grad_norm()),
               "tokens": step * run.tokens_per_step, "tokens_per_s": run.tokens_per_step / seconds,
-              "experts": metrics.expert_utilization(counts, run.model_config.moe_layers)}
+              "experts": metrics.expert_utilization(counts, run.model_config.moe_layers),
+              "windows": [end - run.micro * run.grad_accum * run.world_size, end],
+              "layout": {"world_size": run.world_size, "micro_batch": run.micro, "grad_accum": run.grad_accum}}
     if run.peak_flops:
         record["mfu"] = run.flops_per_token * record["tokens_per_s"] / (run.peak_flops * run.world_size)
     return record
+
+
+def spike_record(run: Run, record: dict, median: float) -> dict | None:
+    """A spike step's `spike` entry (metrics.py): every rank scores its windows of the step
+    (`Run.step_token_losses`), rank 0 gathers the losses, maps the windows to their documents
+    (the loader's plan; only the chunks involved are read) and keeps the worst documents.
+    All ranks call it; rank 0 returns the entry, the others None."""
+    import torch.distributed as dist
+
+    losses = run.step_token_losses().contiguous()
+    gathered = [torch.empty_like(losses) for _ in range(run.world_size)]
+    dist.all_gather(gathered, losses)
+    if run.rank != 0:
+        return None
+    by_rank = [g.float().cpu() for g in gathered]
+    first, end = record["windows"]
+    windows = [(run.train_data.window_pieces(g), by_rank[(g - first) % run.world_size][(g - first) // run.world_size])
+               for g in range(first, end)]
+    worst = metrics.document_losses(windows)[:metrics.SPIKE_DOCUMENTS]
+    names = run.train_data.document_ids([d["document"] for d in worst])
+    return {"median": median, "ratio": record["loss"] / median, "factor": run.cfg.spike_factor,
+            "steps": run.spikes.median_of,
+            "documents": [{**name.to_dict(), "tokens": d["tokens"], "mean_loss": d["mean_loss"],
+                           "max_loss": d["max_loss"]} for name, d in zip(names, worst)]}
 
 
 def save(run: Run, step: int, record: dict, reporter) -> None:

@@ -62,6 +62,10 @@ class TrainingConfig(Settings):
                                                  description="attention kernel; auto = flash_attn when installed")
     loss_chunk_tokens: int = Field(_OPTIONS.loss_chunk_tokens, ge=1,
                                    description="tokens per chunk of the fused head + cross-entropy")
+    spike_factor: float = Field(1.5, ge=0, allow_inf_nan=False,
+                                description="record a step whose loss exceeds this multiple of the running "
+                                "median (metrics.jsonl `spike`, with its worst documents); 0 = off")
+    spike_window: int = Field(50, ge=1, description="steps in the running median of --spike_factor")
 
     def run_options(self) -> RunOptions:
         return RunOptions(attn_backend=self.attn_backend, gradient_checkpointing=self.gradient_checkpointing,

@@ -196,6 +196,16 @@ def trained_model(
     }
     if checkpoints:
         metadata["checkpoint"] = dg.MetadataValue.path(checkpoints[-1]["path"])
+    # The loss spikes training recorded, each with its worst documents (from metrics.jsonl,
+    # nothing recomputed) and the `blues lineage` command that lists all of the step's.
+    from blues_train.lineage import spike_rows
+
+    spikes = spike_rows(out, checkpoints[-1]["path"] if checkpoints else None)
+    metadata["spike_count"] = len(spikes)
+    metadata["spikes"] = dg.MetadataValue.table([dg.TableRecord(row) for row in spikes], schema=dg.TableSchema(
+        columns=[dg.TableColumn("step", "int"), dg.TableColumn("loss", "float"), dg.TableColumn("median", "float"),
+                 dg.TableColumn("ratio", "float"), dg.TableColumn("top_documents", "string"),
+                 dg.TableColumn("explain", "string")]))
     return dg.MaterializeResult(metadata=metadata)
 
 
