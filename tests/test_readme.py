@@ -1,5 +1,6 @@
 """The README's quick tour runs as written: every command of its "Command line" block, in
-order, in a fresh folder, then its Python example."""
+order, in a fresh folder, then its Python example. Its `blues train` gives no --seq_len, so
+the default follows the tiny model (issue: a default that conflicts with the model)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def test_readme_command_line_tour_runs_as_written(tmp_path):
                                 timeout=300)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
         assert "Traceback" not in result.stderr, command
+        if command.startswith("blues train"):  # no --seq_len: the tiny model's 256, not the default 1024
+            assert "x seq_len 256 = 512 tokens per step" in result.stdout
     assert "perplexity: " in result.stdout
 
     example = readme_block("### `blues generate`", "python")
@@ -46,22 +49,3 @@ def test_readme_command_line_tour_runs_as_written(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("def main(")
-
-
-def test_train_defaults_follow_the_model(tmp_path):
-    """`blues train --data_cache_dir M --model tiny` with no --seq_len: the tiny model's 256,
-    not the 1024 default of the larger model."""
-    from blues_train.merge import merge
-    from blues_train.prepare import prepare_dataset
-    from blues_train.sample_corpus import write_sample_corpus
-
-    corpus = write_sample_corpus(tmp_path / "corpus", max_mb=0.3)
-    prepare_dataset(corpus["code"], tmp_path / "code", workers=1, progress=False)
-    merge([tmp_path / "code"], tmp_path / "mixture")
-    cmd = [str(BIN / "blues"), "train", "--data_cache_dir", str(tmp_path / "mixture"), "--model", "tiny",
-           "--out", str(tmp_path / "run"), "--max_steps", "1", "--global_batch_tokens", "512",
-           "--eval_sequences", "2"]
-    result = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "2"},
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "x seq_len 256 = 512 tokens per step" in result.stdout
