@@ -75,16 +75,7 @@ def dagster_dev(workdir: Path, config_path: Path, timeout: float = 120):
             start_new_session=True, preexec_fn=_default_signals,
         )
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert process.poll() is None, f"dagster dev exited:\n{log_path.read_text()[-3000:]}"
-            try:
-                if graphql(port, "{ assetNodes { id } }")["assetNodes"]:
-                    break
-            except (OSError, KeyError, TypeError):
-                pass
-            assert time.monotonic() < deadline, f"dagster dev not ready:\n{log_path.read_text()[-3000:]}"
-            time.sleep(1)
+        wait_until_serving(process, port, log_path, timeout)
         yield port
         wait_for_runs(port)
     finally:
@@ -99,3 +90,17 @@ def dagster_dev(workdir: Path, config_path: Path, timeout: float = 120):
             if leftover:
                 os.killpg(process.pid, signal.SIGKILL)
     assert not leftover, f"dagster dev left processes behind:\n{log_path.read_text()[-3000:]}"
+
+
+def wait_until_serving(process, port: int, log_path, timeout: float, interval: float = 1.0) -> None:
+    """Until the dagster dev `process` on `port` serves the asset graph (its log on failure)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, f"dagster dev exited:\n{log_path.read_text()[-3000:]}"
+        try:
+            if graphql(port, "{ assetNodes { id } }")["assetNodes"]:
+                return
+        except (OSError, KeyError, TypeError):
+            pass
+        assert time.monotonic() < deadline, f"dagster dev not ready:\n{log_path.read_text()[-3000:]}"
+        time.sleep(interval)

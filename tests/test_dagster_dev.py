@@ -17,7 +17,7 @@ from dagster_graphql import DagsterGraphQLClient
 from blues_project import write_project
 from blues_train.mixture import read_mixture
 from blues_train.prepare import prepare_dataset
-from dagster_server import REPO, dagster_dev, free_port, graphql, wait_for_runs
+from dagster_server import REPO, dagster_dev, free_port, graphql, wait_for_runs, wait_until_serving
 from pipelines.config import load_project_config
 from pipelines.home import ensure_dagster_home
 
@@ -84,16 +84,7 @@ def test_make_dev_stops_on_signal_as_a_background_job(tmp_path, sig):
         )
     tree = []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, f"dagster dev exited:\n{log_path.read_text()[-3000:]}"
-            try:
-                if graphql(port, "{ assetNodes { id } }")["assetNodes"]:
-                    break
-            except (OSError, KeyError, TypeError):
-                pass
-            assert time.monotonic() < deadline, f"dagster dev not ready:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
+        wait_until_serving(process, port, log_path, timeout=60, interval=0.5)
         tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
         commands = " ".join(" ".join(p.cmdline()) for p in tree)
         assert all(name in commands for name in ("dagster_webserver", "dagster._daemon", "code-server")), commands
