@@ -1,11 +1,15 @@
 """`blues prepare`: raw corpora -> a token store (the original `data.py`).
 
-The main process reads documents in order and cuts them into batches of about a MiB of
-text; worker processes tokenize the batches; the main process collects the results in
-order and cuts chunks at document boundaries once `chunk_tokens` is reached. Chunk
-boundaries depend only on the documents' token counts, so the chunks, their hashes and
-the fingerprint are the same for every worker count. At most a few batches per worker
-are in flight, so memory does not grow with the corpus.
+The main process reads documents in order, repairs undecodable bytes and cuts them into
+batches of about a MiB of text; the `--tokenizer_engine` encodes them (`encoding_engine`), on
+the main thread for one worker, in forked worker processes for more (`encoding_workers`);
+the main process collects the ids in order and cuts chunks at document boundaries once
+`chunk_tokens` is reached; a writer thread spot-checks each chunk against tiktoken
+(`spot_check`), compresses, hashes and writes it. Chunk boundaries depend only on the
+documents' token counts, and every engine gives tiktoken's ids, so the chunks, their hashes
+and the fingerprint are the same for every engine and worker count. At most a few batches
+per worker are in flight, and encode caches that have grown too much are dropped, so memory
+does not grow with the corpus.
 
 Each finished chunk is renamed into place and then recorded in a journal
 (`.prepare-journal.jsonl`, keyed on the sources' content hashes and the settings); the
@@ -19,23 +23,22 @@ tokenizer saw), `stored_bytes` the chunk files' bytes.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
-import signal
 import sys
 import time
-from collections import Counter, deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from blues_train import store, tokenizer
+from blues_train import encoding_engine, spot_check, store, tokenizer
 from blues_train.atomic import check_output_folder, os_error, sync_dir, write_atomic
+from blues_train.encoding_workers import default_workers, encode_batches
 from blues_train.errors import BluesError
 from blues_train.folder_lock import exclusive_writer
 from blues_train.sources import DEFAULT_GLOB, FORMATS, SkipLog, discover_sources, iter_documents, repair_text
@@ -43,7 +46,6 @@ from blues_train.sources import DEFAULT_GLOB, FORMATS, SkipLog, discover_sources
 DEFAULT_CHUNK_TOKENS = 1 << 21
 MAX_CHUNK_TOKENS = (1 << 31) - 1 - (1 << 26)  # a chunk closes after the document that crosses the limit
 BATCH_CHARS = 1 << 20
-BATCHES_IN_FLIGHT_PER_WORKER = 3
 JOURNAL = ".prepare-journal.jsonl"
 LOG_EVERY_S = 5.0
 
@@ -57,11 +59,14 @@ def prepare_dataset(
     glob=DEFAULT_GLOB,
     workers=None,
     chunk_tokens=DEFAULT_CHUNK_TOKENS,
+    tokenizer_engine="auto",
     progress=True,
 ) -> dict:
-    """Tokenize `inputs` (files and folders) into the token store `out_dir`; its manifest."""
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    if workers < 1 or not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS:
+    """Tokenize `inputs` (files and folders) into the token store `out_dir`; its manifest.
+
+    `tokenizer_engine` is a name (`encoding_engine.CHOICES`) or an engine object.
+    """
+    if workers is not None and workers < 1 or not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS:
         raise BluesError(f"--workers must be a positive integer and --chunk_tokens between 1 and "
                          f"{MAX_CHUNK_TOKENS:,} (Arrow list offsets are 32-bit)")
     say = print if progress else _silent
@@ -70,18 +75,23 @@ def prepare_dataset(
     sources = [s for s in discover_sources(inputs, fmt, glob) if not s.path.is_relative_to(out.resolve())]
     described = [_describe(source) for source in sources]
     settings = {"chunk_tokens": chunk_tokens, "text_field": text_field, "format": fmt, "glob": glob}
+    if isinstance(tokenizer_engine, str):
+        encoding_engine.check_choice(tokenizer_engine)
     with exclusive_writer(out):
-        return write_store(out, sources, described, settings, workers, say, progress)
+        return write_store(out, sources, described, settings, workers, say, progress, tokenizer_engine)
 
 
-def write_store(out: Path, sources, described: list[dict], settings: dict, workers: int, say,
-                progress: bool) -> dict:
+def write_store(out: Path, sources, described: list[dict], settings: dict, workers: int | None, say,
+                progress: bool, tokenizer_engine) -> dict:
     """The store of `sources` in `out`, resuming a killed run; a no-op when up to date."""
     key = run_key(described, settings)
     current = _finished_manifest(out, key)
     if current is not None:
         say(f"{out}: up to date with its {len(sources)} source(s), nothing to do")
         return current
+    engine = (encoding_engine.load_engine(tokenizer_engine) if isinstance(tokenizer_engine, str)
+              else tokenizer_engine)
+    workers = default_workers(engine) if workers is None else workers
     journal = Journal(out, key)
     tally = Tally()
     if journal.chunks:
@@ -90,15 +100,16 @@ def write_store(out: Path, sources, described: list[dict], settings: dict, worke
     skips = SkipLog()
     docs = iter_documents(sources, settings["text_field"], skips)
     docs = itertools.islice(docs, tally.docs, None)  # read again, not tokenized again
-    with Meter(progress) as meter, ChunkBuilder(out, journal, tally, settings["chunk_tokens"]) as builder:
-        for batch, tokenized in tokenize_batches(_batches(docs), workers):
-            builder.add(batch, tokenized)
-            meter.update(int(tokenized[2].sum()), int(tokenized[1].sum()))
+    batches = ((batch, batch.texts) for batch in _batches(docs))
+    with Meter(progress) as meter, ChunkBuilder(out, journal, tally, settings["chunk_tokens"], engine) as builder:
+        for batch, ids in encode_batches(batches, engine, workers):
+            builder.add(batch, ids)
+            meter.update(sum(batch.sizes), sum(map(len, ids)))
         builder.flush()
     if not tally.docs:
         raise BluesError(f"no documents found in {', '.join(s.label for s in sources) or 'the inputs'} "
                          f"({_skip_text(skips)})")
-    manifest = build_manifest(described, settings, tally, skips)
+    manifest = build_manifest(described, settings, tally, skips, engine)
     journal.finish(manifest)
     say(format_summary(manifest, out))
     return manifest
@@ -138,74 +149,45 @@ def _finished_manifest(out: Path, key: str) -> dict | None:
     return manifest
 
 
+@dataclass
+class Batch:
+    """Consecutive documents and their text as the engine sees it: undecodable bytes
+    repaired (`repaired`), with the UTF-8 size of each text."""
+
+    docs: list = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    repaired: list[bool] = field(default_factory=list)
+    chars: int = 0
+
+    def add(self, doc) -> None:
+        text, size, fixed = decoded(doc.text)
+        self.docs.append(doc)
+        self.texts.append(text)
+        self.sizes.append(size)
+        self.repaired.append(fixed)
+        self.chars += len(text)
+
+
+def decoded(text: str) -> tuple[str, int, bool]:
+    """`text` with its undecodable bytes turned into U+FFFD, its UTF-8 size, and whether any were."""
+    try:
+        return text, len(text) if text.isascii() else len(text.encode("utf-8")), False
+    except UnicodeEncodeError:
+        text = repair_text(text)
+        return text, len(text.encode("utf-8")), True
+
+
 def _batches(docs):
     """Consecutive documents, about BATCH_CHARS of text per batch."""
-    batch, chars = [], 0
+    batch = Batch()
     for doc in docs:
-        batch.append(doc)
-        chars += len(doc.text)
-        if chars >= BATCH_CHARS:
+        batch.add(doc)
+        if batch.chars >= BATCH_CHARS:
             yield batch
-            batch, chars = [], 0
-    if batch:
+            batch = Batch()
+    if batch.docs:
         yield batch
-
-
-def tokenize_texts(texts: list[str]):
-    """Token ids of each text, concatenated, with per-text lengths, UTF-8 sizes and repairs.
-
-    `encode_to_numpy` with no special tokens allowed gives `encode_ordinary`'s ids
-    straight into a uint32 buffer, without a Python list (about 9% faster, and a 50 MB
-    document needs no 450 MB list of ints).
-    """
-    encoding = tokenizer.get_encoding()
-    arrays, sizes, repaired = [], [], []
-    for text in texts:
-        try:
-            size = len(text) if text.isascii() else len(text.encode("utf-8"))
-            fixed = False
-        except UnicodeEncodeError:
-            text = repair_text(text)
-            size, fixed = len(text.encode("utf-8")), True
-        arrays.append(encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=()))
-        sizes.append(size)
-        repaired.append(fixed)
-    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
-    tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
-    return tokens, lengths, np.array(sizes, dtype=np.int64), np.array(repaired, dtype=bool)
-
-
-def tokenize_batches(batches, workers: int):
-    """(batch, tokenize_texts result) in input order; `workers` processes, bounded in flight."""
-    if workers == 1:
-        for batch in batches:
-            yield batch, tokenize_texts([doc.text for doc in batch])
-        return
-    tokenizer.get_encoding()  # built once here, inherited by the forked workers
-    with ProcessPoolExecutor(workers, mp_context=_fork_context(), initializer=_die_with_parent) as pool:
-        pending = deque()
-        for batch in batches:
-            pending.append((batch, pool.submit(tokenize_texts, [doc.text for doc in batch])))
-            if len(pending) >= workers * BATCHES_IN_FLIGHT_PER_WORKER:
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
-
-
-def _die_with_parent() -> None:
-    """Linux: a worker is terminated when prepare dies, even by SIGKILL (no orphans)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _fork_context():
-    """Fork where there is one: workers start at once with the encoding already built."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else None)
 
 
 class Tally:
@@ -213,20 +195,24 @@ class Tally:
 
     def __init__(self):
         self.chunks, self.docs, self.tokens, self.input_bytes, self.repaired = [], 0, 0, 0, 0
+        self.checked_docs = self.checked_tokens = 0
         self.lengths = Counter()
 
-    def add(self, entry: dict, lengths, input_bytes: int, repaired: int) -> None:
-        self.chunks.append({k: entry[k] for k in ("file", "sha256", "n_docs", "n_tokens", "bytes")})
-        self.docs += entry["n_docs"]
-        self.tokens += entry["n_tokens"]
-        self.input_bytes += input_bytes
-        self.repaired += repaired
+    def add(self, record: dict, lengths) -> None:
+        """`record`: a chunk's journal record."""
+        self.chunks.append({k: record[k] for k in ("file", "sha256", "n_docs", "n_tokens", "bytes")})
+        self.docs += record["n_docs"]
+        self.tokens += record["n_tokens"]
+        self.input_bytes += record["input_bytes"]
+        self.repaired += record["repaired"]
+        self.checked_docs += record.get("spot_checked_docs", 0)
+        self.checked_tokens += record.get("spot_checked_tokens", 0)
         self.lengths.update(lengths.tolist())
 
     def resume(self, out: Path, records: list[dict]) -> None:
         for record in records:
             table = store.read_chunk(store.chunk_path(out, record))
-            self.add(record, store.doc_lengths(table), record["input_bytes"], record["repaired"])
+            self.add(record, store.doc_lengths(table))
 
 
 class Journal:
@@ -298,13 +284,16 @@ def _has_hash(path: Path, record: dict) -> bool:
 class ChunkBuilder:
     """Collects tokenized documents and writes a chunk whenever chunk_tokens is reached.
 
-    Compressing, hashing and writing a chunk run on one writer thread (zstd, sha256 and
-    file I/O release the GIL), so tokenizing goes on meanwhile; at most one finished chunk
-    waits for it, in order. Leaving the `with` block waits for the last write.
+    Spot-checking, compressing, hashing and writing a chunk run on one writer thread (zstd,
+    sha256 and file I/O release the GIL, tiktoken for part of its work), so the main thread
+    reads and encodes meanwhile; at most one finished chunk waits for it, in order. Leaving
+    the `with` block waits for the last write.
     """
 
-    def __init__(self, out: Path, journal: Journal, tally: Tally, chunk_tokens: int):
+    def __init__(self, out: Path, journal: Journal, tally: Tally, chunk_tokens: int, engine):
         self.out, self.journal, self.tally, self.chunk_tokens = out, journal, tally, chunk_tokens
+        self.engine = engine
+        self.reference = None if engine.is_reference else encoding_engine.load_engine("tiktoken")
         self.writer = ThreadPoolExecutor(1)
         self.pending = None
         self._reset()
@@ -323,19 +312,20 @@ class ChunkBuilder:
             pending.result()
 
     def _reset(self) -> None:
-        self.arrays, self.sources, self.indices = [], [], []
+        self.arrays, self.texts, self.locations, self.sources, self.indices = [], [], [], [], []
         self.n_tokens, self.input_bytes, self.repaired = 0, 0, 0
 
-    def add(self, batch, tokenized) -> None:
-        tokens, lengths, sizes, repaired = tokenized
-        ends = np.cumsum(lengths)
-        for doc, length, end, size, fixed in zip(batch, lengths, ends, sizes, repaired):
-            self.arrays.append(tokens[end - length : end])
+    def add(self, batch: Batch, ids: list[np.ndarray]) -> None:
+        """`ids`: each document's token ids."""
+        for doc, text, doc_ids, size, fixed in zip(batch.docs, batch.texts, ids, batch.sizes, batch.repaired):
+            self.arrays.append(doc_ids)
+            self.texts.append(text)
+            self.locations.append(doc.location)
             self.sources.append(doc.source)
             self.indices.append(doc.index)
-            self.n_tokens += int(length)
-            self.input_bytes += int(size)
-            self.repaired += int(fixed)
+            self.n_tokens += len(doc_ids)
+            self.input_bytes += size
+            self.repaired += fixed
             if self.n_tokens >= self.chunk_tokens:
                 self.flush()
 
@@ -343,32 +333,40 @@ class ChunkBuilder:
         """Hand the collected documents to the writer thread as the next chunk."""
         if not self.arrays:
             return
-        lengths = np.array([len(a) for a in self.arrays], dtype=np.int64)
-        job = (np.concatenate(self.arrays), lengths, self.sources, self.indices, self.n_tokens,
-               self.input_bytes, self.repaired)
+        lengths = np.fromiter(map(len, self.arrays), dtype=np.int64, count=len(self.arrays))
+        tokens = np.concatenate(self.arrays).astype(np.uint32, copy=False)
+        job = (tokens, lengths, self.texts, self.locations, self.sources, self.indices, self.input_bytes,
+               self.repaired)
         self._wait()
         self.pending = self.writer.submit(self._write, *job)
         self._reset()
 
-    def _write(self, tokens, lengths, sources, indices, n_tokens: int, input_bytes: int, repaired: int) -> None:
+    def _write(self, tokens, lengths, texts, locations, sources, indices, input_bytes: int, repaired: int) -> None:
+        checked = (0, 0)
+        if self.reference is not None:
+            checked = spot_check.check_chunk(self.engine, self.reference, texts, locations, sources, indices,
+                                             tokens, lengths)
         data = store.encode_chunk(tokens, lengths, sources, indices)
         name = store.chunk_name(len(self.tally.chunks))
         self.journal.claim()
         write_atomic(self.out / name, data)
-        entry = {"file": name, "sha256": hashlib.sha256(data).hexdigest(),
-                 "n_docs": len(lengths), "n_tokens": n_tokens, "bytes": len(data),
-                 "input_bytes": input_bytes, "repaired": repaired}
-        self.journal.record(entry)
-        self.tally.add(entry, lengths, input_bytes, repaired)
+        record = {"file": name, "sha256": hashlib.sha256(data).hexdigest(),
+                  "n_docs": len(lengths), "n_tokens": len(tokens), "bytes": len(data),
+                  "input_bytes": input_bytes, "repaired": repaired,
+                  "spot_checked_docs": checked[0], "spot_checked_tokens": checked[1]}
+        self.journal.record(record)
+        self.tally.add(record, lengths)
 
 
-def build_manifest(sources: list[dict], settings: dict, tally: Tally, skips: SkipLog) -> dict:
+def build_manifest(sources: list[dict], settings: dict, tally: Tally, skips: SkipLog, engine) -> dict:
     info = tokenizer.tokenizer_info()
     stored = sum(c["bytes"] for c in tally.chunks)
     return {
         "format_version": store.FORMAT_VERSION,
         "kind": store.KIND,
         "tokenizer": info,
+        "tokenizer_engine": {**encoding_engine.engine_info(engine),
+                             "spot_check": {"docs": tally.checked_docs, "tokens": tally.checked_tokens}},
         "sources": sources,
         "chunks": tally.chunks,
         "totals": {"docs": tally.docs, "tokens": tally.tokens,
@@ -456,7 +454,12 @@ def parse_args(argv):
     parser.add_argument("--format", choices=FORMATS, help="format of every input (default: from extension)")
     parser.add_argument("--text_field", default="text", help="CSV column / JSON field / Parquet column")
     parser.add_argument("--glob", default=DEFAULT_GLOB, help="files to take from --input_dir folders")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="cores that tokenize: 1 is this process, more are worker processes "
+                             "(default: all cores for tiktoken, all but one for gigatoken)")
+    parser.add_argument("--tokenizer_engine", choices=encoding_engine.CHOICES, default="auto",
+                        help="gigatoken (checked against tiktoken), tiktoken, or auto: gigatoken "
+                             "where it is installed (default)")
     parser.add_argument("--chunk_tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
                         help=f"tokens per chunk file (default {DEFAULT_CHUNK_TOKENS:,})")
     return parser.parse_args(argv)
@@ -467,6 +470,7 @@ def main(argv=None) -> int:
     prepare_dataset(
         args.input_dir + args.dataset, args.cache_dir, fmt=args.format, text_field=args.text_field,
         glob=args.glob, workers=args.workers, chunk_tokens=args.chunk_tokens,
+        tokenizer_engine=args.tokenizer_engine,
     )
     return 0
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
@@ -310,6 +311,20 @@ class ZstdFrames(io.RawIOBase):
         return b"".join(parts)
 
 
+def parse_json(raw: bytes):
+    """What `json.loads` makes of the line, with invalid UTF-8 as lone surrogates (repaired
+    later), through orjson where it can (3-4x faster).
+
+    orjson accepts only strict JSON in valid UTF-8, a subset of what `json.loads` does, and
+    gives the same strings and objects for it; for the rest (invalid UTF-8, escaped lone
+    surrogates, NaN, integers past 64 bits, malformed lines) `json.loads` decides.
+    """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw.decode("utf-8", "surrogateescape"))
+
+
 def _json_lines(lines, source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
     for number, raw in enumerate(lines, start=1):
         location = f"{source.label}:{number}"
@@ -318,7 +333,7 @@ def _json_lines(lines, source: Source, text_field: str, skips: SkipLog) -> Itera
         if raw.isspace() or not raw:
             continue
         try:
-            record = json.loads(raw.decode("utf-8", "surrogateescape"))
+            record = parse_json(raw)
         except (ValueError, RecursionError):  # RecursionError: nested too deep
             skips.add("malformed_json", location)
             continue

@@ -10,11 +10,15 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import os
+import tempfile
 from importlib import resources
+from pathlib import Path
 
 import tiktoken
 import zstandard
 
+from blues_train.atomic import write_atomic
 from blues_train.errors import BluesError
 
 NAME = "o200k_base"
@@ -57,6 +61,32 @@ def vocabulary_bytes() -> bytes:
             f"expected {VOCAB_SHA256}: reinstall the package"
         )
     return raw
+
+
+def vocabulary_file() -> Path:
+    """A file holding the verified vocabulary, for encoders that load from a path.
+
+    Written once to the user's cache folder (or the temporary folder where that is not
+    writable) and used only while its sha256 is still the expected one.
+    """
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    folders = [Path(cache) / "blues", Path(tempfile.gettempdir()) / f"blues-{os.getuid()}"]
+    name = f"{NAME}-{VOCAB_SHA256[:16]}.tiktoken"
+    for folder in folders:
+        path = folder / name
+        try:
+            if hashlib.sha256(path.read_bytes()).hexdigest() == VOCAB_SHA256:
+                return path
+        except OSError:
+            pass
+        raw = vocabulary_bytes()
+        try:
+            write_atomic(path, raw)
+            return path
+        except BluesError:  # the OS refused: try the next folder
+            continue
+    raise BluesError(f"cannot write the o200k_base vocabulary to {' or '.join(str(f) for f in folders)}: "
+                     "make one of them writable, or set XDG_CACHE_HOME")
 
 
 @functools.cache

@@ -1,6 +1,7 @@
 """Plain reference implementations that more than one test module checks the fast code
 against: the MoE layer token by token, a token store read row by row with the validation
-rule written out, and which source each piece of a packed stream came from."""
+rule written out, and which source each piece of a packed stream came from; and the
+network switched off for a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ import torch.nn.functional as F
 
 from blues_model.moe import MoE
 from blues_train.tokenizer import EOT_ID
+
+# The first lines of a script run in a fresh interpreter that must work with no network.
+NETWORK_OFF = """
+import socket
+def refuse(*a, **k):
+    raise OSError("network disabled by test")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+socket.getaddrinfo = refuse
+"""
 
 
 def naive_moe(moe: MoE, x_TD):

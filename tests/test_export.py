@@ -29,6 +29,7 @@ from blues_train import checkpoint, export, tokenizer
 from blues_train.cli import main as blues_main
 from blues_train.errors import BluesError
 from blues_train.sources import SkipLog, discover_sources, iter_documents
+from reference import NETWORK_OFF
 
 BLUES = str(Path(sys.executable).parent / "blues")
 TOLERANCE = 1e-4  # max |logit difference|, float32
@@ -181,13 +182,8 @@ def test_special_tokens(hf_tokenizer, reference_encoding):
     assert hf_tokenizer.decode([tokenizer.EOT_ID]) == "<|endoftext|>"
 
 
-OFFLINE_SCRIPT = """
-import json, socket, sys
-def refuse(*a, **k):
-    raise OSError("network disabled by test")
-socket.socket.connect = refuse
-socket.create_connection = refuse
-socket.getaddrinfo = refuse
+OFFLINE_SCRIPT = NETWORK_OFF + """
+import json, sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 folder = sys.argv[1]

@@ -11,7 +11,7 @@ import pytest
 import zstandard
 
 from blues_train.errors import BluesError
-from blues_train.sources import SkipLog, discover_sources, format_of, iter_documents, repair_text
+from blues_train.sources import SkipLog, discover_sources, format_of, iter_documents, parse_json, repair_text
 
 
 def read_all(inputs, text_field="text", **kwargs):
@@ -155,3 +155,32 @@ def test_byte_order_mark_is_not_part_of_the_first_field(tmp_path):
     (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
     docs, skipped = read_all([tmp_path / "a.csv", tmp_path / "b.jsonl"])
     assert [d.text for d in docs] == ["hello", "first", "second"] and not skipped
+
+
+def _parsed(parse, raw):
+    """What the reader takes from a line parsed by `parse`: its "text" field's string (or
+    None), or why it has none."""
+    try:
+        record = parse(raw)
+    except (ValueError, RecursionError):
+        return "malformed"
+    if not isinstance(record, dict):
+        return "not an object"
+    if "text" not in record:
+        return "no text field"
+    value = record["text"]
+    return repr(value) if value is None or isinstance(value, str) else "not text"
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"text": "plain"}', b'{"text": "caf\xc3\xa9 \\u00e9 \\ud83d\\ude00 \xf0\x9f\x99\x82"}',
+    b'{"text": "lone \\ud800 surrogate"}', b'{"text": "bad \xff\xfe bytes"}', b'{"text": "a", "text": "b"}',
+    b'{"text": NaN}', b'{"n": 123456789012345678901234567890, "text": "big"}', b'{"text": 123456789012345678901234567890}',
+    b'{"text": null}', b'{"other": "x"}', b'{"text": "tab\\t\\r\\n"}  \r\n',
+    b'[1, 2]', b'"just a string"', b'{"text": "unterminated', b'{"text": "ctrl \x01"}', b'{"a": 1,}',
+    b"[" * 3000 + b"]" * 3000,
+])
+def test_json_lines_parse_exactly_as_json_loads(raw):
+    """The fast path (orjson) yields what json.loads would, or leaves the line to it."""
+    reference = _parsed(lambda line: json.loads(line.decode("utf-8", "surrogateescape")), raw)
+    assert _parsed(parse_json, raw) == reference

@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 from blues_train import tokenizer
+from reference import NETWORK_OFF
 
 
 def stdlib_texts(limit=40):
@@ -49,13 +50,7 @@ def test_tampered_vocabulary_is_refused(monkeypatch):
 
 def test_works_with_network_unavailable(tmp_path):
     """A fresh interpreter whose sockets all fail still builds the encoding."""
-    script = (
-        "import socket\n"
-        "def refuse(*a, **k):\n"
-        "    raise OSError('network disabled by test')\n"
-        "socket.socket.connect = refuse\n"
-        "socket.create_connection = refuse\n"
-        "socket.getaddrinfo = refuse\n"
+    script = NETWORK_OFF + (
         "import os; os.environ['TIKTOKEN_CACHE_DIR'] = os.environ['EMPTY']\n"
         "from blues_train import tokenizer\n"
         "print(tokenizer.encode('offline works'))\n"
