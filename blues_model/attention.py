@@ -55,14 +55,21 @@ class KVCache:
     `extend` reserves the slots of the next forward call; each layer's `update` then writes
     its keys and values there. Attention always reads all max_len slots (unfilled ones are
     invalid, so masked): shapes stay fixed from step to step, and kernels that plan per
-    shape (cuDNN attention) plan once.
+    shape (cuDNN attention) plan once. The buffers are allocated once (a static cache):
+    `k[layer]` and `v[layer]` are [B, max_len, n_kv_heads, head_dim], one tensor per layer,
+    so a CUDA graph captured over them (decode.py) stays valid while the cache is reused.
     """
 
     def __init__(self, config: BluesConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, max_len, config.n_kv_heads, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
+        self.start = self.length = 0
+
+    def reset(self) -> None:
+        """Empty the cache for a new batch of prompts; the buffers stay where they are."""
+        self.valid.zero_()
         self.start = self.length = 0
 
     def extend(self, valid_BT: torch.Tensor) -> torch.Tensor:
@@ -74,8 +81,8 @@ class KVCache:
         return self.valid
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k[layer, :, self.start : self.length] = k
-        self.v[layer, :, self.start : self.length] = v
+        self.k[layer][:, self.start : self.length] = k
+        self.v[layer][:, self.start : self.length] = v
         return self.k[layer], self.v[layer]
 
 
@@ -87,16 +94,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
         self.out = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, kv_cache: KVCache | None = None):
-        """x [B, T, d]; mask [B, 1, T, S] bool (True = may attend) or None for plain causal."""
+    def project(self, x, cos, sin):
+        """x [B, T, d] -> q [B, T, n_heads, hd], k and v [B, T, n_kv_heads, hd], rotary applied."""
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
         q = apply_rope(q.view(B, T, self.n_heads, hd), cos, sin)
         k = apply_rope(k.view(B, T, self.n_kv_heads, hd), cos, sin)
-        v = v.view(B, T, self.n_kv_heads, hd)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v)
+        return q, k, v.view(B, T, self.n_kv_heads, hd)
+
+    def attend(self, q, k, v, mask):
+        """Attention of q over k and v (all [B, T or S, heads, hd]), then the output projection."""
+        B, T = q.shape[:2]
         if self.backend == "flash_attn" and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             y = flash_attn_func(q, k, v, causal=True)
         else:
@@ -104,4 +113,20 @@ class Attention(nn.Module):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                 attn_mask=mask, is_causal=mask is None, enable_gqa=True,
             ).transpose(1, 2)
-        return self.out(y.reshape(B, T, self.n_heads * hd))
+        return self.out(y.reshape(B, T, self.n_heads * self.head_dim))
+
+    def forward(self, x, cos, sin, mask=None, kv_cache: KVCache | None = None):
+        """x [B, T, d]; mask [B, 1, T, S] bool (True = may attend) or None for plain causal."""
+        q, k, v = self.project(x, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+        return self.attend(q, k, v, mask)
+
+    def decode(self, x_B1D, cos, sin, mask_B11S, k_cache_BSGd, v_cache_BSGd, slot_1):
+        """One new token per row, written into this layer's cache at slot `slot_1` (a [1] int64
+        tensor, so a captured graph serves every step): the same computation as forward with
+        a KVCache, with no Python number that changes from step to step."""
+        q, k, v = self.project(x_B1D, cos, sin)
+        k_cache_BSGd.index_copy_(1, slot_1, k)
+        v_cache_BSGd.index_copy_(1, slot_1, v)
+        return self.attend(q, k_cache_BSGd, v_cache_BSGd, mask_B11S)

@@ -3,6 +3,10 @@
 A batch of prompts of different lengths is left-padded; the attention mask hides the
 padding and positions count real tokens only, so each row decodes exactly as it would
 alone (the router is per token and dropless, so padding cannot change routing).
+
+On CUDA `generate` decodes through decode.py (static cache, compiled step replayed as a
+CUDA graph); elsewhere, or with `fast=False`, through the eager loop below, the reference
+that the fast path is tested against.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import math
 import torch
 
 from .attention import KVCache
+from .decode import decoder_for
 from .model import IGNORE_INDEX, BluesLM
 
 EOT_ID = 199999  # <|endoftext|> in o200k_base
@@ -38,12 +43,14 @@ def sample_next(logits_BV, temperature: float = 1.0, top_p: float = 1.0, top_k: 
 
 @torch.inference_mode()
 def generate(model: BluesLM, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, eos_id: int | None = EOT_ID, generator=None) -> list[list[int]]:
+             top_p: float = 1.0, top_k: int = 0, eos_id: int | None = EOT_ID, generator=None,
+             fast: bool | None = None) -> list[list[int]]:
     """New tokens for each prompt, without the prompt and without the final eos_id.
 
     Stops a row at eos_id (None: never), after max_new_tokens, or when prompt + output
     reaches config.max_seq_len. temperature 0 is greedy. `generator` is a torch.Generator
-    on the model's device, for repeatable sampling.
+    on the model's device, for repeatable sampling. `fast` (default: on CUDA) decodes with
+    decode.py's captured step; False takes the eager loop.
     """
     if temperature < 0 or top_k < 0 or top_p < 0:
         raise ValueError(f"need temperature >= 0, top_k >= 0 and top_p >= 0, got {temperature}, {top_k}, {top_p}")
@@ -52,35 +59,49 @@ def generate(model: BluesLM, prompts: list[list[int]], max_new_tokens: int, temp
     if min(len(p) for p in prompts) == 0 or longest >= cfg.max_seq_len:
         raise ValueError(f"every prompt needs 1 to {cfg.max_seq_len - 1} tokens (max_seq_len {cfg.max_seq_len})")
     n_new = min(max_new_tokens, cfg.max_seq_len - longest)
+    if n_new < 1:
+        return [[] for _ in prompts]
     param = next(model.parameters())
     ids_BP = torch.zeros(len(prompts), longest, dtype=torch.long)
     valid_BP = torch.zeros(len(prompts), longest, dtype=torch.bool)
     for row, prompt in enumerate(prompts):
         ids_BP[row, longest - len(prompt) :] = torch.as_tensor(prompt)
         valid_BP[row, longest - len(prompt) :] = True
-    cache = KVCache(cfg, len(prompts), longest + n_new, device=param.device, dtype=param.dtype)
+    ids_BP, valid_BP = ids_BP.to(param.device), valid_BP.to(param.device)
+
+    def sample(logits_BV):
+        return sample_next(logits_BV, temperature, top_p, top_k, generator)
 
     was_training = model.training
     model.eval()
     try:
-        logits_BV = model(ids_BP.to(param.device), attention_mask=valid_BP.to(param.device), kv_cache=cache,
-                          last_only=True).logits[:, -1]
-        new_tokens = []
-        done_B = torch.zeros(len(prompts), dtype=torch.bool, device=param.device)
-        for step in range(n_new):
-            next_B = sample_next(logits_BV, temperature, top_p, top_k, generator)
-            new_tokens.append(next_B)
-            if eos_id is not None:
-                done_B |= next_B == eos_id
-                if bool(done_B.all()):
-                    break
-            if step + 1 < n_new:
-                logits_BV = model(next_B.unsqueeze(1), kv_cache=cache).logits[:, -1]
+        if param.is_cuda if fast is None else fast:
+            decoder = decoder_for(model, len(prompts), longest + n_new, greedy=temperature == 0)
+            rows = decoder.generate(ids_BP, valid_BP, n_new, sample, eos_id).tolist()
+        else:
+            rows = eager_decode(model, ids_BP, valid_BP, n_new, sample, eos_id)
     finally:
         model.train(was_training)
-
-    rows = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
     return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
+def eager_decode(model: BluesLM, ids_BP, valid_BP, n_new: int, sample, eos_id: int | None) -> list[list[int]]:
+    """The plain loop: a KVCache, one eager forward per new token, a host check per token."""
+    B, P = ids_BP.shape
+    cache = KVCache(model.config, B, P + n_new, device=ids_BP.device, dtype=next(model.parameters()).dtype)
+    logits_BV = model(ids_BP, attention_mask=valid_BP, kv_cache=cache, last_only=True).logits[:, -1]
+    new_tokens = []
+    done_B = torch.zeros(B, dtype=torch.bool, device=ids_BP.device)
+    for step in range(n_new):
+        next_B = sample(logits_BV)
+        new_tokens.append(next_B)
+        if eos_id is not None:
+            done_B |= next_B == eos_id
+            if bool(done_B.all()):
+                break
+        if step + 1 < n_new:
+            logits_BV = model(next_B.unsqueeze(1), kv_cache=cache).logits[:, -1]
+    return torch.stack(new_tokens, dim=1).tolist()
 
 
 @torch.inference_mode()

@@ -90,6 +90,14 @@ class Block(nn.Module):
         y, aux_loss, z_loss, tokens_per_expert = self.ffn(h.flatten(0, 1))
         return x + y.view_as(x), (aux_loss, z_loss, tokens_per_expert)
 
+    def decode(self, x, cos, sin, mask, k_cache, v_cache, slot, moe_dispatch: str = "dense", experts_t=None):
+        """forward for one new token per row with a static cache (decode.py), eval mode, no MoE stats."""
+        x = x + self.attn.decode(self.attn_norm(x), cos, sin, mask, k_cache, v_cache, slot)
+        h = self.ffn_norm(x)
+        if not self.is_moe:
+            return x + self.ffn(h)
+        return x + self.ffn.decode(h.flatten(0, 1), moe_dispatch, experts_t).view_as(x)
+
 
 def cross_entropy_chunk(logits_NV, target_N, valid_N, vocab_size: int, need_grad: bool):
     """(sum of CE over valid rows, its gradient w.r.t. the logits in logits' dtype or None).

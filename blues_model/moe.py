@@ -18,6 +18,17 @@ Experts: the (token, expert) pairs are sorted by expert and both SwiGLU matmuls 
 `torch._grouped_mm` each over the 3-D weights w_gate_up [E, D, 2H] (gate block first,
 then up) and w_down [E, H, D]. Nothing in forward reads a value back to the host.
 
+Decoding (`MoE.decode`, used by decode.py's captured step) computes the same output for
+the few tokens of a decode step without the losses, in one of two dispatches, both free of
+host syncs and of data-dependent shapes: "grouped" is forward's sorted `_grouped_mm`
+(which reads only the experts some token chose); "dense" runs every expert on every token
+as two batched matmuls and weighs the outputs by the routing weights, zero for the experts
+a token did not choose (E / K times the arithmetic, no sort, no gather); "gather" reads
+each (token, expert) pair's expert weights by index inside the product (no sort, no copy;
+T*K experts' bytes, so for a handful of tokens only).
+Float32 weights on CUDA cannot take "grouped": there `_grouped_mm` falls back to a loop
+that reads the offsets back to the host.
+
 Losses, per layer: load balancing in the Switch convention (arXiv 2101.03961, Eq. 4),
 E * sum_e f_e * P_e, where f_e is the share of the T*K routed pairs sent to expert e and
 P_e the mean routing probability of expert e; it is exactly 1.0 when both are uniform
@@ -32,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BluesConfig
+
+DISPATCHES = ("dense", "grouped", "gather")  # MoE.decode's ways to reach the experts
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -66,6 +79,21 @@ class Router(nn.Module):
             return top_logits_TK.softmax(-1), ids_TK, logits_TE.softmax(-1), clean_TE
 
 
+    def choose(self, x_TD: torch.Tensor):
+        """Eval-mode routing as forward's, for decoding: (weights_TK, ids_TK). The top-k is k
+        successive arg-maxes, which torch.compile fuses with the softmax (topk is a library
+        kernel of its own); the same experts, in the same order, unless two logits tie."""
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = x_TD.float() @ self.w_gate.float()
+            top, ids = [], []
+            for _ in range(self.top_k):
+                top_T1, id_T1 = logits_TE.max(-1, keepdim=True)
+                top.append(top_T1)
+                ids.append(id_T1)
+                logits_TE = logits_TE.scatter(-1, id_T1, float("-inf"))
+            return torch.cat(top, -1).softmax(-1), torch.cat(ids, -1)
+
+
 class MoE(nn.Module):
     def __init__(self, config: BluesConfig):
         super().__init__()
@@ -77,10 +105,16 @@ class MoE(nn.Module):
 
     def forward(self, x_TD: torch.Tensor):
         """x [T, D] -> (out [T, D], aux_loss, z_loss, tokens_per_expert [E] int64)."""
+        weights_TK, ids_TK, probs_TE, clean_TE = self.router(x_TD)
+        out_TD, tokens_per_expert_E = self.grouped_experts(x_TD, weights_TK, ids_TK)
+        aux_loss = load_balancing_loss(probs_TE, tokens_per_expert_E, self.top_k)
+        z_loss = torch.logsumexp(clean_TE, dim=-1).square().mean()
+        return out_TD, aux_loss, z_loss, tokens_per_expert_E
+
+    def grouped_experts(self, x_TD, weights_TK, ids_TK):
+        """Sorted dispatch: -> (sum_k weight_k * expert_k(x) [T, D], tokens_per_expert [E])."""
         T, D = x_TD.shape
         E, K = self.w_gate_up.shape[0], self.top_k
-        weights_TK, ids_TK, probs_TE, clean_TE = self.router(x_TD)
-
         ids_flat_TK = ids_TK.flatten()
         tokens_per_expert_E = torch.zeros(E, dtype=torch.int64, device=x_TD.device)
         tokens_per_expert_E.scatter_add_(0, ids_flat_TK, torch.ones_like(ids_flat_TK))
@@ -99,7 +133,48 @@ class MoE(nn.Module):
         )
         y_TKD = y_sorted_TKD.index_select(0, pair_to_sorted_TK).view(T, K, D)
         out_TD = (y_TKD * weights_TK.to(dtype).unsqueeze(-1)).sum(dim=1)
+        return out_TD, tokens_per_expert_E
 
-        aux_loss = load_balancing_loss(probs_TE, tokens_per_expert_E, K)
-        z_loss = torch.logsumexp(clean_TE, dim=-1).square().mean()
-        return out_TD, aux_loss, z_loss, tokens_per_expert_E
+    def dense_experts(self, x_TD, weights_TK, ids_TK):
+        """Every expert on every token: -> sum_e combine[t, e] * expert_e(x) [T, D], where
+        combine holds the routing weight of each chosen expert and 0 elsewhere."""
+        dtype = compute_dtype(self.w_gate_up)
+        combine_TE = torch.zeros(x_TD.shape[0], self.w_gate_up.shape[0], device=x_TD.device, dtype=weights_TK.dtype)
+        combine_TE = combine_TE.scatter(1, ids_TK, weights_TK)
+        gate_up_ET2H = torch.matmul(x_TD.to(dtype), self.w_gate_up.to(dtype))
+        gate_ETH, up_ETH = gate_up_ET2H.chunk(2, dim=-1)
+        y_ETD = torch.bmm(F.silu(gate_ETH) * up_ETH, self.w_down.to(dtype))
+        return (y_ETD * combine_TE.T.to(dtype).unsqueeze(-1)).sum(dim=0)
+
+    def gathered_experts(self, x_TD, weights_TK, ids_TK, experts_t=None):
+        """Each (token, expert) pair against that expert's weights, read by index inside the
+        product (a multiply and a float32 sum, which torch.compile turns into one reduction
+        kernel per projection that reads only the T*K chosen experts' weights: no sort, no
+        copy): -> sum_k weight_k * expert_k(x) [T, D]. `experts_t` = (w_gate_up [E, 2H, D],
+        w_down [E, D, H]), the weights transposed so that each sum runs along contiguous
+        memory (default: transposed views of the parameters). For the few tokens of a small
+        decode batch; eagerly it materializes [T*K, 2H, D] products."""
+        T, D = x_TD.shape
+        dtype = compute_dtype(self.w_gate_up)
+        w_gate_up_E2HD, w_down_EDH = experts_t or (self.w_gate_up.transpose(1, 2), self.w_down.transpose(1, 2))
+        ids_flat_TK = ids_TK.flatten()
+        x_TKD = x_TD.to(dtype).repeat_interleave(self.top_k, dim=0)
+        w_TK2HD = w_gate_up_E2HD.to(dtype)[ids_flat_TK]
+        gate_up_TK2H = (x_TKD.float().unsqueeze(1) * w_TK2HD.float()).sum(-1).to(dtype)
+        gate_TKH, up_TKH = gate_up_TK2H.chunk(2, dim=-1)
+        h_TKH = F.silu(gate_TKH) * up_TKH
+        w_TKDH = w_down_EDH.to(dtype)[ids_flat_TK]
+        y_TKD = (h_TKH.float().unsqueeze(1) * w_TKDH.float()).sum(-1).to(dtype)
+        return (y_TKD.view(T, self.top_k, D) * weights_TK.to(dtype).unsqueeze(-1)).sum(dim=1)
+
+    def decode(self, x_TD: torch.Tensor, dispatch: str = "dense", experts_t=None) -> torch.Tensor:
+        """x [T, D] -> out [T, D] as forward computes it (eval mode), without the losses.
+        `experts_t`: transposed expert weights for "gather" (see gathered_experts)."""
+        weights_TK, ids_TK = self.router.choose(x_TD)
+        if dispatch == "grouped":
+            return self.grouped_experts(x_TD, weights_TK, ids_TK)[0]
+        if dispatch == "dense":
+            return self.dense_experts(x_TD, weights_TK, ids_TK)
+        if dispatch == "gather":
+            return self.gathered_experts(x_TD, weights_TK, ids_TK, experts_t)
+        raise ValueError(f"MoE dispatch {dispatch!r} must be one of {DISPATCHES}")
