@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from blues_train import storage
 from blues_train.atomic import os_error
 from blues_train.errors import BluesError
 
@@ -44,6 +45,12 @@ def run_command(main_fn, argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # an object store's failure no call site worded: still one line
+        error = storage.user_error(exc, None) if storage.is_storage_exception(exc) else None
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

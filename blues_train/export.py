@@ -46,7 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from blues_model import BluesConfig, BluesLM
-from blues_train import checkpoint, tokenizer
+from blues_train import checkpoint, remote_run, storage, tokenizer
 from blues_train.atomic import (FILE_MODE, check_output_folder, folder_error, os_error, sync_dir, write_atomic,
                                 write_json_atomic)
 from blues_train.errors import BluesError
@@ -305,14 +305,18 @@ def replace_folder(new: Path, out: Path) -> None:
 def export(checkpoint_path, out, dtype: str = DEFAULT_DTYPE) -> dict:
     """Export the checkpoint (a step-N folder, or a run folder's latest) to `out`."""
     check_dtype(dtype)
-    folder = checkpoint_folder(checkpoint_path)
+    if storage.is_remote(out):
+        raise BluesError(f"--out {out}: an export is written to a local folder (transformers and vLLM load "
+                         "from one); export here, then copy the folder to the bucket")
+    folder = remote_run.fetch_model(checkpoint_path) if storage.is_remote(checkpoint_path) else \
+        checkpoint_folder(checkpoint_path)
     if Path(out).resolve().is_relative_to(folder.resolve()):
         raise BluesError(f"--out {out}: inside the checkpoint {folder}, whose recorded files it would "
                          "change; choose a folder outside it")
     check_out(Path(out))
     model = load_model(folder, device="cpu")  # hashes checked, safetensors only
     meta_path = folder / checkpoint.META_FILE
-    source = {"checkpoint": str(folder.resolve())}
+    source = {"checkpoint": str(checkpoint_path) if storage.is_remote(checkpoint_path) else str(folder.resolve())}
     if meta_path.is_file():
         meta = checkpoint.read_meta(folder)
         source.update(step=meta.get("step"), model_sha256=(meta.get("files") or {}).get(checkpoint.MODEL_FILE))

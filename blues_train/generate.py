@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from blues_model import BluesConfig, BluesLM
 from blues_model.generation import generate, perplexity
-from blues_train import checkpoint, tokenizer
+from blues_train import checkpoint, remote_run, storage, tokenizer
 from blues_train.errors import BluesError
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' names of the dtypes weights may have
@@ -55,7 +55,10 @@ def checkpoint_folder(path) -> Path:
 def load_model(path, device: str | None = None) -> BluesLM:
     """The model of a checkpoint folder (or run folder), in eval mode, on `device`
     (default: cuda when available)."""
-    folder = checkpoint_folder(path)
+    if storage.is_remote(path):  # its weights and config, each checked against meta.json's sha256
+        folder = remote_run.fetch_model(path)
+    else:
+        folder = checkpoint_folder(path)
     if (folder / checkpoint.META_FILE).exists():  # a folder Blues saved: nothing changed since
         checkpoint.verify_files(folder)
     config_path, weights_path = folder / checkpoint.CONFIG_FILE, folder / checkpoint.MODEL_FILE
@@ -189,7 +192,7 @@ def main(argv=None) -> int:
         text = args.eval_text
         if args.eval_file is not None:
             try:
-                text = Path(args.eval_file).read_text(encoding="utf-8")
+                text = storage.read_bytes(args.eval_file).decode("utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise BluesError(f"--eval_file {args.eval_file}: cannot read it as UTF-8 text ({exc})") from None
         print(f"perplexity: {evaluate_perplexity(model, text):.4f}")

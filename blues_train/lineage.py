@@ -23,11 +23,10 @@ import argparse
 import bisect
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from blues_train import metrics, tokenizer
+from blues_train import metrics, storage, tokenizer
 from blues_train.errors import BluesError
 from blues_train.loader import PackedSequenceDataset
 from blues_train.mixture import held_out, read_mixture
@@ -38,7 +37,7 @@ SCORE_BATCH = 8  # windows per forward under --loss
 
 def read_records(run_dir) -> list[dict]:
     """The step records of `run_dir/metrics.jsonl`, by step (a torn last line is skipped)."""
-    path = Path(run_dir) / metrics.METRICS_FILE
+    path = storage.path(run_dir) / metrics.METRICS_FILE
     if not path.is_file():
         raise BluesError(f"{path}: no metrics; --run must be the --out folder of a training run")
     records = {}
@@ -55,10 +54,10 @@ def find_step(records: list[dict], step: int, run_dir) -> dict:
     by_step = {r["step"]: r for r in records}
     if step not in by_step:
         known = f"steps {records[0]['step']}-{records[-1]['step']}" if records else "no steps"
-        raise BluesError(f"--step {step}: {Path(run_dir) / metrics.METRICS_FILE} records {known}")
+        raise BluesError(f"--step {step}: {storage.path(run_dir) / metrics.METRICS_FILE} records {known}")
     record = by_step[step]
     if "windows" not in record:
-        raise BluesError(f"--step {step}: {Path(run_dir) / metrics.METRICS_FILE} records no windows for it "
+        raise BluesError(f"--step {step}: {storage.path(run_dir) / metrics.METRICS_FILE} records no windows for it "
                          "(trained by a Blues that did not record lineage)")
     return record
 
@@ -217,7 +216,7 @@ def spike_rows(run_dir, checkpoint=None, top: int = 3) -> list[dict]:
 # ---- the command line ----
 
 def dataset_name(path: str) -> str:
-    return Path(path).name
+    return storage.path(path).name
 
 
 def quoted(text: str) -> str:
@@ -332,12 +331,13 @@ def main(argv=None) -> int:
         report = step_lineage(stream, record, model)
         report.update(run=str(args.run), data=data)
         if model is not None:
-            report["checkpoint"] = str(checkpoint_folder(args.checkpoint))
+            report["checkpoint"] = (args.checkpoint if storage.is_remote(args.checkpoint)
+                                    else str(checkpoint_folder(args.checkpoint)))
             report["documents"] = report["documents"][:args.top or None]
         print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else format_step(report, args.run, data))
         return 0
     if not records:
-        raise BluesError(f"{Path(args.run) / metrics.METRICS_FILE}: records no steps")
+        raise BluesError(f"{storage.path(args.run) / metrics.METRICS_FILE}: records no steps")
     source_file, index = parse_document(args.document)
     data = data_of(records, records[-1]["step"])
     report = document_lineage(open_stream(data, args.mixture), records, data, source_file, index)

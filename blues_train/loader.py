@@ -35,7 +35,8 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from blues_train import store
+from blues_train import storage, store
+from blues_train.chunk_files import ChunkFiles
 from blues_train.errors import BluesError
 from blues_train.mixture import held_out, read_mixture, source_manifest
 from blues_train.tokenizer import EOT_ID
@@ -123,17 +124,33 @@ class Pass:
 
 
 class ChunkCache:
-    """The decompressed tokens of the most recently used chunks, at most `capacity`."""
+    """The decompressed tokens of the most recently used chunks, at most `capacity`.
 
-    def __init__(self, paths: list, n_tokens: list[int], capacity: int):
+    Remote chunks (`paths` entries that are `storage.RemotePath`s) are read from their local
+    copies in `files` (a `ChunkFiles`), given each chunk's (sha256, bytes) in `chunks`.
+    """
+
+    def __init__(self, paths: list, n_tokens: list[int], capacity: int, files: ChunkFiles | None = None,
+                 chunks: list | None = None):
         self.paths, self.n_tokens, self.capacity = paths, n_tokens, capacity
+        self.files, self.chunks = files, chunks
         self.tokens: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def local_path(self, chunk: int):
+        """Where chunk `chunk` is read from: its own path, or its local copy."""
+        return chunk_file(self.paths, self.files, self.chunks, chunk)
+
+    def prefetch(self, chunks) -> None:
+        """Fetch these chunks' objects ahead, in the background (remote chunks only)."""
+        if self.files is not None:
+            self.files.prefetch((self.paths[c], *self.chunks[c]) for c in chunks
+                                if c not in self.tokens and isinstance(self.paths[c], storage.RemotePath))
 
     def get(self, chunk: int) -> np.ndarray:
         if chunk in self.tokens:
             self.tokens.move_to_end(chunk)
             return self.tokens[chunk]
-        tokens = chunk_tokens(store.read_chunk(self.paths[chunk]))
+        tokens = chunk_tokens(store.read_chunk(self.local_path(chunk)))
         if len(tokens) != self.n_tokens[chunk]:
             raise BluesError(
                 f"{self.paths[chunk]}: holds {len(tokens)} tokens, the manifest says "
@@ -143,6 +160,22 @@ class ChunkCache:
         if len(self.tokens) > self.capacity:
             self.tokens.popitem(last=False)
         return tokens
+
+
+def chunk_file(paths: list, files: ChunkFiles | None, chunks: list | None, chunk: int):
+    """Chunk `chunk`'s own path, or for a remote one its verified local copy."""
+    path = paths[chunk]
+    if files is None or not isinstance(path, storage.RemotePath):
+        return path
+    sha256, size = chunks[chunk]
+    return files.local(path, sha256, size)
+
+
+def plan_chunks(plan: "Pass", first: int, end: int) -> list[int]:
+    """The chunks the pass's packed tokens [first, end) come from, in stream order."""
+    lo = max(int(np.searchsorted(plan.packed_start, first, side="right")) - 1, 0)
+    hi = int(np.searchsorted(plan.packed_start, end, side="left"))
+    return list(dict.fromkeys(plan.chunk[lo:hi].tolist()))
 
 
 def chunk_tokens(table: pa.Table) -> np.ndarray:
@@ -172,24 +205,36 @@ def chunk_identity(path) -> tuple[list[str], np.ndarray]:
     return table.column("source").to_pylist(), table.column("index").to_numpy()
 
 
-def load_sources(mixture: dict, split: str) -> tuple[list[Source], list, list[int]]:
-    """The split's documents of every source, and the mixture's chunk paths and sizes."""
+def load_sources(mixture: dict, split: str, files: ChunkFiles | None = None):
+    """The split's documents of every source, and the mixture's chunk paths, sizes in tokens
+    and (sha256, bytes). Remote chunks are read through `files` (default: a ChunkFiles in
+    the default cache folder), fetched a few ahead in parallel."""
     fraction = mixture["validation"]["fraction"]
-    sources, paths, n_tokens = [], [], []
-    for entry in mixture["sources"]:
-        manifest = source_manifest(entry)
+    manifests = [source_manifest(entry) for entry in mixture["sources"]]
+    listed = [(store.chunk_path(entry["path"], chunk), chunk)
+              for entry, manifest in zip(mixture["sources"], manifests) for chunk in manifest["chunks"]]
+    paths = [path for path, _ in listed]
+    chunks = [(chunk["sha256"], chunk["bytes"]) for _, chunk in listed]
+    if files is None and any(isinstance(p, storage.RemotePath) for p in paths):
+        files = ChunkFiles()
+    ahead = 2 * (files.threads if files is not None else 0)
+    sources, n_tokens = [], []
+    for entry, manifest in zip(mixture["sources"], manifests):
         parts = []
         for chunk in manifest["chunks"]:
-            path = store.chunk_path(entry["path"], chunk)
-            parts.append(chunk_documents(path, manifest, len(paths), fraction, split))
-            paths.append(path)
+            number = len(n_tokens)
+            if files is not None:  # the next few download while this one is read
+                files.prefetch((paths[c], *chunks[c]) for c in range(number, min(number + ahead, len(paths)))
+                               if isinstance(paths[c], storage.RemotePath))
+            path = chunk_file(paths, files, chunks, number)
+            parts.append(chunk_documents(path, manifest, number, fraction, split))
             n_tokens.append(chunk["n_tokens"])
         chunk_ids, starts, lengths, rows = (np.concatenate(p) for p in zip(*parts))
         sources.append(Source(chunk_ids, starts, lengths, rows, per_pass=entry["tokens"]))
     if split == "val":  # every held-out document once, of the sources the mixture trains on
         for source, entry in zip(sources, mixture["sources"]):
             source.per_pass = source.tokens if entry["tokens"] > 0 else 0
-    return sources, paths, n_tokens
+    return sources, paths, n_tokens, chunks
 
 
 def chunk_documents(path, manifest: dict, chunk_id: int, fraction: float, split: str):
@@ -274,7 +319,7 @@ def build_pass(sources: list[Source], seeds: list[int], epoch: int, seq_len: int
 def realized_shares(mixture: dict, split: str = "train") -> tuple[list[float], list[int]]:
     """Each source's share of the tokens of pass 0 as this loader builds it, and each
     source's tokens in `split` (what `blues verify` and the merged_dataset asset report)."""
-    sources, _, _ = load_sources(mixture, split)
+    sources, *_ = load_sources(mixture, split)
     check_sources(sources, mixture, split)
     plan = build_pass(sources, stream_seeds(mixture, 0, split), 0, seq_len=1)
     realized = np.bincount(plan.source, weights=plan.length, minlength=len(sources))
@@ -306,12 +351,16 @@ class PackedSequenceDataset(IterableDataset):
     `batch_size` matters only with DataLoader workers: give the DataLoader's, so that the
     workers deliver exactly the windows, in exactly the order, of a single process.
     `cache_chunks` bounds memory: at most that many decompressed chunks per process
-    (default: two per source plus two).
+    (default: two per source plus two). A mixture or stores on object storage are read
+    through a local LRU folder of chunk files (`chunk_files.ChunkFiles`: `chunk_cache_dir`,
+    default ~/.cache/blues/chunks; at most `chunk_cache_bytes`, default 16 GiB), the chunks
+    of the next block of windows fetched on background threads while this one is packed.
     """
 
     def __init__(self, mixture_dir, seq_len: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, split: str = "train", batch_size: int = 1,
-                 cache_chunks: int | None = None):
+                 cache_chunks: int | None = None, chunk_cache_dir=None, chunk_cache_bytes: int | None = None,
+                 chunk_files: ChunkFiles | None = None):
         check_arguments(seq_len, rank, world_size, split, batch_size)
         self.mixture = read_mixture(mixture_dir)
         if split == "val" and self.mixture["validation"]["fraction"] == 0:
@@ -319,7 +368,10 @@ class PackedSequenceDataset(IterableDataset):
                              "(val_fraction 0); merge again with --val_fraction > 0")
         self.seq_len, self.seed, self.split = seq_len, seed, split
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.sources, self.chunk_paths, self.chunk_sizes = load_sources(self.mixture, split)
+        remote = storage.is_remote(mixture_dir) or any(storage.is_remote(s["path"]) for s in self.mixture["sources"])
+        self.chunk_files = chunk_files or (ChunkFiles(chunk_cache_dir, chunk_cache_bytes) if remote else None)
+        self.sources, self.chunk_paths, self.chunk_sizes, self.chunk_meta = load_sources(
+            self.mixture, split, self.chunk_files)
         check_sources(self.sources, self.mixture, split)
         self.cache_chunks = cache_chunks or 2 * len(self.sources) + 2
         self.block_windows = max(1, BLOCK_TOKENS // seq_len)
@@ -363,12 +415,15 @@ class PackedSequenceDataset(IterableDataset):
     def __iter__(self):
         worker = get_worker_info()
         worker_id, n_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        cache = ChunkCache(self.chunk_paths, self.chunk_sizes, self.cache_chunks)
+        cache = self._chunk_cache()
         offset = self._taken * self.world_size  # global windows since self._start
         epoch, window = self.advance(self._start, offset)
         stream = np.empty(self.block_windows * self.seq_len + 1, dtype=np.uint32)  # reused
         while True:
             stop = min(window + self.block_windows, self.num_windows(epoch))
+            if cache.files is not None:  # this block's chunks, then the next block's, in the background
+                self._prefetch(cache, epoch, window, stop - window)
+                self._prefetch(cache, *self.advance((epoch, window), stop - window), self.block_windows)
             mine = np.flatnonzero(self._is_mine(offset + np.arange(stop - window), worker_id, n_workers))
             if len(mine):
                 first = (window + mine[0]) * self.seq_len
@@ -380,6 +435,17 @@ class PackedSequenceDataset(IterableDataset):
                     yield torch.from_numpy(stream[start: start + self.seq_len + 1].astype(np.int64))
             offset += stop - window
             epoch, window = self.advance((epoch, window), stop - window)
+
+    def _chunk_cache(self) -> ChunkCache:
+        return ChunkCache(self.chunk_paths, self.chunk_sizes, self.cache_chunks, self.chunk_files, self.chunk_meta)
+
+    def _prefetch(self, cache: ChunkCache, epoch: int, window: int, windows: int) -> None:
+        plan = self.pass_plan(epoch)
+        first = window * self.seq_len
+        cache.prefetch(plan_chunks(plan, first, first + windows * self.seq_len + 1))
+
+    def _chunk_file(self, chunk: int):
+        return chunk_file(self.chunk_paths, self.chunk_files, self.chunk_meta, chunk)
 
     def _is_mine(self, offsets: np.ndarray, worker_id: int, n_workers: int) -> np.ndarray:
         """Which global windows (by offset from the start) this rank's worker yields."""
@@ -445,7 +511,7 @@ class PackedSequenceDataset(IterableDataset):
         """The `seq_len + 1` tokens of global window `window` (uint32), as training saw them."""
         epoch, in_pass = self.window_position(window)
         if self._lookup_cache is None:
-            self._lookup_cache = ChunkCache(self.chunk_paths, self.chunk_sizes, self.cache_chunks)
+            self._lookup_cache = self._chunk_cache()
         out = np.empty(self.seq_len + 1, dtype=np.uint32)
         pack(self.pass_plan(epoch), in_pass * self.seq_len, out, self._lookup_cache)
         return out
@@ -457,7 +523,7 @@ class PackedSequenceDataset(IterableDataset):
         for key in documents:
             source, chunk, row = key.document if isinstance(key, WindowPiece) else key
             if chunk not in self._identity:
-                self._identity[chunk] = chunk_identity(self.chunk_paths[chunk])
+                self._identity[chunk] = chunk_identity(self._chunk_file(chunk))
                 while len(self._identity) > IDENTITY_CHUNKS:
                     self._identity.popitem(last=False)
             self._identity.move_to_end(chunk)
@@ -493,7 +559,7 @@ class PackedSequenceDataset(IterableDataset):
         manifest = store.read_manifest(entry["path"])
         first_chunk = self.chunk_paths.index(store.chunk_path(entry["path"], manifest["chunks"][0]))
         for number in range(len(manifest["chunks"])):
-            labels, indices = chunk_identity(self.chunk_paths[first_chunk + number])
+            labels, indices = chunk_identity(self._chunk_file(first_chunk + number))
             rows = np.flatnonzero((indices == index) & (np.asarray(labels, dtype=object) == label))
             if len(rows):
                 return source, first_chunk + number, int(rows[0])

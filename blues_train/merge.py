@@ -18,10 +18,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from blues_train import store
-from blues_train.atomic import check_output_folder, write_json_atomic
+from blues_train import storage, store
 from blues_train.errors import BluesError
-from blues_train.folder_lock import exclusive_writer
+from blues_train.folder_lock import check_held, exclusive_writer
 from blues_train.settings import Settings, read_json, validated
 from blues_train.mixture import (DEFAULT_VAL_FRACTION, FORMAT_VERSION, MIXTURE_FILE, VALIDATION_RULE,
                                  mixture_fingerprint)
@@ -51,9 +50,9 @@ def merge(
     weighs by token counts. Every check runs before anything is written.
     """
     strategy = resolve_strategy(strategy, weights)
-    paths = [Path(d) for d in datasets]
+    paths = [storage.path(d) for d in datasets]
     manifests = read_sources(paths)
-    check_options(num_tokens, val_fraction, seed, Path(out_dir))
+    check_options(num_tokens, val_fraction, seed, storage.path(out_dir))
     shares = target_shares(strategy, weights, manifests, paths, log)
     if verify:
         verify_sources(paths)
@@ -61,7 +60,8 @@ def merge(
         manifest = mixture_manifest(strategy, weights, shares, paths, manifests, num_tokens, seed,
                                     val_fraction)
         report_repeats(manifest, log)
-        write_json_atomic(Path(out_dir) / MIXTURE_FILE, manifest)
+        check_held(out_dir)
+        storage.write_json(storage.path(out_dir) / MIXTURE_FILE, manifest)
     return manifest
 
 
@@ -143,7 +143,7 @@ def check_options(num_tokens, val_fraction, seed, out_dir: Path) -> None:
         raise BluesError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     if int(seed) < 0:
         raise BluesError(f"--seed must be zero or more, got {seed}")
-    check_output_folder(out_dir, "--output")
+    storage.check_output_folder(out_dir, "--output")
 
 
 def target_shares(strategy: str, weights, manifests: list[dict], paths, log: logging.Logger) -> np.ndarray:
@@ -190,7 +190,7 @@ def hamilton_round(shares: np.ndarray, total: int) -> list[int]:
 
 def source_entry(path: Path, manifest: dict, share: float, tokens: int, available: int) -> dict:
     return {
-        "path": str(path.resolve()),
+        "path": storage.display(path),
         "fingerprint": manifest["fingerprint"],
         "weight": float(share),
         "tokens": tokens,
@@ -290,7 +290,7 @@ def main(argv: list[str]) -> int:
             log=log,
         )
     print(share_table(manifest))
-    print(f"wrote {Path(args.output or DEFAULT_OUTPUT) / MIXTURE_FILE} "
+    print(f"wrote {storage.path(args.output or DEFAULT_OUTPUT) / MIXTURE_FILE} "
           f"(fingerprint {manifest['fingerprint'][:16]})")
     return 0
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 
-from blues_train import store
+from blues_train import storage, store
 from blues_train.errors import BluesError
 
 FORMAT_VERSION = 1
@@ -53,12 +52,12 @@ def held_out(source_sha256: str, indices: np.ndarray, fraction: float) -> np.nda
 
 def read_mixture(mixture_dir) -> dict:
     """The mixture manifest of `mixture_dir`; BluesError if absent or malformed."""
-    path = Path(mixture_dir) / MIXTURE_FILE
+    path = storage.path(mixture_dir) / MIXTURE_FILE
     if not path.is_file():
         raise BluesError(f"{path}: no mixture manifest here; create one with `blues merge`")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise BluesError(f"{path}: unreadable mixture manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != "mixture":
         raise BluesError(f"{path}: not a mixture manifest (field 'kind' must be 'mixture')")
@@ -93,7 +92,7 @@ def source_manifest(entry: dict) -> dict:
     current = store.store_fingerprint(manifest)
     if current != entry["fingerprint"]:
         raise BluesError(
-            f"{Path(entry['path']) / store.MANIFEST}: fingerprint {current[:16]} differs from "
+            f"{storage.path(entry['path']) / store.MANIFEST}: fingerprint {current[:16]} differs from "
             f"{entry['fingerprint'][:16]} recorded in the mixture: the dataset changed after "
             "merging; run `blues merge` again"
         )

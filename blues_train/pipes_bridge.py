@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
+
+from blues_train import storage
 
 CONTEXT_ENV = "DAGSTER_PIPES_CONTEXT"
 CHECKPOINT = "checkpoint"
@@ -41,7 +42,7 @@ class Reporter:
         `figures`: JSON values such as loss, val_loss, mixture_fingerprint.
         """
         if self.pipes is not None:
-            payload = {"kind": CHECKPOINT, "path": str(Path(path).resolve()), "step": int(step)}
+            payload = {"kind": CHECKPOINT, "path": storage.display(path), "step": int(step)}
             self.pipes.report_custom_message({**figures, **payload})
 
     def finish(self, metrics: dict) -> None:

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from blues_train import encoding_engine, spot_check, store, tokenizer
-from blues_train.atomic import check_output_folder, os_error, sync_dir, write_atomic
+from blues_train import encoding_engine, spot_check, storage, store, tokenizer
+from blues_train.atomic import os_error, sync_dir, write_atomic
 from blues_train.encoding_workers import default_workers, encode_batches
 from blues_train.errors import BluesError
-from blues_train.folder_lock import exclusive_writer
+from blues_train.folder_lock import check_held, exclusive_writer
 from blues_train.sources import DEFAULT_GLOB, FORMATS, SkipLog, discover_sources, iter_documents, repair_text
 
 DEFAULT_CHUNK_TOKENS = 1 << 21
@@ -70,9 +70,9 @@ def prepare_dataset(
         raise BluesError(f"--workers must be a positive integer and --chunk_tokens between 1 and "
                          f"{MAX_CHUNK_TOKENS:,} (Arrow list offsets are 32-bit)")
     say = print if progress else _silent
-    out = Path(out_dir)
-    check_output_folder(out, "--cache_dir")
-    sources = [s for s in discover_sources(inputs, fmt, glob) if not s.path.is_relative_to(out.resolve())]
+    out = storage.path(out_dir)
+    storage.check_output_folder(out, "--cache_dir")
+    sources = [s for s in discover_sources(inputs, fmt, glob) if not _inside(s.path, out)]
     described = [_describe(source) for source in sources]
     settings = {"chunk_tokens": chunk_tokens, "text_field": text_field, "format": fmt, "glob": glob}
     if isinstance(tokenizer_engine, str):
@@ -92,7 +92,7 @@ def write_store(out: Path, sources, described: list[dict], settings: dict, worke
     engine = (encoding_engine.load_engine(tokenizer_engine) if isinstance(tokenizer_engine, str)
               else tokenizer_engine)
     workers = default_workers(engine) if workers is None else workers
-    journal = Journal(out, key)
+    journal = (RemoteJournal if storage.is_remote(out) else Journal)(out, key)
     tally = Tally()
     if journal.chunks:
         tally.resume(out, journal.chunks)
@@ -119,6 +119,13 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
+def _inside(source_path, out) -> bool:
+    """Whether a raw file lies in the output store (never read a store as its own input)."""
+    if storage.is_remote(source_path) != storage.is_remote(out):
+        return False
+    return source_path.is_relative_to(out.resolve())
+
+
 def _describe(source) -> dict:
     size = source.path.stat().st_size
     return {"path": source.label, "bytes": size, "sha256": store.file_sha256(source.path),
@@ -142,11 +149,21 @@ def _finished_manifest(out: Path, key: str) -> dict | None:
         return None
     if tokenizer.tokenizer_mismatch(manifest["tokenizer"]):
         return None
+    sizes = _chunk_sizes(out) if storage.is_remote(out) else None
     for chunk in manifest["chunks"]:
+        if sizes is not None:
+            if sizes.get(chunk["file"]) != chunk["bytes"]:
+                return None
+            continue
         path = store.chunk_path(out, chunk)
         if not path.is_file() or path.stat().st_size != chunk["bytes"]:
             return None
     return manifest
+
+
+def _chunk_sizes(out) -> dict[str, int]:
+    """{chunk file name: bytes} of the chunks present in `out` (one listing)."""
+    return {storage.path(p).name: size for p, size, _ in storage.list_files(out, "chunk-*.arrow")}
 
 
 @dataclass
@@ -272,13 +289,76 @@ class Journal:
         for stale in [*self.out.glob("chunk-*.arrow"), *self.out.glob(".*.tmp")]:
             if stale.name not in keep:
                 stale.unlink()
+        check_held(self.out)
         store.write_manifest(self.out, manifest)
         self.path.unlink()
         sync_dir(self.out)
 
 
-def _has_hash(path: Path, record: dict) -> bool:
+def _has_hash(path, record: dict) -> bool:
     return path.is_file() and store.file_sha256(path) == record.get("sha256")
+
+
+class RemoteJournal:
+    """The journal of a store on object storage, which has no append: one object per finished
+    chunk, `.prepare-journal/chunk-NNNNN.json`, after the chunk itself, and `key.json` (what the
+    store is made from) first. A resumed run lists them, checks each chunk object's sha256 and
+    keeps the chunks up to the first that is missing or differs; the manifest, written last,
+    is the commit point."""
+
+    FOLDER = ".prepare-journal"
+
+    def __init__(self, out, key: str):
+        self.out, self.key, self.folder = out, key, out / self.FOLDER
+        self.chunks = self._valid_records()
+        self.claimed = False
+
+    def _valid_records(self) -> list[dict]:
+        try:
+            if json.loads((self.folder / "key.json").read_bytes()).get("key") != self.key:
+                return []
+        except (FileNotFoundError, ValueError, AttributeError):
+            return []
+        valid = []
+        for number, record_path in enumerate(self.folder.glob("chunk-*.json")):
+            try:
+                record = json.loads(record_path.read_bytes())
+            except (FileNotFoundError, ValueError):
+                break
+            path = store.chunk_path(self.out, record)
+            if record.get("file") != store.chunk_name(number) or record_path.name != f"chunk-{number:05d}.json" \
+                    or not _has_hash(path, record):
+                break
+            valid.append(record)
+        return valid
+
+    def record(self, record: dict) -> None:
+        self.claim()
+        storage.write_bytes(self.folder / record["file"].replace(".arrow", ".json"), json.dumps(record).encode())
+
+    def claim(self) -> None:
+        """Before this run's first write: the old manifest goes, then the journal is this run's."""
+        if self.claimed:
+            return
+        check_held(self.out)
+        (self.out / store.MANIFEST).unlink(missing_ok=True)
+        keep = {c["file"].replace(".arrow", ".json") for c in self.chunks} | {"key.json"}
+        for stale in self.folder.glob("*.json"):
+            if stale.name not in keep:
+                stale.unlink(missing_ok=True)
+        storage.write_bytes(self.folder / "key.json", json.dumps({"key": self.key}).encode())
+        self.claimed = True
+
+    def finish(self, manifest: dict) -> None:
+        """Remove chunks of an older, larger store, commit the manifest, drop the journal."""
+        self.claim()
+        keep = {c["file"] for c in manifest["chunks"]}
+        for stale in self.out.glob("chunk-*.arrow"):
+            if stale.name not in keep:
+                stale.unlink(missing_ok=True)
+        check_held(self.out)
+        store.write_manifest(self.out, manifest)
+        storage.remove_tree(self.folder)
 
 
 class ChunkBuilder:
@@ -349,7 +429,7 @@ class ChunkBuilder:
         data = store.encode_chunk(tokens, lengths, sources, indices)
         name = store.chunk_name(len(self.tally.chunks))
         self.journal.claim()
-        write_atomic(self.out / name, data)
+        storage.write_bytes(self.out / name, data)
         record = {"file": name, "sha256": hashlib.sha256(data).hexdigest(),
                   "n_docs": len(lengths), "n_tokens": len(tokens), "bytes": len(data),
                   "input_bytes": input_bytes, "repaired": repaired,

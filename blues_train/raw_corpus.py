@@ -1,6 +1,6 @@
 """Observe a raw corpus without reading its documents: its files, their sizes and hashes.
 
-`signature` is cheap (names, sizes, modification times) and tells whether anything may
+`signature` is cheap (names, sizes, modification times; an object's ETag) and tells whether anything may
 have changed; `observe` adds each file's sha256 and `corpus_version`, the corpus's identity.
 Files are found exactly as `blues prepare` finds them (`sources.discover_sources`).
 """
@@ -20,14 +20,19 @@ class RawFile:
     label: str  # the name the token store records for this file
     format: str
     bytes: int
-    mtime_ns: int
+    mtime_ns: int  # 0 for an object in object storage: its etag tells a change
     sha256: str | None = None
+    etag: str = ""  # an object's ETag (changes whenever it is rewritten); "" for local files
 
 
 def list_files(inputs, fmt: str | None = None, glob: str = DEFAULT_GLOB) -> list[RawFile]:
     """The corpus's files with sizes and modification times (no content read)."""
     files = []
     for source in discover_sources(inputs, fmt, glob):
+        if source.listed is not None:  # an object: size and ETag from the listing
+            files.append(RawFile(str(source.path), source.label, source.fmt, source.listed[0], 0,
+                                 etag=source.listed[1]))
+            continue
         stat = source.path.stat()
         files.append(RawFile(str(source.path), source.label, source.fmt, stat.st_size, stat.st_mtime_ns))
     return files
@@ -35,14 +40,14 @@ def list_files(inputs, fmt: str | None = None, glob: str = DEFAULT_GLOB) -> list
 
 def signature(files: list[RawFile]) -> str:
     """Changes whenever a file is added, removed, resized or touched."""
-    lines = (f"{f.label}\t{f.bytes}\t{f.mtime_ns}" for f in files)
+    lines = (f"{f.label}\t{f.bytes}\t{f.mtime_ns}" + (f"\t{f.etag}" if f.etag else "") for f in files)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def observe(inputs, fmt: str | None = None, glob: str = DEFAULT_GLOB) -> list[RawFile]:
     """`list_files` with each file's sha256."""
     return [
-        RawFile(f.path, f.label, f.format, f.bytes, f.mtime_ns, file_sha256(f.path))
+        RawFile(f.path, f.label, f.format, f.bytes, f.mtime_ns, file_sha256(f.path), f.etag)
         for f in list_files(inputs, fmt, glob)
     ]
 

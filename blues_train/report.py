@@ -11,15 +11,15 @@ import io
 import itertools
 import json
 import math
-from pathlib import Path
 
+from blues_train import storage
 from blues_train.errors import BluesError
 from blues_train.metrics import METRICS_FILE, expert_utilization
 
 
 def read_metrics(run_dir) -> list[dict]:
-    """The step records of `run_dir/metrics.jsonl`."""
-    path = Path(run_dir) / METRICS_FILE
+    """The step records of `run_dir/metrics.jsonl` (`run_dir` a folder or a URI)."""
+    path = storage.path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise BluesError(f"{path}: no metrics; did the training run start?")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

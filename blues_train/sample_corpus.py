@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from blues_train.atomic import write_atomic
+from blues_train import storage
+from blues_train.storage import write_bytes as write_atomic  # local: atomic; s3://, gs://: one PUT each
 
 DEFAULT_MAX_MB = 4.0
 ZSTD_LEVEL = 10
@@ -129,8 +130,9 @@ def _is_test(name: str) -> bool:
 
 
 def write_sample_corpus(out, max_mb: float = DEFAULT_MAX_MB) -> dict[str, list[Path]]:
-    """Write the sample corpus under `out`; the inputs of each dataset, for `prepare_dataset`."""
-    out = Path(out)
+    """Write the sample corpus under `out` (a folder or a URI); the inputs of each dataset, for
+    `prepare_dataset`."""
+    out = storage.path(out)
     budget = int(max_mb * 1_000_000)
     (out / "prose").mkdir(parents=True, exist_ok=True)
     prose = [

@@ -11,10 +11,10 @@ from __future__ import annotations
 import difflib
 import json
 import typing
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from blues_train import storage
 from blues_train.errors import BluesError
 
 
@@ -67,7 +67,7 @@ def _flatten(annotation):
 
 def read_json(path: str, flag: str) -> dict:
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        raw = json.loads(storage.read_bytes(path).decode("utf-8"))
     except OSError as exc:
         raise BluesError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
     except ValueError as exc:

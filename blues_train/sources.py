@@ -10,9 +10,11 @@ are skipped and recorded in a `SkipLog` with their file:line; the run goes on.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from blues_train import storage
 from blues_train.errors import BluesError
 
 FORMATS = ("text", "csv", "jsonl", "jsonl.zst", "parquet")
@@ -48,11 +51,12 @@ CSV_FIELD_LIMIT = 2**31 - 1
 class Source:
     """One raw file: where it is, how to read it, and the name the store records."""
 
-    path: Path
+    path: Path  # or a storage.RemotePath
     fmt: str
     label: str
     real_path: str | None = None  # where a symlink in an input folder leads, if elsewhere
     skip: str | None = None  # why no record of this file can be used (a SkipLog reason)
+    listed: tuple[int, str] | None = None  # an object's (size, ETag) as its listing gave them
 
 
 @dataclass(frozen=True)
@@ -102,11 +106,47 @@ def discover_sources(inputs, fmt: str | None = None, glob: str = DEFAULT_GLOB) -
         raise BluesError(f"unknown --format {fmt!r}: use one of {', '.join(FORMATS)}")
     if not inputs:
         raise BluesError("no input given: pass --input_dir DIR or --dataset FILE")
+    given_paths = [storage.path(given) for given in inputs]
+    remote = [isinstance(p, storage.RemotePath) for p in given_paths]
+    if any(remote):
+        return _remote_sources(given_paths, remote, fmt, glob)
     files: list[tuple[Path, Path, str]] = []
-    for given in inputs:
-        files += _files_of(Path(given), fmt, glob)
-    root = Path(os.path.commonpath([Path(given).resolve().parent for given in inputs]))
+    for given in given_paths:
+        files += _files_of(given, fmt, glob)
+    root = Path(os.path.commonpath([given.resolve().parent for given in given_paths]))
     return [_source(path, located, found, root) for path, located, found in files]
+
+
+def _remote_sources(given_paths: list, remote: list[bool], fmt: str | None, glob: str) -> list[Source]:
+    """Sources of objects under URIs, labeled relative to the prefix that holds all inputs,
+    as local inputs are: the same corpus in a bucket gives the same labels (and store)."""
+    if not all(remote) or len({(p.scheme, p.bucket) for p in given_paths}) > 1:
+        raise BluesError("inputs mix local paths and URIs, or several buckets: give inputs of one "
+                         "kind, in one bucket (copy the others there)")
+    files = []
+    for given in given_paths:
+        files += _remote_files_of(given, fmt, glob)
+    parents = [given.parent.key if "/" in given.key else given.key for given in given_paths]
+    root = storage.RemotePath(given_paths[0].scheme, posixpath.commonpath(parents))
+    return [dataclasses.replace(_source(path, path, found, root), listed=listed) for path, found, listed in files]
+
+
+def _remote_files_of(given, fmt: str | None, glob: str) -> list[tuple[object, str, tuple[int, str]]]:
+    """(object, format, (size, ETag)) of each object of the input `given` (one listing)."""
+    if given.is_file():
+        found = format_of(given, fmt)
+        if found is None:
+            raise BluesError(f"cannot tell the format of {given} from its extension: "
+                             f"pass --format ({', '.join(FORMATS)})")
+        info = given.info()
+        return [(given, found, (info["size"], info["etag"].strip('"')))]
+    matches = storage.list_files(given, glob)
+    if not matches:
+        if not given.exists():
+            raise BluesError(f"input {given} does not exist: check the URI")
+        raise BluesError(f"input prefix {given} has no objects matching --glob {glob!r}")
+    return [(storage.path(uri), format_of(storage.path(uri), fmt) or "text", (size, etag))
+            for uri, size, etag in matches]
 
 
 def _source(path: Path, located: Path, fmt: str, root: Path) -> Source:
@@ -213,7 +253,7 @@ def looks_binary(head: bytes) -> bool:
 
 def read_csv(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
     csv.field_size_limit(CSV_FIELD_LIMIT)
-    with open(source.path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+    with storage.open_text(source.path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         rows = csv.reader(fh, strict=True)
         header = _csv_header(rows, source)
         if text_field not in header:
@@ -253,12 +293,12 @@ def _csv_rows(rows, source, column, width, skips) -> Iterator[Document]:
 
 
 def read_jsonl(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
-    with open(source.path, "rb") as fh:
+    with storage.open_input(source.path) as fh:
         yield from _json_lines(fh, source, text_field, skips)
 
 
 def read_jsonl_zst(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
-    with open(source.path, "rb") as fh:
+    with storage.open_input(source.path) as fh:
         try:
             lines = io.BufferedReader(ZstdFrames(fh, source.label), buffer_size=ZstdFrames.READ_BYTES)
             yield from _json_lines(lines, source, text_field, skips)
@@ -349,8 +389,16 @@ def _json_lines(lines, source: Source, text_field: str, skips: SkipLog) -> Itera
 
 def read_parquet(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
     """Rows of one column, a few hundred at a time (Parquet is read row group by row group)."""
+    if not storage.is_remote(source.path):
+        yield from _parquet_rows(source.path, source, text_field, skips)
+        return
+    with storage.open_input(source.path) as fh:  # random access through ranged GETs
+        yield from _parquet_rows(fh, source, text_field, skips)
+
+
+def _parquet_rows(fh, source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
     try:
-        table = pq.ParquetFile(source.path)
+        table = pq.ParquetFile(fh)
     except (pa.ArrowException, OSError) as exc:
         raise BluesError(f"{source.label}: not a readable Parquet file ({exc})") from None
     names = table.schema_arrow.names

@@ -13,13 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from blues_train.atomic import write_atomic
+from blues_train import storage
 from blues_train.errors import BluesError
 
 FORMAT_VERSION = 1
@@ -38,15 +37,15 @@ def chunk_name(number: int) -> str:
     return f"chunk-{number:05d}.arrow"
 
 
-def chunk_path(store_dir, chunk) -> Path:
-    """Path of a chunk, given its manifest entry (or its file name)."""
+def chunk_path(store_dir, chunk):
+    """Path (or `storage.RemotePath`) of a chunk, given its manifest entry (or its file name)."""
     name = chunk["file"] if isinstance(chunk, dict) else str(chunk)
-    return Path(store_dir) / name
+    return storage.path(store_dir) / name
 
 
 def read_manifest(store_dir) -> dict:
     """The manifest of a finished token store; BluesError if there is none or it is broken."""
-    path = Path(store_dir) / MANIFEST
+    path = storage.path(store_dir) / MANIFEST
     if not path.is_file():
         raise BluesError(
             f"{store_dir} is not a token store: it has no {MANIFEST} "
@@ -93,9 +92,15 @@ def store_fingerprint(manifest: dict) -> str:
     )
 
 
-def read_chunk(path) -> pa.Table:
-    """One chunk as an Arrow table (memory-mapped; buffers decompress on read)."""
+def read_chunk(path, data: bytes | None = None) -> pa.Table:
+    """One chunk as an Arrow table: a local file memory-mapped (buffers decompress on read),
+    a remote object read whole (or `data`, its bytes already read)."""
+    path = storage.path(path)
     try:
+        if data is None and isinstance(path, storage.RemotePath):
+            data = path.read_bytes()
+        if data is not None:
+            return pa.ipc.open_file(pa.BufferReader(data)).read_all()
         with pa.memory_map(str(path)) as source:
             return pa.ipc.open_file(source).read_all()
     except (pa.ArrowException, OSError) as exc:
@@ -122,9 +127,9 @@ def doc_lengths(table: pa.Table) -> np.ndarray:
     return pc.list_value_length(table.column("tokens")).to_numpy(zero_copy_only=False)
 
 
-def write_manifest(store_dir: Path, manifest: dict) -> None:
+def write_manifest(store_dir, manifest: dict) -> None:
     data = json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
-    write_atomic(Path(store_dir) / MANIFEST, data.encode("utf-8"))
+    storage.write_bytes(storage.path(store_dir) / MANIFEST, data.encode("utf-8"))
 
 
 def percentiles(length_counts: Counter) -> dict:
@@ -141,7 +146,9 @@ def percentiles(length_counts: Counter) -> dict:
     return result
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path) -> str:
+    if storage.is_remote(path):
+        return storage.sha256(path)
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

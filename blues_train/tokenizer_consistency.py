@@ -5,10 +5,8 @@ every id."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from blues_model import BluesConfig
-from blues_train import store
+from blues_train import storage, store
 from blues_train.errors import BluesError
 from blues_train.mixture import MIXTURE_FILE, read_mixture
 from blues_train.tokenizer import N_VOCAB, tokenizer_mismatch
@@ -24,14 +22,14 @@ def tokenizer_problems(mixture_dir, model: str | None = None) -> list[str]:
     except BluesError as exc:
         return [str(exc)]
     problems: list[str] = []
-    recorded = [(Path(mixture_dir) / MIXTURE_FILE, mixture["tokenizer"])]
+    recorded = [(storage.path(mixture_dir) / MIXTURE_FILE, mixture["tokenizer"])]
     for source in mixture["sources"]:
         try:
             info = store.read_manifest(source["path"])["tokenizer"]
         except BluesError as exc:
             problems.append(str(exc))
         else:
-            recorded.append((Path(source["path"]) / store.MANIFEST, info))
+            recorded.append((storage.path(source["path"]) / store.MANIFEST, info))
     for file, info in recorded:
         mismatch = tokenizer_mismatch(info)
         if mismatch:

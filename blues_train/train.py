@@ -60,12 +60,13 @@ from pathlib import Path
 import torch
 
 from blues_model import BluesConfig, BluesLM, flops_per_token
-from blues_train import checkpoint, metrics, tokenizer
+from blues_train import checkpoint, metrics, storage, tokenizer
 from blues_train.errors import BluesError
 from blues_train.folder_lock import exclusive_writer
 from blues_train.loader import PackedSequenceDataset
 from blues_train.mixture import read_mixture
 from blues_train.pipes_bridge import open_reporter
+from blues_train.remote_run import RemoteRun
 from blues_train.training_config import DEFAULT_SEQ_LEN, TrainingConfig, from_flags
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -107,7 +108,7 @@ def model_config(name: str | None, resume_meta: dict | None) -> BluesConfig:
 
 def read_ds_config(path: str) -> dict:
     try:
-        ds_config = json.loads(Path(path).read_text())
+        ds_config = json.loads(storage.read_bytes(path))
     except (OSError, ValueError) as exc:
         raise BluesError(f"--deepspeed {path}: cannot read a JSON config ({exc})") from None
     if not isinstance(ds_config, dict) or not isinstance(ds_config.get("optimizer", {}).get("params"), dict):
@@ -246,6 +247,7 @@ class Run:
     grad_accum: int
     start_step: int
     spike_history: tuple = ()  # the losses before start_step that spike detection continues from
+    mirror: RemoteRun | None = None  # a remote --out: where each checkpoint is uploaded (rank 0)
 
     def __post_init__(self):
         self.stream = iter(self.train_data)
@@ -305,7 +307,7 @@ class Run:
 
     def data_identity(self) -> dict:
         """What the global window numbers of this run are numbers of."""
-        return {"mixture": str(Path(self.cfg.data_cache_dir).resolve()),
+        return {"mixture": storage.display(self.cfg.data_cache_dir),
                 "mixture_fingerprint": self.mixture["fingerprint"], "seed": self.cfg.seed,
                 "seq_len": self.cfg.seq_len}
 
@@ -321,7 +323,7 @@ class Run:
                 "seq_len": self.cfg.seq_len, "tokens": step * self.tokens_per_step,
                 "loader": self.train_data.state_dict(), "seed": self.cfg.seed,
                 "spike_history": list(self.spikes.history),
-                "mixture": {"path": str(Path(self.cfg.data_cache_dir).resolve()),
+                "mixture": {"path": storage.display(self.cfg.data_cache_dir),
                             "fingerprint": self.mixture["fingerprint"]},
                 "model_config": self.model_config.to_dict(), "code_version": checkpoint.code_version(),
                 "torch": torch.__version__, "deepspeed": deepspeed.__version__}
@@ -329,18 +331,35 @@ class Run:
 
 def main(argv=None) -> int:
     cfg = from_flags(sys.argv[1:] if argv is None else argv, __doc__.split("\n")[0])
+    if storage.is_remote(cfg.out):
+        return train_remote(cfg)
     if not is_rank0():  # the other ranks write only what rank 0 waits for
         return train(cfg)
     with exclusive_writer(cfg.out):
         return train(cfg)
 
 
+def train_remote(cfg: TrainingConfig) -> int:
+    """--out on object storage: train in a local staging folder; rank 0, holding the folder's
+    lease, stages it (pulls what --resume needs) and uploads every checkpoint (remote_run)."""
+    mirror = RemoteRun(cfg.out)
+    storage.check_output_folder(cfg.out, "--out")
+    local = cfg.model_copy(update={"out": str(mirror.local), "resume": mirror.local_resume(cfg.resume)})
+    if not is_rank0():
+        mirror.wait_staged()
+        return train(local)
+    with exclusive_writer(cfg.out):
+        mirror.stage(cfg.resume)
+        return train(local, mirror)
+
+
 def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def train(cfg: TrainingConfig) -> int:
+def train(cfg: TrainingConfig, mirror: RemoteRun | None = None) -> int:
     run = start(cfg)
+    run.mirror = mirror
     cfg = run.cfg  # with seq_len resolved
     log = None
     if run.rank == 0:
@@ -377,6 +396,8 @@ def train(cfg: TrainingConfig) -> int:
                              "steps": cfg.max_steps, "last_checkpoint": last_saved})
     if log:
         log.close()
+    if mirror is not None:
+        mirror.push_logs()
     return 0
 
 
@@ -418,7 +439,9 @@ def start(cfg: TrainingConfig) -> Run:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config)
 
     loaders = [PackedSequenceDataset(cfg.data_cache_dir, cfg.seq_len, seed=cfg.seed, rank=rank,
-                                     world_size=world_size, split=split) for split in ("train", "val")]
+                                     world_size=world_size, split=split, chunk_cache_dir=cfg.chunk_cache_dir,
+                                     chunk_cache_bytes=int(cfg.chunk_cache_gb * 2**30))
+               for split in ("train", "val")]
     if resume_from:
         checkpoint.load(engine, load_dir)
         loaders[0].load_state_dict(resume_meta["loader"])
@@ -484,8 +507,13 @@ def save(run: Run, step: int, record: dict, reporter) -> None:
                             meta=run.checkpoint_meta(step, record), keep_last=run.cfg.keep_last)
     if saved:
         print(f"checkpoint {saved}", flush=True)
-        reporter.checkpoint(saved, step=step, loss=record["loss"], val_loss=record.get("val_loss"),
-                            mixture_fingerprint=run.mixture["fingerprint"])
+        if run.mirror is not None:  # uploaded after the local atomic save, meta.json last
+            run.mirror.push_checkpoint(saved, run.cfg.keep_last)
+            print(f"uploaded {run.mirror.checkpoints / saved.name}", flush=True)
+        reporter.checkpoint(run.mirror.checkpoints / saved.name if run.mirror else saved, step=step,
+                            loss=record["loss"], val_loss=record.get("val_loss"),
+                            mixture_fingerprint=run.mixture["fingerprint"],
+                            weights_sha256=checkpoint.read_meta(saved)["files"][checkpoint.MODEL_FILE])
 
 
 if __name__ == "__main__":

@@ -66,6 +66,11 @@ class TrainingConfig(Settings):
                                 description="record a step whose loss exceeds this multiple of the running "
                                 "median (metrics.jsonl `spike`, with its worst documents); 0 = off")
     spike_window: int = Field(50, ge=1, description="steps in the running median of --spike_factor")
+    chunk_cache_dir: str | None = Field(None, description="local folder of chunk copies when the mixture "
+                                        "is on object storage (default $BLUES_CACHE_DIR/chunks or "
+                                        "~/.cache/blues/chunks)")
+    chunk_cache_gb: float = Field(16.0, gt=0, allow_inf_nan=False,
+                                  description="disk the chunk copies may take (least recently used go first)")
 
     def run_options(self) -> RunOptions:
         return RunOptions(attn_backend=self.attn_backend, gradient_checkpointing=self.gradient_checkpointing,

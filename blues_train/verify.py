@@ -10,6 +10,7 @@ One line per problem naming the file (and row), then a statistics table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from collections import Counter
@@ -20,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from blues_train import store
+from blues_train import storage, store
 from blues_train.errors import BluesError
 from blues_train.mixture import MIXTURE_FILE, mixture_fingerprint, read_mixture, source_manifest
 from blues_train.tokenizer import N_VOCAB, tokenizer_mismatch
@@ -64,7 +65,7 @@ def verify_paths(paths) -> VerifyReport:
     """Verify each path, a token store or a mixture (whose sources are verified too)."""
     report = VerifyReport()
     verified: set[Path] = set()
-    for path in map(Path, paths):
+    for path in map(storage.path, paths):
         try:
             if not path.exists():
                 report.add(path, "not found")
@@ -118,15 +119,23 @@ def verify_chunk(path: Path, number: int, chunk: dict, labels: set, report: Veri
     """Check one chunk against its manifest entry; its document lengths (empty if unreadable)."""
     file = store.chunk_path(path, chunk)
     empty = np.zeros(0, dtype=np.int64)
-    if not file.is_file():
+    data = None
+    if isinstance(file, storage.RemotePath):  # one GET: the bytes hashed are the bytes parsed
+        try:
+            data = file.read_bytes()
+        except FileNotFoundError:
+            return empty
+        digest = hashlib.sha256(data).hexdigest()
+    elif not file.is_file():
         return empty
-    digest = store.file_sha256(file)
+    else:
+        digest = store.file_sha256(file)
     if digest != chunk.get("sha256"):
         report.add(file, f"sha256 {digest} differs from manifest.json chunks[{number}].sha256 "
                    f"{chunk.get('sha256')}: the file is corrupt or was replaced")
         return empty  # its contents mean nothing, and parsing corrupt buffers can crash Arrow
     try:
-        table = store.read_chunk(file)
+        table = store.read_chunk(file, data)
         table.validate(full=True)
     except BluesError as exc:
         report.add(file, str(exc).removeprefix(f"{file}: "))
@@ -227,7 +236,7 @@ def check_shares(mixture: dict, mixture_file: Path, report: VerifyReport) -> Non
 
 
 def check_source(entry: dict, mixture_file: Path, report: VerifyReport, verified: set[Path]) -> None:
-    path = Path(entry["path"])
+    path = storage.path(entry["path"])
     if not path.is_dir():
         report.add(path, f"source of {mixture_file} not found")
         return
