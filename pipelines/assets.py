@@ -5,23 +5,31 @@ blues_train function and turns its result into the metadata people look at.
 The per-dataset assets and `merged_dataset`, which depends on them, are built from the
 project configuration by `build_data_assets` when the definitions load (definitions.py);
 nothing here reads the configuration at import.
+
+Versions (pipelines/versions.py, docs/interfaces.md): every asset's code version is derived
+from the code it runs; data versions are content hashes: a token store's fingerprint, the
+mixture's fingerprint, a checkpoint's weights' sha256 (the final one's for trained_model).
 """
 
+import re
 from pathlib import Path
 
 import dagster as dg
 
-from blues_train import checkpoint as checkpoints
+from blues_train import checkpoint as checkpoints, storage
 from blues_train.atomic import write_json_atomic
 from blues_train.errors import BluesError
 from blues_train.loader import realized_shares
 from blues_train.merge import merge
+from blues_train.mixture import read_mixture
 from blues_train.prepare import prepare_dataset
 from blues_train.raw_corpus import corpus_version
 from blues_train.report import evaluate_checkpoint, loss_curve_png, png_markdown
+from blues_train.store import read_manifest
 from pipelines.config import EvalConfig, MergeConfig, ProjectConfig, TrainConfig, with_overrides
 from pipelines.partitions import checkpoint_partitions, dataset_partitions
-from pipelines.resources import BluesProject
+from pipelines.resources import BluesProject, dagster_failure
+from pipelines.versions import versioned_asset
 
 raw_corpus = dg.AssetSpec(
     "raw_corpus",
@@ -29,8 +37,9 @@ raw_corpus = dg.AssetSpec(
     group_name="data",
     kinds={"file"},
     description="A dataset's raw files (the `sources` entry of the project configuration). "
-    "Observed, not built: the raw_corpus_sensor and each tokenization record files, bytes "
-    "and sha256.",
+    "Not built by Dagster: the raw_corpus_sensor reports new or changed files (a "
+    "materialization, data version = corpus version), each tokenization observes what it "
+    "read; both record files, bytes and sha256.",
 )
 
 
@@ -38,15 +47,33 @@ def tokenized_dataset_key(dataset: str) -> dg.AssetKey:
     return dg.AssetKey(["tokenized_dataset", dataset])
 
 
+# Declarative automation re-tokenizes a dataset when its raw_corpus partition gets a new data
+# version (reported by the raw_corpus_sensor as a materialization; a tokenization's own
+# observation is not an update), and tokenizes a dataset missing from the instance. No other
+# asset is automated: training runs on the retrain schedule.
+RAW_CORPUS_CHANGED = dg.AutomationCondition.any_deps_match(
+    dg.AutomationCondition.data_version_changed() & ~dg.AutomationCondition.executed_with_root_target()
+).with_label("raw corpus data version changed")
+# Missing when the condition is first evaluated (`since_last_handled` counts that first
+# evaluation as handled), newly missing later, or the raw corpus changed since last handled:
+# one request each, never one per tick after a failed tokenization.
+TOKENIZE_WHEN = (
+    (dg.AutomationCondition.missing() & dg.AutomationCondition.initial_evaluation()
+     | (dg.AutomationCondition.newly_missing() | RAW_CORPUS_CHANGED).since_last_handled())
+    & ~dg.AutomationCondition.in_progress()
+).with_label("missing, or raw corpus changed")
+
+
 def build_tokenized_dataset(dataset: str) -> dg.AssetsDefinition:
     """The asset `tokenized_dataset/<dataset>`, built from `raw_corpus` partition `dataset`."""
 
-    @dg.asset(
+    @versioned_asset(
+        runs=("blues_train.prepare", "blues_train.raw_corpus"),
         key=tokenized_dataset_key(dataset),
         deps=[dg.AssetDep(raw_corpus, partition_mapping=dg.SpecificPartitionsPartitionMapping([dataset]))],
         group_name="data",
         kinds={"arrow"},
-        code_version="1",
+        automation_condition=TOKENIZE_WHEN,
     )
     def tokenized_dataset(context: dg.AssetExecutionContext, project: BluesProject) -> dg.MaterializeResult:
         """The dataset's token store: zstd Arrow chunks of o200k_base tokens and a manifest
@@ -59,7 +86,7 @@ def build_tokenized_dataset(dataset: str) -> dg.AssetsDefinition:
         # The sensor usually registered the partition already; a run from a fresh instance
         # (the CLI, the demo) does it here, so the observation lands on a listed partition.
         context.instance.add_dynamic_partitions(dataset_partitions.name, [dataset])
-        context.log_event(raw_corpus_observation(dataset, manifest["sources"]))
+        provenance = record_raw_corpus(context, raw_corpus_observation(dataset, manifest["sources"]))
         totals, stats = manifest["totals"], manifest["stats"]
         skipped = manifest["skipped"]
         return dg.MaterializeResult(
@@ -79,17 +106,33 @@ def build_tokenized_dataset(dataset: str) -> dg.AssetsDefinition:
                 "path": dg.MetadataValue.path(str(source.token_store)),
             },
             data_version=dg.DataVersion(manifest["fingerprint"]),
+            tags=provenance,
         )
 
     return tokenized_dataset
 
 
-def raw_corpus_observation(dataset: str, files: list[dict]) -> dg.AssetObservation:
+def record_raw_corpus(context: dg.AssetExecutionContext, observation: dg.AssetObservation) -> dict[str, str]:
+    """Store the observation of the raw files just tokenized, and return the provenance tags
+    that make the materialization read from it. Dagster takes a step's input versions before
+    the step runs, so without them the tokenization of a corpus seen for the first time (the
+    CLI, the demo) would look stale against its own observation."""
+    context.instance.report_runless_asset_event(observation)
+    [record] = context.instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=raw_corpus.key, asset_partitions=[observation.partition]), limit=1).records
+    name = raw_corpus.key.to_user_string()
+    return {f"dagster/input_event_pointer/{name}": str(record.storage_id),
+            f"dagster/input_data_version/{name}": observation.tags["dagster/data_version"]}
+
+
+def raw_corpus_observation(dataset: str, files: list[dict], event=dg.AssetObservation):
     """The `raw_corpus` partition `dataset` as observed: its files, bytes and hashes (`path`,
     `format`, `bytes`, `sha256` per file, as in a token store's `manifest.sources`; the
-    first 200 in the table), versioned by `corpus_version`."""
+    first 200 in the table), versioned by `corpus_version`. `event`: AssetObservation (what
+    a tokenization read), or AssetMaterialization (the raw_corpus_sensor: new data written
+    outside Dagster, which is what declarative automation reacts to)."""
     columns = {"path": "string", "format": "string", "bytes": "int", "sha256": "string"}
-    return dg.AssetObservation(
+    return event(
         asset_key=raw_corpus.key,
         partition=dataset,
         metadata={
@@ -116,7 +159,8 @@ def build_data_assets(config: ProjectConfig) -> tuple[list[dg.AssetsDefinition],
 
 
 def build_merged_dataset(tokenized: list[dg.AssetsDefinition]) -> dg.AssetsDefinition:
-    @dg.asset(key=MERGED_DATASET, deps=tokenized, group_name="data", kinds={"json"}, code_version="1")
+    @versioned_asset(runs=("blues_train.merge", "blues_train.loader"),
+                     key=MERGED_DATASET, deps=tokenized, group_name="data", kinds={"json"})
     def merged_dataset(context: dg.AssetExecutionContext, config: MergeConfig,
                        project: BluesProject) -> dg.MaterializeResult:
         """The training mixture: every dataset of the configuration blended by token share
@@ -164,12 +208,20 @@ def build_merged_dataset(tokenized: list[dg.AssetsDefinition]) -> dg.AssetsDefin
     return merged_dataset
 
 
-@dg.asset(
+# A training run killed mid-way (a lost node, SIGKILL, the OOM killer) is retried in the same
+# run, and continues from the run folder's last checkpoint. Re-executing a failed run from the
+# UI does the same: the run folder is named after the root run, which re-executions share.
+TRAINING_RETRIES = dg.RetryPolicy(max_retries=2)
+EXIT_CODE = re.compile(r"failed with code (-?\d+)")
+
+
+@versioned_asset(
+    runs=("blues_train.train", "blues_train.lineage", "blues_train.report"),
     deps=[MERGED_DATASET],
     group_name="training",
     kinds={"pytorch", "deepspeed"},
     pool="gpu",
-    code_version="1",
+    retry_policy=TRAINING_RETRIES,
 )
 def trained_model(
     context: dg.AssetExecutionContext,
@@ -179,34 +231,47 @@ def trained_model(
 ) -> dg.MaterializeResult:
     """A Blues model trained on the mixture (`blues train`, one process or the DeepSpeed
     launcher), launched through Dagster Pipes: rank 0 streams logs, reports every
-    checkpoint (recorded as `model_checkpoint` partitions) and the final metrics."""
+    checkpoint (recorded as `model_checkpoint` partitions) and the final metrics. Its data
+    version is the final checkpoint's weights' sha256. A retry or a re-execution of the run
+    continues from the run folder's last checkpoint (`--resume auto`)."""
     cfg = with_overrides(project.load(), "training", config)
-    out = cfg.training.out / _run_name(context)
+    out = cfg.training.out / run_folder_name(context)
     settings = out / "training_config.json"  # the run's TrainingConfig, kept with its results
-    write_json_atomic(settings, cfg.training.run_config(cfg.mixture.output, out).model_dump())
-    invocation = pipes.run(context=context, command=cfg.training.command(settings))
-    checkpoints = [m for m in invocation.get_custom_messages() if m.get("kind") == "checkpoint"]
-    _record_checkpoints(context, checkpoints)
-    reported = invocation.get_materialize_result()
+    run_config = cfg.training.run_config(cfg.mixture.output, out)
+    if run_config.resume is None:
+        run_config = run_config.model_copy(update={"resume": "auto"})
+    write_json_atomic(settings, run_config.model_dump())
+    with dagster_failure():  # no mixture yet: one line
+        lineage = training_lineage(cfg)
+    # The checkpoints an earlier attempt of this run saved before it was killed.
+    _record_checkpoints(context, saved_checkpoints(out), lineage)
+    invocation = _launch(pipes, context, cfg.training.command(settings))
+    _record_checkpoints(context, [m for m in invocation.get_custom_messages() if m.get("kind") == "checkpoint"],
+                        lineage)
+    saved = saved_checkpoints(out)
+    reported = [r for r in invocation.get_results() if isinstance(r, dg.MaterializeResult)]
     metadata = {
-        **reported.metadata,
+        **(reported[0].metadata if reported else _final_figures(saved)),
         "run_dir": dg.MetadataValue.path(str(out)),
-        "checkpoints": len(checkpoints),
+        "checkpoints": len(_run_checkpoint_keys(context)),
         "loss_curve": dg.MetadataValue.md(png_markdown(loss_curve_png(out), "training loss")),
+        "mixture_fingerprint": lineage["mixture_fingerprint"],
     }
-    if checkpoints:
-        metadata["checkpoint"] = dg.MetadataValue.path(checkpoints[-1]["path"])
+    if saved:
+        metadata["checkpoint"] = dg.MetadataValue.path(saved[-1]["path"])
+        metadata["model_checkpoint"] = checkpoint_key(context, saved[-1]["step"])
     # The loss spikes training recorded, each with its worst documents (from metrics.jsonl,
     # nothing recomputed) and the `blues lineage` command that lists all of the step's.
     from blues_train.lineage import spike_rows
 
-    spikes = spike_rows(out, checkpoints[-1]["path"] if checkpoints else None)
+    spikes = spike_rows(out, saved[-1]["path"] if saved else None)
     metadata["spike_count"] = len(spikes)
     metadata["spikes"] = dg.MetadataValue.table([dg.TableRecord(row) for row in spikes], schema=dg.TableSchema(
         columns=[dg.TableColumn("step", "int"), dg.TableColumn("loss", "float"), dg.TableColumn("median", "float"),
                  dg.TableColumn("ratio", "float"), dg.TableColumn("top_documents", "string"),
                  dg.TableColumn("explain", "string")]))
-    return dg.MaterializeResult(metadata=metadata)
+    version = saved[-1]["weights_sha256"] if saved else None
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version) if version else None)
 
 
 model_checkpoint = dg.AssetSpec(
@@ -216,41 +281,128 @@ model_checkpoint = dg.AssetSpec(
     group_name="training",
     kinds={"safetensors"},
     description="Every checkpoint a training run saved, one partition each "
-    "(`<run>-step-000100`): step, losses, path and the mixture it was trained on. "
-    "Recorded by trained_model.",
+    "(`<run>-step-000100`): step, losses, path, and what it was trained on (the mixture's "
+    "fingerprint, each token store's fingerprint and raw corpus version, every raw file's "
+    "sha256). Data version: the weights' sha256. Recorded by trained_model.",
 )
 
 
-def _run_name(context: dg.AssetExecutionContext) -> str:
-    return f"run-{context.run.run_id[:8]}"
+def run_folder_name(context: dg.AssetExecutionContext) -> str:
+    """`run-<id>` of the root run: a retry (the same run) and a re-execution (a new run with
+    the same root) write into the folder of the run they continue."""
+    return f"run-{(context.run.root_run_id or context.run.run_id)[:8]}"
 
 
-def _record_checkpoints(context: dg.AssetExecutionContext, checkpoints: list[dict]) -> None:
-    """One `model_checkpoint` materialization per reported checkpoint."""
-    keys = [f"{_run_name(context)}-step-{c['step']:06d}" for c in checkpoints]
-    if not keys:
+def checkpoint_key(context: dg.AssetExecutionContext, step: int) -> str:
+    return f"{run_folder_name(context)}-{checkpoints.step_name(step)}"
+
+
+def _run_checkpoint_keys(context: dg.AssetExecutionContext) -> list[str]:
+    prefix = run_folder_name(context) + "-"
+    return [k for k in context.instance.get_dynamic_partitions(checkpoint_partitions.name) if k.startswith(prefix)]
+
+
+def _launch(pipes: dg.PipesSubprocessClient, context: dg.AssetExecutionContext, command: list[str]):
+    """Run training. Killed by a signal: the error stands and the RetryPolicy resumes the
+    run; exited with an error (a refused setting, a checkpoint that changed): no retry."""
+    try:
+        return pipes.run(context=context, command=command)
+    except Exception as exc:  # Dagster's DagsterPipesExecutionError is not public
+        code = EXIT_CODE.search(str(exc))
+        if code and int(code.group(1)) > 0:
+            raise dg.Failure(description=f"blues train exited with code {code.group(1)}: its error is the last "
+                             "line of the run's stderr", allow_retries=False) from None
+        raise
+
+
+def saved_checkpoints(out: Path) -> list[dict]:
+    """The complete checkpoints in run folder `out`, oldest first, as Pipes reports them."""
+    found = []
+    for folder in checkpoints.complete_checkpoints(out / "checkpoints"):
+        meta = checkpoints.read_meta(folder)
+        found.append({"kind": "checkpoint", "path": str(folder.resolve()), "step": meta["step"],
+                      "loss": meta["loss"], "val_loss": meta.get("val_loss"),
+                      "mixture_fingerprint": meta["mixture"]["fingerprint"],
+                      "weights_sha256": meta.get("files", {}).get(checkpoints.MODEL_FILE)})
+    return found
+
+
+def _final_figures(saved: list[dict]) -> dict:
+    """trained_model's figures when the training process had no step left to run (a
+    re-execution of a run whose last attempt finished training)."""
+    if not saved:
+        return {}
+    return {"final_loss": saved[-1]["loss"], "final_val_loss": saved[-1]["val_loss"], "steps": saved[-1]["step"]}
+
+
+def training_lineage(cfg: ProjectConfig) -> dict:
+    """What the run trains on, back to the raw files, as checkpoint metadata: the mixture's
+    fingerprint, each token store's fingerprint and raw corpus version (the data versions of
+    merged_dataset, tokenized_dataset/<name> and raw_corpus/<name>), every raw file's sha256."""
+    mixture = read_mixture(cfg.mixture.output)
+    names = {d.token_store.resolve(): d.name for d in cfg.datasets}
+    stores, files = [], []
+    for source in mixture["sources"]:
+        name = names.get(storage.path(source["path"]).resolve(), storage.path(source["path"]).name)
+        try:
+            raw = read_manifest(source["path"])["sources"]
+        except BluesError:  # the store vanished since the merge: the mixture check says so
+            raw = []
+        stores.append(dg.TableRecord({
+            "dataset": name, "store_fingerprint": source["fingerprint"],
+            "raw_corpus_version": corpus_version([(f["path"], f["sha256"]) for f in raw]), "raw_files": len(raw),
+        }))
+        files += [dg.TableRecord({"dataset": name, "path": f["path"], "sha256": f["sha256"]}) for f in raw]
+    return {
+        "mixture_fingerprint": mixture["fingerprint"],
+        "token_stores": dg.MetadataValue.table(stores, schema=dg.TableSchema(columns=[
+            dg.TableColumn("dataset", "string"), dg.TableColumn("store_fingerprint", "string"),
+            dg.TableColumn("raw_corpus_version", "string"), dg.TableColumn("raw_files", "int")])),
+        "raw_files": dg.MetadataValue.table(files[:500], schema=dg.TableSchema(columns=[
+            dg.TableColumn("dataset", "string"), dg.TableColumn("path", "string"),
+            dg.TableColumn("sha256", "string")])),
+    }
+
+
+def _record_checkpoints(context: dg.AssetExecutionContext, reported: list[dict], lineage: dict) -> None:
+    """One `model_checkpoint` materialization per checkpoint not recorded yet, versioned
+    by its weights' sha256."""
+    known = set(context.instance.get_dynamic_partitions(checkpoint_partitions.name))
+    new = [(checkpoint_key(context, c["step"]), c) for c in reported]
+    new = [(key, c) for key, c in new if key not in known]
+    if not new:
         return
-    context.instance.add_dynamic_partitions(checkpoint_partitions.name, keys)
-    for key, checkpoint in zip(keys, checkpoints):
-        figures = {k: v for k, v in checkpoint.items() if k not in ("kind", "path")}
+    context.instance.add_dynamic_partitions(checkpoint_partitions.name, [key for key, _ in new])
+    for key, checkpoint in new:
+        figures = {k: v for k, v in checkpoint.items() if k not in ("kind", "path", "weights_sha256") and v is not None}
+        weights = checkpoint.get("weights_sha256")
         context.log_event(dg.AssetMaterialization(
             asset_key=model_checkpoint.key,
             partition=key,
-            metadata={**figures, "path": dg.MetadataValue.path(checkpoint["path"])},
+            metadata={**figures, **lineage, "path": dg.MetadataValue.path(checkpoint["path"]),
+                      **({"weights_sha256": weights} if weights else {})},
+            tags={"dagster/data_version": weights} if weights else None,
         ))
 
 
-@dg.asset(deps=[trained_model], group_name="training", kinds={"pytorch"}, code_version="1")
+@versioned_asset(
+    runs=("blues_train.report",),
+    deps=[trained_model, dg.AssetDep(model_checkpoint, partition_mapping=dg.LastPartitionMapping())],
+    group_name="training",
+    kinds={"pytorch"},
+)
 def model_eval(
     context: dg.AssetExecutionContext, config: EvalConfig, project: BluesProject
 ) -> dg.MaterializeResult:
-    """The last trained model's perplexity on the held-out split of the mixture, sample
-    generations, and how evenly its experts share the tokens."""
-    cfg = with_overrides(project.load(), "evaluation", config)
-    checkpoint = _latest_checkpoint(context)
+    """A model_checkpoint partition's perplexity on the held-out split of the mixture, sample
+    generations, and how evenly its experts share the tokens. The latest checkpoint unless
+    the run config names one (`checkpoint: run-…-step-000100`); the metadata says which."""
+    cfg = with_overrides(project.load(), "evaluation", config.model_copy(update={"checkpoint": None}))
+    key, checkpoint = chosen_checkpoint(context, config.checkpoint)
     ev = cfg.evaluation
+    meta = checkpoints.read_meta(checkpoint)
     report = evaluate_checkpoint(  # on windows as long as the model was trained on
-        checkpoint, cfg.mixture.output, seq_len=checkpoints.read_meta(checkpoint)["seq_len"],
+        checkpoint, cfg.mixture.output, seq_len=meta["seq_len"],
         windows=ev.val_windows,
         prompts=list(ev.prompts), max_length=ev.max_length, temperature=ev.temperature,
         top_k=ev.top_k,
@@ -266,9 +418,30 @@ def model_eval(
             "samples": dg.MetadataValue.md(samples),
             "expert_utilization": dg.MetadataValue.md(
                 png_markdown(report["expert_utilization_png"], "expert utilization")),
+            "model_checkpoint": key,
+            "step": meta["step"],
             "checkpoint": dg.MetadataValue.path(str(checkpoint)),
+            "weights_sha256": meta.get("files", {}).get(checkpoints.MODEL_FILE, ""),
         }
     )
+
+
+def chosen_checkpoint(context: dg.AssetExecutionContext, key: str | None) -> tuple[str, Path]:
+    """The model_checkpoint partition `key` (default: the latest) and its folder."""
+    keys = context.instance.get_dynamic_partitions(checkpoint_partitions.name)
+    if not keys:
+        raise dg.Failure("model_checkpoint has no partition yet: materialize trained_model first "
+                         "(its run must save at least one checkpoint: training.save_interval)", allow_retries=False)
+    key = key or keys[-1]
+    if key not in keys:
+        raise dg.Failure(f"model_checkpoint has no partition {key!r}; the latest is {keys[-1]!r}", allow_retries=False)
+    [record] = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=model_checkpoint.key, asset_partitions=[key]), limit=1).records
+    path = Path(record.asset_materialization.metadata["path"].value)
+    if not checkpoints.is_complete(path):
+        raise dg.Failure(f"model_checkpoint {key}: {path} is gone (training keeps the last keep_last "
+                         "checkpoints); choose a later partition", allow_retries=False)
+    return key, path
 
 
 def _latest_checkpoint(context: dg.AssetExecutionContext) -> Path:

@@ -37,6 +37,7 @@ from typing import Literal
 import dagster as dg
 from pydantic import AliasChoices, Field, field_validator
 
+from blues_train import storage
 from blues_train.errors import BluesError
 from blues_train.merge import DEFAULT_OUTPUT, DatasetsSection, resolve_strategy
 from blues_train.mixture import DEFAULT_VAL_FRACTION
@@ -207,8 +208,10 @@ class TrainConfig(dg.Config):
 
 
 class EvalConfig(dg.Config):
-    """Run-config overrides of the `evaluation` settings (unset fields come from the file)."""
+    """Run-config overrides of the `evaluation` settings (unset fields come from the file),
+    and the model_checkpoint partition to evaluate (default: the latest)."""
 
+    checkpoint: str | None = None
     prompts: list[str] | None = None
     max_length: int | None = None
     temperature: float | None = None
@@ -257,6 +260,11 @@ def parse_project_config(raw: object, path: Path, where: str | None = None) -> P
         raise BluesError(f"{prefix}{field} {problem}")
 
     base = path.parent
+
+    def located(given: str):
+        """A URI as it is (`storage.path`), a relative path from the configuration's folder."""
+        return storage.path(given) if storage.is_uri(given) else base / given
+
     paths, weights = file.datasets.paths, file.datasets.weights
     if len(file.sources) != len(paths):
         fail("sources", f"has {len(file.sources)} entries but datasets.paths has {len(paths)}; "
@@ -265,8 +273,8 @@ def parse_project_config(raw: object, path: Path, where: str | None = None) -> P
     for i, name in enumerate(names):
         if names.index(name) != i:
             fail(f"sources[{i}].name", f"{name!r} is used twice; dataset names must be unique")
-        if not (base / file.sources[i].input).exists():
-            fail(f"sources[{i}].input", f"{base / file.sources[i].input} does not exist; create it or fix the path")
+        if not located(file.sources[i].input).exists():
+            fail(f"sources[{i}].input", f"{located(file.sources[i].input)} does not exist; create it or fix the path")
     if weights is not None and len(weights) != len(paths):
         fail("datasets.weights", f"has {len(weights)} entries for {len(paths)} datasets.paths")
     strategy = file.datasets.merge_strategy or ("weighted" if weights else "equal")
@@ -279,6 +287,10 @@ def parse_project_config(raw: object, path: Path, where: str | None = None) -> P
     if problem:
         fail("datasets.merge_strategy", problem)
     training = file.training
+    if storage.is_remote(training.out):
+        fail("training.out", f"{training.out}: the Dagster graph trains into a local folder (its run "
+             "records, loss curve and evaluation read it there); use a local path here, or run "
+             "`blues train --out s3://...` from the command line")
     model = training.model
     if model is not None and model.endswith(".json"):
         model = str(base / model)
@@ -291,11 +303,11 @@ def parse_project_config(raw: object, path: Path, where: str | None = None) -> P
         path=path,
         raw=raw,
         datasets=tuple(
-            DatasetSource(name=s.name, token_store=base / p, input=base / s.input, format=s.format,
+            DatasetSource(name=s.name, token_store=located(p), input=located(s.input), format=s.format,
                           glob=s.glob, text_field=s.text_field)
             for s, p in zip(file.sources, paths)
         ),
-        mixture=MixtureSettings(output=base / file.mixture.output, strategy=strategy,
+        mixture=MixtureSettings(output=located(file.mixture.output), strategy=strategy,
                                 weights=None if weights is None else tuple(weights),
                                 num_tokens=file.mixture.num_tokens, seed=file.mixture.seed,
                                 val_fraction=file.mixture.val_fraction),

@@ -11,7 +11,7 @@ from pipelines import assets, checks, export_assets
 from pipelines.config import ProjectConfig, load_project_config
 from pipelines.resources import build_resources, dagster_failure
 from pipelines.schedules import retrain_job, retrain_schedule
-from pipelines.sensors import build_raw_corpus_sensor
+from pipelines.sensors import build_raw_corpus_sensor, build_tokenize_automation
 
 
 @dg.definitions
@@ -29,7 +29,7 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
                       checks.tokenizer_consistency],
         jobs=[retrain_job],
         schedules=[retrain_schedule(config)],
-        sensors=[build_raw_corpus_sensor(tokenized)],
+        sensors=[build_raw_corpus_sensor(tokenized), build_tokenize_automation(tokenized)],
         resources=build_resources(),
         # Asset bodies are thin; prepare has its own worker processes and training runs in
         # its own process through Pipes. One process per run saves a process spawn per step.

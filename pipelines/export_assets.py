@@ -9,6 +9,7 @@ from pydantic import Field
 from blues_train.errors import BluesError
 from blues_train.export import DEFAULT_DTYPE, DTYPES, export
 from pipelines.assets import _latest_checkpoint, trained_model
+from pipelines.versions import versioned_asset
 
 HF_DIR = "hf"
 
@@ -36,7 +37,8 @@ def usage_markdown(path: str) -> str:
     ])
 
 
-@dg.asset(deps=[trained_model], group_name="training", kinds={"huggingface", "safetensors"}, code_version="1")
+@versioned_asset(runs=("blues_train.export",), deps=[trained_model], group_name="training",
+                 kinds={"huggingface", "safetensors"})
 def hf_model(context: dg.AssetExecutionContext, config: HfExportConfig) -> dg.MaterializeResult:
     """The last trained model's checkpoint exported for transformers, vLLM and
     lm-evaluation-harness (an existing architecture, no custom code; the o200k_base

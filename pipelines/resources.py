@@ -24,11 +24,12 @@ class BluesProject(dg.ConfigurableResource):
 
 @contextmanager
 def dagster_failure():
-    """A bad configuration reads in Dagster as its one line, not as a stack trace."""
+    """A bad configuration reads in Dagster as its one line, not as a stack trace (and is
+    not retried: it stays bad)."""
     try:
         yield
     except BluesError as exc:
-        raise dg.Failure(description=str(exc)) from None
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
 
 
 def build_resources() -> dict:

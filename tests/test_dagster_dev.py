@@ -1,6 +1,6 @@
 """Smoke test of the UI server: `dagster dev` on loopback from the repository root, launch
-`merged_dataset` through GraphQL, wait for success (and for the sensor's tokenization
-runs), stop the server by its process id. And `make dev`'s launcher stops on SIGTERM and
+`merged_dataset` through GraphQL, wait for success (and for the tokenization runs that
+declarative automation launches), stop the server by its process id. And `make dev`'s launcher stops on SIGTERM and
 SIGINT when started the way a script's background job is (SIGINT ignored)."""
 
 import os
@@ -21,7 +21,7 @@ from dagster_server import REPO, dagster_dev, free_port, graphql, wait_for_runs,
 from pipelines.config import load_project_config
 from pipelines.home import ensure_dagster_home
 
-SENSOR_RUNS = """{ runsOrError(filter: {tags: [{key: "dagster/sensor_name", value: "raw_corpus_sensor"}]}) {
+SENSOR_RUNS = """{ runsOrError(filter: {tags: [{key: "dagster/sensor_name", value: "tokenize_on_raw_corpus"}]}) {
   ... on Runs { results { status assetSelection { path } } } } }"""
 
 
@@ -40,15 +40,18 @@ def test_dagster_dev_materializes_merged_dataset(tmp_path):
             time.sleep(1)
         assert status == "SUCCESS"
 
-        # The raw-corpus sensor runs by default: it registers both datasets as raw_corpus
-        # partitions and requests their tokenization, one run per tokenized_dataset asset.
-        while len(sensor_runs := graphql(port, SENSOR_RUNS)["runsOrError"]["results"]) < 2:
-            assert time.monotonic() < deadline, f"the sensor launched {len(sensor_runs)} run(s)"
+        # The automation sensor runs by default: the tokenized datasets are missing from this
+        # instance (their stores were written outside it), so it requests both, in one run or two.
+        def tokenized():
+            runs = graphql(port, SENSOR_RUNS)["runsOrError"]["results"]
+            return sorted({"/".join(key["path"]) for r in runs for key in r["assetSelection"]})
+
+        while tokenized() != ["tokenized_dataset/code", "tokenized_dataset/prose"]:
+            assert time.monotonic() < deadline, f"automation requested {tokenized()}"
             time.sleep(1)
         wait_for_runs(port)
         runs = graphql(port, SENSOR_RUNS)["runsOrError"]["results"]
-        assert sorted((r["status"], "/".join(key["path"])) for r in runs for key in r["assetSelection"]) == [
-            ("SUCCESS", "tokenized_dataset/code"), ("SUCCESS", "tokenized_dataset/prose")]
+        assert {r["status"] for r in runs} == {"SUCCESS"}
     assert read_mixture(config.mixture.output)["strategy"] == "weighted"
 
 

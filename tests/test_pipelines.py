@@ -13,7 +13,8 @@ from blues_train.merge import merge
 from blues_train.prepare import prepare_dataset
 from blues_train.verify import verify_paths
 from pipelines import assets, checks, definitions
-from pipelines.config import TrainConfig, load_project_config, parse_project_config, with_overrides
+from blues_train.checkpoint import read_meta
+from pipelines.config import EvalConfig, TrainConfig, load_project_config, parse_project_config, with_overrides
 from pipelines.home import ensure_dagster_home
 from pipelines.resources import BluesProject
 from pipelines.schedules import retrain_job, retrain_schedule
@@ -135,16 +136,51 @@ def test_whole_graph_materializes(project):
 
         checkpoints = instance.get_dynamic_partitions("checkpoints")
         assert [c.rsplit("-", 1)[1] for c in checkpoints] == ["000001", "000002"]
-        record = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=assets.model_checkpoint.key, asset_partitions=[checkpoints[-1]]), limit=1
-        ).records[0].asset_materialization
+        records = [instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=assets.model_checkpoint.key, asset_partitions=[key]), limit=1
+        ).records[0].asset_materialization for key in checkpoints]
+        record = records[-1]
         assert record.metadata["mixture_fingerprint"].value == mixture["fingerprint"]
         assert record.metadata["step"].value == 2 and record.metadata["path"].value == model["checkpoint"]
+
+        # Data versions are content hashes: each checkpoint's weights, the final one's for the model.
+        weights = [read_meta(r.metadata["path"].value)["files"]["model.safetensors"] for r in records]
+        assert [r.tags["dagster/data_version"] for r in records] == weights
+        latest = instance.get_latest_materialization_event(assets.trained_model.key).asset_materialization
+        assert latest.tags["dagster/data_version"] == weights[-1] and model["model_checkpoint"] == checkpoints[-1]
+        # A checkpoint's lineage reads back to the token stores and the raw files' sha256.
+        stores = {row.data["dataset"]: row.data for row in record.metadata["token_stores"].value.records}
+        raw_files = record.metadata["raw_files"].value.records
+        for name, key in zip(DATASETS, TOKENIZED):
+            store = instance.get_latest_materialization_event(dg.AssetKey.from_user_string(key)).asset_materialization
+            assert stores[name]["store_fingerprint"] == store.tags["dagster/data_version"]
+            observed = instance.fetch_observations(
+                dg.AssetRecordsFilter(asset_key=assets.raw_corpus.key, asset_partitions=[name]), limit=1
+            ).records[0].asset_observation
+            assert stores[name]["raw_corpus_version"] == observed.tags["dagster/data_version"]
+            assert {f.data["sha256"] for f in raw_files if f.data["dataset"] == name} == {
+                f.data["sha256"] for f in observed.metadata["file_table"].value.records}
 
         evaluation = metadata(result, "model_eval")
         assert evaluation["perplexity"] > 1 and evaluation["val_tokens"] > 0
         assert evaluation["expert_utilization"].startswith("![expert utilization](data:image/png;base64,")
         assert "def " in evaluation["samples"]
+        assert evaluation["model_checkpoint"] == checkpoints[-1] and evaluation["weights_sha256"] == weights[-1]
+
+        # An older checkpoint, chosen in the run config (the UI's launchpad: ops.model_eval.config.checkpoint).
+        older = dg.materialize(EVERYTHING, selection=[assets.model_eval], instance=instance,
+                               resources=resources(project),
+                               run_config=dg.RunConfig({"model_eval": EvalConfig(checkpoint=checkpoints[0])}))
+        assert older.success
+        evaluation = metadata(older, "model_eval")
+        assert (evaluation["model_checkpoint"], evaluation["step"]) == (checkpoints[0], 1)
+        assert evaluation["weights_sha256"] == weights[0]
+        unknown = dg.materialize(EVERYTHING, selection=[assets.model_eval], instance=instance,
+                                 resources=resources(project), raise_on_error=False,
+                                 run_config=dg.RunConfig({"model_eval": EvalConfig(checkpoint="run-x-step-000009")}))
+        [failure] = [e for e in unknown.all_events if e.event_type_value == "STEP_FAILURE"]
+        assert failure.step_failure_data.user_failure_data.description == (
+            f"model_checkpoint has no partition 'run-x-step-000009'; the latest is {checkpoints[-1]!r}")
 
 
 def test_merged_dataset_reports_the_shares_verify_realizes(tmp_path):
@@ -204,34 +240,34 @@ def test_retrain_schedule(project, defs):
 
 
 def test_raw_corpus_sensor(tmp_path, capfd):
+    """The sensor sees files: new datasets become partitions, changed files observations
+    with a new data version. It requests no run: automation does (test_dagster_versions)."""
     project = write_project(tmp_path, corpus_mb=0.05)
     resource = {"project": BluesProject(config_path=str(project))}
     sensor = build_raw_corpus_sensor(TOKENIZED_ASSETS)
 
     def evaluate(previous=None):
-        return sensor(dg.build_sensor_context(
+        result = sensor(dg.build_sensor_context(
             instance=instance, cursor=previous and previous.cursor, resources=resource))
-
-    def requested(result):
-        return sorted(key.to_user_string() for r in result.run_requests for key in r.asset_selection)
+        assert result.run_requests == []
+        return result
 
     with dg.instance_for_test() as instance:
         first = evaluate()
         [added] = first.dynamic_partitions_requests
         assert sorted(added.partition_keys) == DATASETS
-        assert requested(first) == TOKENIZED and all(len(r.asset_selection) == 1 for r in first.run_requests)
         assert sorted(e.partition for e in first.asset_events) == DATASETS
-        assert all(e.tags["dagster/data_version"] for e in first.asset_events)
+        versions = {e.partition: e.tags["dagster/data_version"] for e in first.asset_events}
         instance.add_dynamic_partitions("datasets", added.partition_keys)
 
         quiet = evaluate(first)
-        assert quiet.run_requests == [] and quiet.dynamic_partitions_requests == [] and quiet.asset_events == []
+        assert quiet.dynamic_partitions_requests == [] and quiet.asset_events == []
 
         new_file = tmp_path / "corpus" / "prose" / "texts" / "new.txt"
         new_file.write_text("A new document arrived in the prose corpus.\n")
         changed = evaluate(quiet)
-        assert requested(changed) == ["tokenized_dataset/prose"]
         assert [e.partition for e in changed.asset_events] == ["prose"]
+        assert changed.asset_events[0].tags["dagster/data_version"] != versions["prose"]
         assert changed.dynamic_partitions_requests == []
 
         # A dataset added to the file after the code location loaded: a raw_corpus partition
@@ -242,18 +278,12 @@ def test_raw_corpus_sensor(tmp_path, capfd):
         raw["sources"].append({"name": "more_code", "input": "corpus/code", "glob": "**/*.jsonl.zst"})
         project.write_text(json.dumps(raw))
         grown = evaluate(changed)
-        assert grown.run_requests == []
         assert grown.dynamic_partitions_requests[0].partition_keys == ["more_code"]
         assert [e.partition for e in grown.asset_events] == ["more_code"]
         warning = capfd.readouterr().err
         assert "dataset more_code is in" in warning and "reload the code location" in warning
         instance.add_dynamic_partitions("datasets", ["more_code"])
         assert evaluate(grown).asset_events == []
-
-        sensor = build_raw_corpus_sensor([*TOKENIZED_ASSETS, assets.build_tokenized_dataset("more_code")])
-        reloaded = evaluate(grown)
-        assert requested(reloaded) == ["tokenized_dataset/more_code"]
-        assert evaluate(reloaded).run_requests == []
 
 
 @pytest.mark.slow
