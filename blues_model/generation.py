@@ -52,7 +52,7 @@ def generate(model: BluesLM, prompts: list[list[int]], max_new_tokens: int, temp
     on the model's device, for repeatable sampling. `fast` (default: on CUDA) decodes with
     decode.py's captured step; False takes the eager loop.
     """
-    if temperature < 0 or top_k < 0 or top_p < 0:
+    if not (temperature >= 0 and top_p >= 0) or top_k < 0:  # `not >=`: nan is refused too
         raise ValueError(f"need temperature >= 0, top_k >= 0 and top_p >= 0, got {temperature}, {top_k}, {top_p}")
     cfg = model.config
     longest = max(len(p) for p in prompts)

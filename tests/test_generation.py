@@ -100,3 +100,10 @@ def test_top_p_zero_is_greedy(model):
     nucleus = generate(model, prompts(), max_new_tokens=5, temperature=1.0, top_p=0.0, eos_id=None,
                        generator=torch.Generator().manual_seed(0))
     assert nucleus == greedy
+
+
+@pytest.mark.parametrize("settings", [{"temperature": math.nan}, {"temperature": -1.0}, {"top_p": math.nan},
+                                      {"top_k": -1}])
+def test_sampling_settings_that_mean_nothing_are_refused(model, settings):
+    with pytest.raises(ValueError, match="need temperature >= 0"):
+        generate(model, prompts(), max_new_tokens=2, **settings)
