@@ -42,6 +42,14 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def fresh_folder(parent: Path, prefix: str) -> Path:
+    """A new, empty folder `PARENT/PREFIXxxxxxxxx` made by this call (mkdtemp: a unique name,
+    never an existing folder or a symbolic link), with the permissions mkdir would give."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(folder, 0o777 & ~_UMASK)
+    return folder
+
+
 def write_json_atomic(path: Path, obj) -> None:
     write_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 

@@ -53,8 +53,14 @@ class ChunkFiles:
 
     def local(self, remote, sha256: str, size: int) -> Path:
         """The local copy of chunk `remote` (fetched now if it is not here yet)."""
-        self.handed_out = self.folder / f"{sha256}.arrow"
+        self.handed_out = self.file_of(remote, sha256)
         return self._submit(remote, sha256, size).result()
+
+    def file_of(self, remote, sha256: str) -> Path:
+        """`FOLDER/<sha256>.arrow`: the sha256 comes from a store's manifest, so it must name a file here."""
+        remote = storage.path(remote)
+        return storage.inside(self.folder, f"{sha256}.arrow", f"{remote.parent / 'manifest.json'}: sha256 of "
+                              f"{remote.name}", "prepare the dataset again")
 
     def prefetch(self, chunks) -> None:
         """Start fetching (remote, sha256, size) chunks in the background."""
@@ -77,7 +83,7 @@ class ChunkFiles:
             self.pending.pop(sha256, None)
 
     def _fetch(self, remote, sha256: str, size: int) -> Path:
-        target = self.folder / f"{sha256}.arrow"
+        target = self.file_of(remote, sha256)
         try:
             if target.stat().st_size == size:
                 os.utime(target)  # most recently used

@@ -26,7 +26,11 @@ split of each token into two tokens, ordered by the token's rank; `<|endoftext|>
 tokenizer it reads special-token strings in text as those tokens; `tokenizer(text,
 split_special_tokens=True)` gives exactly tiktoken's `encode_ordinary(text)`.
 
-The folder is written beside `--out` under a temporary name and renamed when complete.
+The folder is written beside `--out` into a temporary folder the command makes itself
+(`.tmp-NAME-xxxxxxxx`, a fresh unique name) and renamed when complete. Only a folder that
+holds `blues_export.json` (an earlier export) is replaced, never through a symbolic link; it
+is moved into another fresh folder (`.old-NAME-xxxxxxxx`) and deleted once the new one is in
+place. An export killed midway leaves its `.tmp-NAME-*` folder, which may be deleted.
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ from safetensors.torch import save_file
 
 from blues_model import BluesConfig, BluesLM
 from blues_train import checkpoint, remote_run, storage, tokenizer
-from blues_train.atomic import (FILE_MODE, check_output_folder, folder_error, os_error, sync_dir, write_atomic,
-                                write_json_atomic)
+from blues_train.atomic import (FILE_MODE, check_output_folder, folder_error, fresh_folder, os_error, sync_dir,
+                                write_atomic, write_json_atomic)
 from blues_train.errors import BluesError
 from blues_train.folder_lock import exclusive_writer
 from blues_train.generate import checkpoint_folder, load_model
@@ -232,11 +236,18 @@ def check_dtype(dtype: str) -> None:
 
 
 def check_out(out: Path) -> None:
-    """`out` can be written, and holds nothing but an earlier export."""
+    """`out` can be written, and is nothing yet, an empty folder or an earlier export."""
     check_output_folder(out, "--out")
-    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_FILE).is_file():
+    if out.is_symlink():
+        raise BluesError(f"--out {out}: is a symbolic link; name the folder itself, or choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
         raise BluesError(f"--out {out}: exists and is not a folder blues export wrote; "
                          "remove it or choose another folder")
+
+
+def is_export(folder: Path) -> bool:
+    """A folder (not a symbolic link) that an earlier `blues export` wrote."""
+    return folder.is_dir() and not folder.is_symlink() and (folder / EXPORT_FILE).is_file()
 
 
 def write_export(model: BluesLM, out, dtype: str = DEFAULT_DTYPE, source: dict | None = None) -> dict:
@@ -260,18 +271,20 @@ def write_export(model: BluesLM, out, dtype: str = DEFAULT_DTYPE, source: dict |
                                    "pad_token_id": tokenizer.EOT_ID},
         **tokenizer_files(c.max_seq_len),
     }
-    tmp = out.parent / f".tmp-{out.name}"
-    with exclusive_writer(tmp):  # one export into `out` at a time
+    with exclusive_writer(out):  # one export into `out` at a time
+        tmp = None
         try:
+            tmp = fresh_folder(out.parent, f".tmp-{out.name}-")
             write_folder(tmp, weights, files, summary)
             replace_folder(tmp, out)
         except BaseException as exc:
-            reason = None
+            where, reason = tmp or out.parent, None
             if isinstance(exc, OSError):
-                reason = os_error(exc, tmp, "writing the export")
+                reason = os_error(exc, where, "writing the export")
             elif isinstance(exc, (RuntimeError, SafetensorError)):  # safetensors words a full disk so
-                reason = folder_error(tmp, "writing the export")
-            shutil.rmtree(tmp, ignore_errors=True)
+                reason = folder_error(where, "writing the export")
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             if reason is None:
                 raise
             raise reason from None
@@ -279,8 +292,6 @@ def write_export(model: BluesLM, out, dtype: str = DEFAULT_DTYPE, source: dict |
 
 
 def write_folder(folder: Path, weights: dict, files: dict, summary: dict) -> None:
-    for stale in folder.iterdir():  # what a killed export left
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     os.chmod(folder / WEIGHTS_FILE, FILE_MODE)  # safetensors creates it private (0600)
     for name, content in files.items():
@@ -292,14 +303,23 @@ def write_folder(folder: Path, weights: dict, files: dict, summary: dict) -> Non
 
 
 def replace_folder(new: Path, out: Path) -> None:
-    """Rename `new` to `out`; an earlier export there is moved aside first, then deleted."""
-    old = out.parent / f".old-{out.name}"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.rename(out, old)
-    os.rename(new, out)
-    sync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    """Rename `new` to `out` (replacing the empty folder the writer lock made). An earlier
+    export there is first moved into a fresh folder of ours, deleted once `new` is in place."""
+    if not is_export(out):
+        os.rename(new, out)
+        sync_dir(out.parent)
+        return
+    aside = fresh_folder(out.parent, f".old-{out.name}-")
+    try:
+        os.rename(out, aside / out.name)
+        try:
+            os.rename(new, out)
+        except OSError:
+            os.rename(aside / out.name, out)  # the earlier export stays
+            raise
+        sync_dir(out.parent)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def export(checkpoint_path, out, dtype: str = DEFAULT_DTYPE) -> dict:

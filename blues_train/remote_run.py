@@ -44,7 +44,8 @@ STAGE_WAIT_S = 1800
 
 def staging_folder(remote) -> Path:
     remote = storage.path(remote)
-    return storage.cache_root() / "runs" / remote.scheme / remote.key
+    return storage.inside(storage.cache_root() / "runs" / remote.scheme, remote.key, "--out",
+                          "name the run folder without '.' or '..' parts", subpaths=True)
 
 
 def committed_checkpoints(root) -> list:
@@ -122,7 +123,8 @@ class RemoteRun:
     def local_resume(self, resume: str | None) -> str | None:
         """The `--resume` of the staged run (what `stage` returns, for the other ranks)."""
         if resume and resume != "auto":
-            return str(self.local / "checkpoints" / storage.path(resume).name)
+            return str(storage.inside(self.local / "checkpoints", storage.path(resume).name, "--resume",
+                                      "pass a step-N folder or 'auto'"))
         return resume
 
     def wait_staged(self) -> None:
@@ -137,12 +139,14 @@ class RemoteRun:
     def pull_checkpoint(self, source, target: Path) -> Path:
         """Download the committed checkpoint `source` into `target` (meta.json last, then renamed
         into place); its files are checked against meta.json by whoever uses it."""
-        meta = json.loads((source / META_FILE).read_bytes())
+        meta = read_meta(source)
         names = sorted({*meta.get("files", {}), *meta.get("universal_files", {})})
         temp = target.with_name(f".tmp-{target.name}")
         shutil.rmtree(temp, ignore_errors=True)
+        files = [storage.inside(temp, name, f"{source / META_FILE}: files", "use another checkpoint", subpaths=True)
+                 for name in names]
         with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-            list(pool.map(lambda name: storage.download(source / name, temp / name), names))
+            list(pool.map(lambda name, file: storage.download(source / name, file), names, files))
         storage.download(source / META_FILE, temp / META_FILE)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(temp, target)
@@ -175,6 +179,18 @@ class RemoteRun:
                 storage.upload(p, self.remote / p.relative_to(self.local).as_posix())
 
 
+def read_meta(folder) -> dict:
+    """The meta.json of the remote checkpoint `folder`, its file lists JSON objects."""
+    try:
+        meta = json.loads((folder / META_FILE).read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    if not (isinstance(meta, dict) and all(isinstance(meta.get(key, {}), dict) for key in ("files", "universal_files"))):
+        raise BluesError(f"{folder / META_FILE}: not the meta.json of a checkpoint (a JSON object listing its "
+                         "files); use another checkpoint")
+    return meta
+
+
 def fetch_model(given) -> Path:
     """A local folder with the model.safetensors, config.json and meta.json of the remote
     checkpoint `given` (a step-N folder, a run folder or its checkpoints/), each file checked
@@ -188,11 +204,7 @@ def fetch_model(given) -> Path:
             raise BluesError(f"--checkpoint {given}: holds no committed checkpoint (a step-N folder with "
                              f"{META_FILE}); train first (blues train) or pass another URI")
         folder = found[-1]
-    meta_bytes = (folder / META_FILE).read_bytes()
-    try:
-        recorded = json.loads(meta_bytes).get("files", {})
-    except (ValueError, AttributeError):
-        raise BluesError(f"{folder / META_FILE}: not valid JSON; use another checkpoint") from None
+    recorded = read_meta(folder).get("files", {})
     for name in (MODEL_FILE, CONFIG_FILE):
         if name not in recorded:
             raise BluesError(f"{folder / META_FILE}: lists no {name}; use a checkpoint saved by this Blues")
@@ -200,7 +212,8 @@ def fetch_model(given) -> Path:
     for name in sorted((set(recorded) | {META_FILE}) ^ listed):
         where = "missing (meta.json lists it)" if name not in listed else "not part of the checkpoint as saved"
         raise BluesError(f"{folder / name}: {where}: the checkpoint is incomplete or changed, use another one")
-    local = storage.cache_root() / "checkpoints" / recorded[MODEL_FILE][:32]
+    local = storage.inside(storage.cache_root() / "checkpoints", recorded[MODEL_FILE][:32],
+                           f"{folder / META_FILE}: the sha256 of {MODEL_FILE}", "use another checkpoint")
     for name in (MODEL_FILE, CONFIG_FILE):
         path = local / name
         if not (path.is_file() and file_sha256(path) == recorded[name]):

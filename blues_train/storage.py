@@ -67,6 +67,28 @@ def path(given):
     return RemotePath(scheme, rest)
 
 
+def is_plain_name(name, subpaths: bool = False) -> bool:
+    """A name read from a file that may become a path: not empty, '.' or '..', no '/', no
+    backslash, no NUL; with `subpaths` a relative path (`universal/x`) every part of which is so."""
+    parts = name.split("/") if subpaths and isinstance(name, str) else [name]
+    return isinstance(name, str) and all(
+        part not in ("", ".", "..") and not any(c in part for c in "/\\\0") for part in parts)
+
+
+def inside(folder, name, entry: str, advice: str, subpaths: bool = False):
+    """`folder / name` for a `name` read from a file or a bucket (`entry` says where), refused
+    unless it is plain (`is_plain_name`) and, on a local disk, still inside `folder` once
+    symbolic links resolve: a name never makes Blues read or write outside its folder."""
+    kind = "relative path" if subpaths else "file name"
+    if not is_plain_name(name, subpaths):
+        raise BluesError(f"{entry} {name!r}: not a {kind} inside {folder} (no '..', '.', empty "
+                         f"or absolute parts, no backslash); {advice}")
+    target = path(folder) / name
+    if isinstance(target, Path) and not target.resolve().is_relative_to(Path(folder).resolve()):
+        raise BluesError(f"{entry} {name!r}: leads outside {folder} through a symbolic link; {advice}")
+    return target
+
+
 def is_remote(given) -> bool:
     return isinstance(path(given), RemotePath)
 

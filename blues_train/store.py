@@ -69,16 +69,8 @@ def read_manifest(store_dir) -> dict:
         raise BluesError(f"{path}: field chunks must be a list; prepare the dataset again")
     for number, chunk in enumerate(manifest["chunks"]):
         name = chunk.get("file") if isinstance(chunk, dict) else None
-        if not is_plain_name(name):
-            raise BluesError(
-                f"{path}: chunks[{number}].file {name!r} is not a file name inside the store "
-                "folder (no path separators, not '.' or '..'); prepare the dataset again"
-            )
+        storage.inside(store_dir, name, f"{path}: chunks[{number}].file", "prepare the dataset again")
     return manifest
-
-
-def is_plain_name(name) -> bool:
-    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
 def fingerprint(vocab_sha256: str, chunk_hashes) -> str:
