@@ -1,0 +1,50 @@
+"""Inputs a user may hand us damaged or in an unexpected shape: each is read as it should
+be, or refused in one line naming the file and what to do.
+
+    Parquet text columns dictionary-encoded (pandas `category`) or large_string
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from blues_train.prepare import prepare_dataset
+from blues_train.store import read_manifest
+
+TOPICS_ROWS = 40  # of the sample corpus' prose/topics.parquet: enough rows for a few documents of each kind
+
+
+def store_rows(folder) -> list[dict]:
+    """Every row (tokens, source, index) of a token store, in chunk order."""
+    rows = []
+    for chunk in read_manifest(folder)["chunks"]:
+        with pa.memory_map(str(folder / chunk["file"])) as f:
+            rows += pa.ipc.open_file(f).read_all().to_pylist()
+    return rows
+
+
+def text_column(kind: str, texts: pa.Array) -> pa.Array:
+    if kind == "string":
+        return texts
+    large = texts.cast(pa.large_string())
+    return {"large_string": large, "dictionary<string>": texts.dictionary_encode(),
+            "dictionary<large_string>": large.dictionary_encode()}[kind]
+
+
+@pytest.mark.parametrize("kind", ["large_string", "dictionary<string>", "dictionary<large_string>"])
+def test_parquet_text_in_any_string_encoding_makes_the_same_store(sample_corpus_dir, tmp_path, kind):
+    texts = pq.read_table(sample_corpus_dir / "prose" / "topics.parquet").column("text").combine_chunks()
+    texts = pa.concat_arrays([texts[:TOPICS_ROWS], pa.array([texts[0].as_py(), None], pa.string())])
+    stores = {}
+    for name in ("string", kind):
+        column = text_column(name, texts)
+        (tmp_path / name).mkdir()
+        pq.write_table(pa.table({"text": column}), tmp_path / name / "topics.parquet")
+        written = pq.read_schema(tmp_path / name / "topics.parquet").field("text").type
+        assert pa.types.is_dictionary(written) == name.startswith("dictionary")  # Parquet reads large_ back as plain
+        stores[name] = tmp_path / "stores" / name
+        prepare_dataset([tmp_path / name / "topics.parquet"], stores[name], workers=1, progress=False)
+    assert store_rows(stores[kind]) == store_rows(stores["string"])
+    assert len(store_rows(stores["string"])) == TOPICS_ROWS + 1  # the repeated text too; the null is empty
