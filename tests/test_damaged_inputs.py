@@ -2,16 +2,22 @@
 be, or refused in one line naming the file and what to do.
 
     Parquet text columns dictionary-encoded (pandas `category`) or large_string
+    a --deepspeed config asking for fp16 on a machine without a GPU
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from training_runs import BIN, ROOT, TRAIN_ARGS, env
 
 from blues_train.prepare import prepare_dataset
 from blues_train.store import read_manifest
+from blues_train.training_config import DEFAULT_DS_CONFIG
 
 TOPICS_ROWS = 40  # of the sample corpus' prose/topics.parquet: enough rows for a few documents of each kind
 
@@ -48,3 +54,17 @@ def test_parquet_text_in_any_string_encoding_makes_the_same_store(sample_corpus_
         prepare_dataset([tmp_path / name / "topics.parquet"], stores[name], workers=1, progress=False)
     assert store_rows(stores[kind]) == store_rows(stores["string"])
     assert len(store_rows(stores["string"])) == TOPICS_ROWS + 1  # the repeated text too; the null is empty
+
+
+def test_fp16_deepspeed_config_on_a_cpu_is_one_line(mixture_dir, tmp_path):
+    ds_config = json.loads(DEFAULT_DS_CONFIG.read_text())
+    ds_config["fp16"] = {"enabled": True}
+    config = tmp_path / "ds_fp16.json"
+    config.write_text(json.dumps(ds_config))
+    result = subprocess.run([str(BIN / "blues"), "train", "--data_cache_dir", str(mixture_dir), "--out",
+                             str(tmp_path / "run"), *TRAIN_ARGS, "--deepspeed", str(config)],
+                            cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [f"error: --deepspeed {config}: fp16 needs a GPU and this machine has "
+                                          "none; remove the \"fp16\" section (or set \"enabled\": false)"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
