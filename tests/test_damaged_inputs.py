@@ -3,6 +3,7 @@ be, or refused in one line naming the file and what to do.
 
     Parquet text columns dictionary-encoded (pandas `category`) or large_string
     a --deepspeed config asking for fp16 on a machine without a GPU
+    a project config.json with a mistake, loaded by `dagster asset list`
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from blues_project import write_project
 from training_runs import BIN, ROOT, TRAIN_ARGS, env
 
 from blues_train.prepare import prepare_dataset
@@ -68,3 +70,16 @@ def test_fp16_deepspeed_config_on_a_cpu_is_one_line(mixture_dir, tmp_path):
     assert result.stderr.splitlines() == [f"error: --deepspeed {config}: fp16 needs a GPU and this machine has "
                                           "none; remove the \"fp16\" section (or set \"enabled\": false)"]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_project_config_is_the_first_line_dagster_prints(tmp_path):
+    config = write_project(tmp_path, corpus_mb=0.02)
+    raw = json.loads(config.read_text())
+    raw["training"]["max_step"] = raw["training"].pop("max_steps")
+    config.write_text(json.dumps(raw))
+    result = subprocess.run([str(BIN / "dagster"), "asset", "list", "-m", "pipelines.definitions"], cwd=tmp_path,
+                            env={**env(1), "BLUES_CONFIG": str(config), "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.splitlines()[0] == (f"error: {config}: training.max_step is not a known setting; "
+                                             "did you mean max_steps?"), result.stderr[-3000:]
