@@ -4,12 +4,15 @@ be, or refused in one line naming the file and what to do.
     Parquet text columns dictionary-encoded (pandas `category`) or large_string
     a --deepspeed config asking for fp16 on a machine without a GPU
     a project config.json with a mistake, loaded by `dagster asset list`
+    a run's metrics.jsonl with a damaged line (`blues lineage`)
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -83,3 +86,46 @@ def test_bad_project_config_is_the_first_line_dagster_prints(tmp_path):
     assert result.returncode != 0
     assert result.stderr.splitlines()[0] == (f"error: {config}: training.max_step is not a known setting; "
                                              "did you mean max_steps?"), result.stderr[-3000:]
+
+
+def damaged_run(reference, tmp_path, step: int, damage) -> Path:
+    """A copy of the reference run (its metrics, not its checkpoints) whose metrics.jsonl line
+    of `step` is `damage(line)`."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    lines = (run / "metrics.jsonl").read_bytes().split(b"\n")
+    lines[step - 1] = damage(lines[step - 1])
+    (run / "metrics.jsonl").write_bytes(b"\n".join(lines))
+    return run
+
+
+def with_windows(windows):
+    return lambda line: json.dumps({**json.loads(line), "windows": windows}).encode()
+
+
+def lineage_command(run, *argv) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "blues"), "lineage", "--run", str(run), *argv], cwd=ROOT, env=env(1),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda line: line[:20] + b"\xff" + line[21:], "not a JSON record"),
+    (with_windows("nope"), "windows: input should be a valid list (got 'nope')"),
+    (with_windows([0, 99999999999]), "windows [0, 99999999999] are not [16, 20), the 4 windows its layout deals"),
+    (with_windows([16, 20, 24]), "windows: list should have at most 2 items"),
+])
+def test_damaged_metrics_line_is_refused_with_its_file_and_line(reference, tmp_path, damage, problem):
+    run = damaged_run(reference, tmp_path, 5, damage)
+    for argv in (["--step", "5"], ["--step", "2"], ["--document", "stdlib.jsonl.zst:0"], ["--spikes"]):
+        result = lineage_command(run, *argv)
+        assert result.returncode == 2, result.stderr[-3000:]
+        error = result.stderr.splitlines()
+        assert len(error) == 1 and error[0].startswith(f"error: {run / 'metrics.jsonl'}:5: "), error
+        assert problem in error[0]
+
+
+def test_torn_last_metrics_line_is_skipped(reference, tmp_path):
+    run = damaged_run(reference, tmp_path, 8, lambda line: line[:30] + b"\xff")
+    result = lineage_command(run, "--step", "8")
+    assert result.returncode == 2 and "records steps 1-7" in result.stderr, result.stderr[-3000:]
+    assert lineage_command(run, "--step", "7").returncode == 0
