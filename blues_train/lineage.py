@@ -15,6 +15,10 @@ number to the documents it holds (`PackedSequenceDataset.window_pieces`), readin
 follow from the layout. `--loss` scores the step's windows under a checkpoint (eval mode,
 per-token cross-entropy) and ranks the documents by their mean loss: under the step's own
 checkpoint that is what training recorded for a spike step.
+
+A metrics.jsonl line is read only if it is what training writes (`StepRecord`, and each
+step's windows the ones its layout deals after the steps before: so a query's work is
+bounded by the run's own size); any other is refused as FILE:LINE, a torn last line skipped.
 """
 
 from __future__ import annotations
