@@ -15,6 +15,10 @@ number to the documents it holds (`PackedSequenceDataset.window_pieces`), readin
 follow from the layout. `--loss` scores the step's windows under a checkpoint (eval mode,
 per-token cross-entropy) and ranks the documents by their mean loss: under the step's own
 checkpoint that is what training recorded for a spike step.
+
+A metrics.jsonl line is read only if it is what training writes (`StepRecord`, and each
+step's windows the ones its layout deals after the steps before: so a query's work is
+bounded by the run's own size); any other is refused as FILE:LINE, a torn last line skipped.
 """
 
 from __future__ import annotations
@@ -24,30 +28,92 @@ import bisect
 import json
 import sys
 
+from typing import Annotated
+
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from blues_train import metrics, storage, tokenizer
 from blues_train.errors import BluesError
 from blues_train.loader import PackedSequenceDataset
 from blues_train.mixture import held_out, read_mixture
+from blues_train.settings import error_line
 
 PREVIEW_CHARS = 60
 SCORE_BATCH = 8  # windows per forward under --loss
 
 
+class Layout(BaseModel):
+    model_config = ConfigDict(strict=True)
+    world_size: int = Field(ge=1)
+    micro_batch: int = Field(ge=1)
+    grad_accum: int = Field(ge=1)
+
+
+class RunData(BaseModel):
+    model_config = ConfigDict(strict=True)
+    mixture: str
+    mixture_fingerprint: str
+    seed: int = Field(ge=0)
+    seq_len: int = Field(ge=1)
+
+
+class StepRecord(BaseModel):
+    """The fields of a metrics.jsonl record that lineage reads (metrics.py); the others pass."""
+    model_config = ConfigDict(strict=True, extra="allow")
+    step: int = Field(ge=1)
+    loss: float
+    windows: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)] | None = None
+    layout: Layout | None = None
+    data: RunData | None = None
+
+
+REPAIR = "restore the file, or delete the line (its step is then unknown to lineage)"
+
+
 def read_records(run_dir) -> list[dict]:
-    """The step records of `run_dir/metrics.jsonl`, by step (a torn last line is skipped)."""
+    """The step records of `run_dir/metrics.jsonl`, by step (a torn last line is skipped);
+    a BluesError naming the file and line of any other that is not a record training wrote."""
     path = storage.path(run_dir) / metrics.METRICS_FILE
     if not path.is_file():
         raise BluesError(f"{path}: no metrics; --run must be the --out folder of a training run")
-    records = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-            records[int(record["step"])] = record
-        except (ValueError, KeyError, TypeError):
+    lines = path.read_bytes().split(b"\n")
+    records, last = {}, max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
             continue
-    return [records[step] for step in sorted(records)]
+        try:
+            raw = json.loads(line)
+        except ValueError as exc:
+            if number == last:
+                break  # torn: the run died mid-write
+            raise BluesError(f"{path}:{number}: not a JSON record ({exc}); {REPAIR}") from None
+        try:
+            StepRecord.model_validate(raw)
+        except ValidationError as exc:
+            raise BluesError(f"{path}:{number}: {error_line(exc, StepRecord)}; {REPAIR}") from None
+        records[raw["step"]] = (number, raw)
+    ordered = [records[step] for step in sorted(records)]
+    check_windows(ordered, path)
+    return [raw for _, raw in ordered]
+
+
+def check_windows(numbered: list[tuple[int, dict]], path) -> None:
+    """Each step's windows are the count its layout deals, right after those of the steps
+    before (window numbers count from 0 at step 1): what bounds the work of a lineage query."""
+    previous = (0, 0)  # (step, end of its windows)
+    for number, record in numbered:
+        if "windows" not in record:
+            continue
+        if "layout" not in record:
+            raise BluesError(f"{path}:{number}: windows without a layout; {REPAIR}")
+        layout = record["layout"]
+        count = layout["world_size"] * layout["micro_batch"] * layout["grad_accum"]
+        first = previous[1] + (record["step"] - previous[0] - 1) * count
+        if record["windows"] != [first, first + count]:
+            raise BluesError(f"{path}:{number}: windows {record['windows']} are not [{first}, {first + count}), the "
+                             f"{count} windows its layout deals after those of the steps before; {REPAIR}")
+        previous = (record["step"], first + count)
 
 
 def find_step(records: list[dict], step: int, run_dir) -> dict:

@@ -407,7 +407,7 @@ def _parquet_rows(fh, source: Source, text_field: str, skips: SkipLog) -> Iterat
         _missing(skips, f"{source.label}:row 1 (columns: {', '.join(names)})", rows)
         return
     kind = table.schema_arrow.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or _is_binary(kind)):
+    if not _is_text(kind):
         raise BluesError(f"{source.label}: column {text_field!r} is {kind}, not text")
     index = 0
     for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
@@ -419,8 +419,12 @@ def _parquet_rows(fh, source: Source, text_field: str, skips: SkipLog) -> Iterat
             index += 1
 
 
-def _is_binary(kind) -> bool:
-    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+def _is_text(kind) -> bool:
+    """Strings or bytes, also dictionary-encoded (what pandas writes for a `category` column)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind))
 
 
 READERS = {

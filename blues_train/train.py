@@ -118,6 +118,10 @@ def read_ds_config(path: str) -> dict:
     if set_keys:
         raise BluesError(f"--deepspeed {path} sets {', '.join(set_keys)}: remove them; the batch "
                          "comes from --global_batch_tokens, --seq_len and --micro_batch")
+    fp16 = ds_config.get("fp16")
+    if isinstance(fp16, dict) and fp16.get("enabled") and not torch.cuda.is_available():
+        raise BluesError(f"--deepspeed {path}: fp16 needs a GPU and this machine has none; remove the "
+                         "\"fp16\" section (or set \"enabled\": false)")
     return ds_config
 
 

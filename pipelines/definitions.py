@@ -2,7 +2,8 @@
 
 The definitions load lazily (`@dg.definitions`): importing `pipelines` reads no project
 configuration; loading the code location does, and builds one tokenized_dataset asset per
-configured dataset.
+configured dataset. A bad configuration is then one line, `error: ...`, the first thing
+the loading command prints.
 """
 
 import dagster as dg
@@ -16,7 +17,7 @@ from pipelines.sensors import build_raw_corpus_sensor, build_tokenize_automation
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    with dagster_failure():
+    with dagster_failure(echo=True):
         return build_definitions(load_project_config())
 
 

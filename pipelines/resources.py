@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 
 import dagster as dg
@@ -23,12 +24,16 @@ class BluesProject(dg.ConfigurableResource):
 
 
 @contextmanager
-def dagster_failure():
+def dagster_failure(echo: bool = False):
     """A bad configuration reads in Dagster as its one line, not as a stack trace (and is
-    not retried: it stays bad)."""
+    not retried: it stays bad). With `echo` the line is printed to stderr too, first: a
+    command loading the code location (`dagster asset list`, `dagster dev`) prints its
+    traceback after it."""
     try:
         yield
     except BluesError as exc:
+        if echo:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         raise dg.Failure(description=str(exc), allow_retries=False) from None
 
 
