@@ -46,7 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from blues_model import BluesConfig, BluesLM
-from blues_train import checkpoint, remote_run, storage, tokenizer
+from blues_train import checkpoint, cli, remote_run, storage, tokenizer
 from blues_train.atomic import (FILE_MODE, check_output_folder, folder_error, os_error, sync_dir, write_atomic,
                                 write_json_atomic)
 from blues_train.errors import BluesError
@@ -323,13 +323,17 @@ def export(checkpoint_path, out, dtype: str = DEFAULT_DTYPE) -> dict:
     return write_export(model, out, dtype, source)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="blues export", description=__doc__.split("\n")[0])
+def flag_parser() -> argparse.ArgumentParser:
+    p = cli.flag_parser("blues export", __doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (step-N) or run folder (latest checkpoint)")
     p.add_argument("--out", required=True, help="folder to write (replaced if an earlier export wrote it)")
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=tuple(DTYPES),
                    help=f"the weights' dtype (default {DEFAULT_DTYPE})")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return flag_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

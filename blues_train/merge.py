@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from blues_train import storage, store
+from blues_train import cli, storage, store
 from blues_train.errors import BluesError
 from blues_train.folder_lock import check_held, exclusive_writer
 from blues_train.settings import Settings, read_json, validated
@@ -233,21 +233,27 @@ def log_on_stderr(log: logging.Logger = LOG):
         log.setLevel(level)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="blues merge", description="Blend token stores into a mixture by token share."
-    )
-    parser.add_argument("--datasets", nargs="+", help="token store folders")
-    parser.add_argument("--weights", nargs="+", type=float, help="one weight per dataset")
-    parser.add_argument("--strategy", help="weighted | equal | proportional")
+def flag_parser() -> argparse.ArgumentParser:
+    parser = cli.flag_parser("blues merge", "Blend token stores into a mixture by token share.")
+    parser.add_argument("--datasets", nargs="+", help="token store folders (default: --config's paths)")
+    parser.add_argument("--weights", nargs="+", type=float,
+                        help="one weight per dataset (default: --config's, else none: equal shares)")
+    parser.add_argument("--strategy", help="weighted | equal | proportional (default: weighted with "
+                        "--weights, else equal)")
     parser.add_argument("--output", help=f"mixture folder (default {DEFAULT_OUTPUT})")
-    parser.add_argument("--num_tokens", type=int, help="mixture size (default: sum of sources)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val_fraction", type=float, default=DEFAULT_VAL_FRACTION)
+    parser.add_argument("--num_tokens", type=int,
+                        help="training tokens per pass (default: the sources' training tokens)")
+    parser.add_argument("--seed", type=int, default=0, help="the order of documents in each pass")
+    parser.add_argument("--val_fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                        help="share of each source's documents held out for validation")
     parser.add_argument("--config", help='config.json with {"datasets": {"paths", "weights", '
-                        '"merge_strategy"}}; flags given here win')
+                        '"merge_strategy"}}; flags given here win (default: none)')
     parser.add_argument("--verify", action="store_true", help="verify the datasets first")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return flag_parser().parse_args(argv)
 
 
 class DatasetsSection(Settings):

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from blues_train import storage, store
+from blues_train import cli, storage, store
 from blues_train.errors import BluesError
 from blues_train.mixture import MIXTURE_FILE, mixture_fingerprint, read_mixture, source_manifest
 from blues_train.tokenizer import N_VOCAB, tokenizer_mismatch
@@ -287,11 +287,15 @@ def format_report(report: VerifyReport) -> str:
     return "\n".join(lines + ["", verdict]).lstrip("\n")
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="blues verify", description=__doc__.splitlines()[0])
+def flag_parser() -> argparse.ArgumentParser:
+    parser = cli.flag_parser("blues verify", __doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", metavar="PATH", help="token stores and mixtures")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = flag_parser().parse_args(argv)
     report = verify_paths(args.paths)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0 if report.ok else 1
