@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import base64
 import functools
+import importlib.metadata
 import json
 import math
 import os
@@ -52,12 +53,15 @@ from blues_train.atomic import (FILE_MODE, check_output_folder, folder_error, os
 from blues_train.errors import BluesError
 from blues_train.folder_lock import exclusive_writer
 from blues_train.generate import checkpoint_folder, load_model
+from blues_train.model_card import model_card, training_lineage
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_DTYPE = "bfloat16"
 QWEN2_MOE, MIXTRAL = "Qwen2MoeForCausalLM", "MixtralForCausalLM"
 EXPORT_FILE = "blues_export.json"  # provenance; also marks a folder an earlier export wrote
 WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+MIN_TRANSFORMERS = "4.57.0"  # the `export` extra's floor: the oldest transformers that reads these keys
 
 
 def architecture(config: BluesConfig) -> str:
@@ -71,9 +75,19 @@ def shared_expert_size(config: BluesConfig) -> int:
     return math.gcd(config.n_heads, config.ffn_hidden)
 
 
+def transformers_version() -> str:
+    """What save_pretrained writes as config.json's `transformers_version`: without it,
+    transformers 5 takes the o200k_base tokenizer for a Mistral one and warns of a wrong regex."""
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return MIN_TRANSFORMERS
+
+
 def hf_config(config: BluesConfig, dtype: str) -> dict:
     """config.json: keys transformers 4.x and 5.x and vLLM all read."""
     common = {
+        "transformers_version": transformers_version(),
         "architectures": [architecture(config)],
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
@@ -259,6 +273,7 @@ def write_export(model: BluesLM, out, dtype: str = DEFAULT_DTYPE, source: dict |
         "generation_config.json": {"bos_token_id": None, "eos_token_id": tokenizer.EOT_ID,
                                    "pad_token_id": tokenizer.EOT_ID},
         **tokenizer_files(c.max_seq_len),
+        CARD_FILE: model_card(summary, str(out)),
     }
     tmp = out.parent / f".tmp-{out.name}"
     with exclusive_writer(tmp):  # one export into `out` at a time
@@ -319,7 +334,8 @@ def export(checkpoint_path, out, dtype: str = DEFAULT_DTYPE) -> dict:
     source = {"checkpoint": str(checkpoint_path) if storage.is_remote(checkpoint_path) else str(folder.resolve())}
     if meta_path.is_file():
         meta = checkpoint.read_meta(folder)
-        source.update(step=meta.get("step"), model_sha256=(meta.get("files") or {}).get(checkpoint.MODEL_FILE))
+        source.update(step=meta.get("step"), model_sha256=(meta.get("files") or {}).get(checkpoint.MODEL_FILE),
+                      training=training_lineage(meta))
     return write_export(model, out, dtype, source)
 
 
