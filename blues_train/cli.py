@@ -51,6 +51,16 @@ def flag_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=description, formatter_class=DefaultsHelpFormatter)
 
 
+def progress(items, description: str, enabled: bool, total: int | None = None, unit: str = "it"):
+    """`items`, with a tqdm bar on stderr while a person watches (`enabled`, and stderr a
+    terminal); stdout, which scripts parse, never changes."""
+    if not (enabled and sys.stderr.isatty()):
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, total=total, unit=unit, file=sys.stderr, leave=False)
+
+
 def underscored(argv: list[str]) -> list[str]:
     """`--text-field` spelled as its flag, `--text_field` (values and what follows `--` kept)."""
     out = list(argv)

@@ -253,9 +253,11 @@ def check_out(out: Path) -> None:
                          "remove it or choose another folder")
 
 
-def write_export(model: BluesLM, out, dtype: str = DEFAULT_DTYPE, source: dict | None = None) -> dict:
+def write_export(model: BluesLM, out, dtype: str = DEFAULT_DTYPE, source: dict | None = None,
+                 progress: bool = False) -> dict:
     """Write the Hugging Face folder of `model` to `out` atomically; return its summary
-    (the contents of blues_export.json) and its path."""
+    (the contents of blues_export.json) and its path. `progress`: a bar of the files written
+    on a terminal's stderr."""
     check_dtype(dtype)
     out = Path(out)
     check_out(out)
@@ -278,7 +280,7 @@ def write_export(model: BluesLM, out, dtype: str = DEFAULT_DTYPE, source: dict |
     tmp = out.parent / f".tmp-{out.name}"
     with exclusive_writer(tmp):  # one export into `out` at a time
         try:
-            write_folder(tmp, weights, files, summary)
+            write_folder(tmp, weights, files, summary, progress)
             replace_folder(tmp, out)
         except BaseException as exc:
             reason = None
@@ -293,12 +295,16 @@ def write_export(model: BluesLM, out, dtype: str = DEFAULT_DTYPE, source: dict |
     return {**summary, "path": str(out)}
 
 
-def write_folder(folder: Path, weights: dict, files: dict, summary: dict) -> None:
+def write_folder(folder: Path, weights: dict, files: dict, summary: dict, progress: bool = False) -> None:
     for stale in folder.iterdir():  # what a killed export left
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    os.chmod(folder / WEIGHTS_FILE, FILE_MODE)  # safetensors creates it private (0600)
-    for name, content in files.items():
+    names = cli.progress([WEIGHTS_FILE, *files], "export", progress, unit="file")
+    for name in names:
+        if name == WEIGHTS_FILE:
+            save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+            os.chmod(folder / WEIGHTS_FILE, FILE_MODE)  # safetensors creates it private (0600)
+            continue
+        content = files[name]
         data = content if isinstance(content, str) else json.dumps(content, indent=2, ensure_ascii=False) + "\n"
         write_atomic(folder / name, data.encode("utf-8"))
     summary["bytes"] = sum(p.stat().st_size for p in folder.iterdir())
@@ -317,8 +323,9 @@ def replace_folder(new: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export(checkpoint_path, out, dtype: str = DEFAULT_DTYPE) -> dict:
-    """Export the checkpoint (a step-N folder, or a run folder's latest) to `out`."""
+def export(checkpoint_path, out, dtype: str = DEFAULT_DTYPE, progress: bool = False) -> dict:
+    """Export the checkpoint (a step-N folder, or a run folder's latest) to `out` (`progress`: a
+    bar of the files written on a terminal's stderr)."""
     check_dtype(dtype)
     if storage.is_remote(out):
         raise BluesError(f"--out {out}: an export is written to a local folder (transformers and vLLM load "
@@ -336,7 +343,7 @@ def export(checkpoint_path, out, dtype: str = DEFAULT_DTYPE) -> dict:
         meta = checkpoint.read_meta(folder)
         source.update(step=meta.get("step"), model_sha256=(meta.get("files") or {}).get(checkpoint.MODEL_FILE),
                       training=training_lineage(meta))
-    return write_export(model, out, dtype, source)
+    return write_export(model, out, dtype, source, progress)
 
 
 def flag_parser() -> argparse.ArgumentParser:
@@ -354,7 +361,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    summary = export(args.checkpoint, args.out, args.dtype)
+    summary = export(args.checkpoint, args.out, args.dtype, progress=True)
     print(f"wrote {summary['path']}: {summary['architecture']}, {summary['dtype']}, "
           f"{summary['parameters']:,} parameters, {summary['bytes'] / 1e6:,.1f} MB")
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({summary['path']!r}); "

@@ -43,11 +43,13 @@ def merge(
     val_fraction=DEFAULT_VAL_FRACTION,
     verify=False,
     log: logging.Logger = LOG,
+    progress: bool = False,
 ) -> dict:
     """Write `out_dir/mixture.json` blending the token stores `datasets`; return it.
 
     No weights and no strategy means `equal`; weights means `weighted`; `proportional`
-    weighs by token counts. Every check runs before anything is written.
+    weighs by token counts. Every check runs before anything is written. `progress`: a bar
+    of the verification on a terminal's stderr.
     """
     strategy = resolve_strategy(strategy, weights)
     paths = [storage.path(d) for d in datasets]
@@ -55,7 +57,7 @@ def merge(
     check_options(num_tokens, val_fraction, seed, storage.path(out_dir))
     shares = target_shares(strategy, weights, manifests, paths, log)
     if verify:
-        verify_sources(paths)
+        verify_sources(paths, progress)
     with exclusive_writer(out_dir):
         manifest = mixture_manifest(strategy, weights, shares, paths, manifests, num_tokens, seed,
                                     val_fraction)
@@ -208,8 +210,8 @@ def report_repeats(manifest: dict, log: logging.Logger) -> None:
             )
 
 
-def verify_sources(paths: list[Path]) -> None:
-    report = verify_paths(paths)
+def verify_sources(paths: list[Path], progress: bool = False) -> None:
+    report = verify_paths(paths, progress)
     if not report.ok:
         problems = "\n".join(report.problem_lines())
         raise BluesError(f"datasets failed verification, nothing written:\n{problems}")
@@ -294,6 +296,7 @@ def main(argv: list[str]) -> int:
             val_fraction=args.val_fraction,
             verify=args.verify,
             log=log,
+            progress=True,
         )
     print(share_table(manifest))
     print(f"wrote {storage.path(args.output or DEFAULT_OUTPUT) / MIXTURE_FILE} "
@@ -302,11 +305,14 @@ def main(argv: list[str]) -> int:
 
 
 def share_table(manifest: dict) -> str:
-    lines = [f"{'dataset':<48} {'share':>7} {'tokens':>14} {'repeat':>7}"]
+    """Shares and training tokens per pass (`blues verify` labels its columns the same way)."""
+    lines = [f"{'dataset':<48} {'share':>7} {'tokens/pass':>14} {'repeat':>7}"]
     for s in manifest["sources"]:
         lines.append(f"{s['path'][-48:]:<48} {s['weight']:>7.4f} {s['tokens']:>14,} {s['repeat']:>7.2f}")
     lines.append(f"{'total (' + manifest['strategy'] + ')':<48} {1:>7.4f} "
                  f"{manifest['total_tokens']:>14,}")
+    lines.append("tokens/pass: training tokens drawn from each dataset per pass, repeats included; repeat: "
+                 "estimated from --val_fraction (blues verify counts the held-out documents)")
     return "\n".join(lines)
 
 
