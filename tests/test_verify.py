@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import pty
+import select
 import shutil
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,10 +146,6 @@ def test_flipped_byte_anywhere_is_reported_not_a_crash(copies, from_end):
 
 
 def run_blues_with_stderr_on(stderr, *args):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     blues = str(Path(sys.executable).parent / "blues")
     return subprocess.run([blues, *args], stdout=subprocess.PIPE, stderr=stderr, timeout=300, check=True).stdout
 
@@ -148,25 +153,16 @@ def run_blues_with_stderr_on(stderr, *args):
 def test_progress_bar_on_a_terminal_only_and_stdout_unchanged(code_store, tmp_path):
     """`blues verify` draws its bar on stderr when stderr is a terminal, none otherwise; stdout
     (what scripts parse) is the same either way."""
-    import os
-    import pty
-    import subprocess
-
     plain = run_blues_with_stderr_on(subprocess.PIPE, "verify", str(code_store))
     master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # tqdm draws nothing 0 wide
     try:
         watched = run_blues_with_stderr_on(terminal, "verify", str(code_store))
-        os.close(terminal)
         drawn = b""
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the terminal's other end is closed and drained
-                break
-            if not data:
-                break
-            drawn += data
+        while select.select([master], [], [], 0.5)[0]:
+            drawn += os.read(master, 65536)
     finally:
+        os.close(terminal)
         os.close(master)
     assert watched == plain and b"OK: no problems" in plain and b"chunk" not in plain
     assert f"verify {code_store.name}".encode() in drawn and b"chunk" in drawn
