@@ -6,6 +6,7 @@ Each command lives in the module that owns it and exposes `main(argv) -> int`, s
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -29,6 +30,47 @@ def usage() -> str:
     lines = ["usage: blues <command> [args]", "", "commands:"]
     lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` ends each option's line with `(default: X)`, unless its help words the
+    default itself or there is none to state (a flag, a required or unset option)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or _states_nothing(action.default):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _states_nothing(default) -> bool:
+    return default is None or default is False or default is argparse.SUPPRESS or default in ([], "")
+
+
+def flag_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser every command builds its flags on: each `--help` line states its default."""
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=DefaultsHelpFormatter)
+
+
+def progress(items, description: str, enabled: bool, total: int | None = None, unit: str = "it"):
+    """`items`, with a tqdm bar on stderr while a person watches (`enabled`, and stderr a
+    terminal); stdout, which scripts parse, never changes."""
+    if not (enabled and sys.stderr.isatty()):
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, total=total, unit=unit, file=sys.stderr, leave=False)
+
+
+def underscored(argv: list[str]) -> list[str]:
+    """`--text-field` spelled as its flag, `--text_field` (values and what follows `--` kept)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            out[i] = "--" + name[2:].replace("-", "_") + eq + value
+    return out
 
 
 def run_command(main_fn, argv: list[str]) -> int:
@@ -63,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return run_command(module.main, rest)
+    return run_command(module.main, underscored(rest))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import base64
 import functools
+import importlib.metadata
 import json
 import math
 import os
@@ -50,18 +51,21 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from blues_model import BluesConfig, BluesLM
-from blues_train import checkpoint, remote_run, storage, tokenizer
+from blues_train import checkpoint, cli, remote_run, storage, tokenizer
 from blues_train.atomic import (FILE_MODE, check_output_folder, folder_error, fresh_folder, os_error, sync_dir,
                                 write_atomic, write_json_atomic)
 from blues_train.errors import BluesError
 from blues_train.folder_lock import exclusive_writer
 from blues_train.generate import checkpoint_folder, load_model
+from blues_train.model_card import model_card, training_lineage
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_DTYPE = "bfloat16"
 QWEN2_MOE, MIXTRAL = "Qwen2MoeForCausalLM", "MixtralForCausalLM"
 EXPORT_FILE = "blues_export.json"  # provenance; also marks a folder an earlier export wrote
 WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+MIN_TRANSFORMERS = "4.57.0"  # the `export` extra's floor: the oldest transformers that reads these keys
 
 
 def architecture(config: BluesConfig) -> str:
@@ -75,9 +79,19 @@ def shared_expert_size(config: BluesConfig) -> int:
     return math.gcd(config.n_heads, config.ffn_hidden)
 
 
+def transformers_version() -> str:
+    """What save_pretrained writes as config.json's `transformers_version`: without it,
+    transformers 5 takes the o200k_base tokenizer for a Mistral one and warns of a wrong regex."""
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return MIN_TRANSFORMERS
+
+
 def hf_config(config: BluesConfig, dtype: str) -> dict:
     """config.json: keys transformers 4.x and 5.x and vLLM all read."""
     common = {
+        "transformers_version": transformers_version(),
         "architectures": [architecture(config)],
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
@@ -250,9 +264,11 @@ def is_export(folder: Path) -> bool:
     return folder.is_dir() and not folder.is_symlink() and (folder / EXPORT_FILE).is_file()
 
 
-def write_export(model: BluesLM, out, dtype: str = DEFAULT_DTYPE, source: dict | None = None) -> dict:
+def write_export(model: BluesLM, out, dtype: str = DEFAULT_DTYPE, source: dict | None = None,
+                 progress: bool = False) -> dict:
     """Write the Hugging Face folder of `model` to `out` atomically; return its summary
-    (the contents of blues_export.json) and its path."""
+    (the contents of blues_export.json) and its path. `progress`: a bar of the files written
+    on a terminal's stderr."""
     check_dtype(dtype)
     out = Path(out)
     check_out(out)
@@ -270,12 +286,13 @@ def write_export(model: BluesLM, out, dtype: str = DEFAULT_DTYPE, source: dict |
         "generation_config.json": {"bos_token_id": None, "eos_token_id": tokenizer.EOT_ID,
                                    "pad_token_id": tokenizer.EOT_ID},
         **tokenizer_files(c.max_seq_len),
+        CARD_FILE: model_card(summary, str(out)),
     }
     with exclusive_writer(out):  # one export into `out` at a time
         tmp = None
         try:
             tmp = fresh_folder(out.parent, f".tmp-{out.name}-")
-            write_folder(tmp, weights, files, summary)
+            write_folder(tmp, weights, files, summary, progress)
             replace_folder(tmp, out)
         except BaseException as exc:
             where, reason = tmp or out.parent, None
@@ -291,10 +308,13 @@ def write_export(model: BluesLM, out, dtype: str = DEFAULT_DTYPE, source: dict |
     return {**summary, "path": str(out)}
 
 
-def write_folder(folder: Path, weights: dict, files: dict, summary: dict) -> None:
-    save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    os.chmod(folder / WEIGHTS_FILE, FILE_MODE)  # safetensors creates it private (0600)
-    for name, content in files.items():
+def write_folder(folder: Path, weights: dict, files: dict, summary: dict, progress: bool = False) -> None:
+    for name in cli.progress([WEIGHTS_FILE, *files], "export", progress, unit="file"):
+        if name == WEIGHTS_FILE:
+            save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+            os.chmod(folder / WEIGHTS_FILE, FILE_MODE)  # safetensors creates it private (0600)
+            continue
+        content = files[name]
         data = content if isinstance(content, str) else json.dumps(content, indent=2, ensure_ascii=False) + "\n"
         write_atomic(folder / name, data.encode("utf-8"))
     summary["bytes"] = sum(p.stat().st_size for p in folder.iterdir())
@@ -322,8 +342,9 @@ def replace_folder(new: Path, out: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def export(checkpoint_path, out, dtype: str = DEFAULT_DTYPE) -> dict:
-    """Export the checkpoint (a step-N folder, or a run folder's latest) to `out`."""
+def export(checkpoint_path, out, dtype: str = DEFAULT_DTYPE, progress: bool = False) -> dict:
+    """Export the checkpoint (a step-N folder, or a run folder's latest) to `out` (`progress`: a
+    bar of the files written on a terminal's stderr)."""
     check_dtype(dtype)
     if storage.is_remote(out):
         raise BluesError(f"--out {out}: an export is written to a local folder (transformers and vLLM load "
@@ -339,22 +360,27 @@ def export(checkpoint_path, out, dtype: str = DEFAULT_DTYPE) -> dict:
     source = {"checkpoint": str(checkpoint_path) if storage.is_remote(checkpoint_path) else str(folder.resolve())}
     if meta_path.is_file():
         meta = checkpoint.read_meta(folder)
-        source.update(step=meta.get("step"), model_sha256=(meta.get("files") or {}).get(checkpoint.MODEL_FILE))
-    return write_export(model, out, dtype, source)
+        source.update(step=meta.get("step"), model_sha256=(meta.get("files") or {}).get(checkpoint.MODEL_FILE),
+                      training=training_lineage(meta))
+    return write_export(model, out, dtype, source, progress)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="blues export", description=__doc__.split("\n")[0])
+def flag_parser() -> argparse.ArgumentParser:
+    p = cli.flag_parser("blues export", __doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (step-N) or run folder (latest checkpoint)")
     p.add_argument("--out", required=True, help="folder to write (replaced if an earlier export wrote it)")
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=tuple(DTYPES),
                    help=f"the weights' dtype (default {DEFAULT_DTYPE})")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return flag_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    summary = export(args.checkpoint, args.out, args.dtype)
+    summary = export(args.checkpoint, args.out, args.dtype, progress=True)
     print(f"wrote {summary['path']}: {summary['architecture']}, {summary['dtype']}, "
           f"{summary['parameters']:,} parameters, {summary['bytes'] / 1e6:,.1f} MB")
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({summary['path']!r}); "

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from blues_model import BluesConfig, BluesLM
 from blues_model.generation import generate, perplexity
-from blues_train import checkpoint, remote_run, storage, tokenizer
+from blues_train import checkpoint, cli, remote_run, storage, tokenizer
 from blues_train.errors import BluesError
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' names of the dtypes weights may have
@@ -166,19 +166,25 @@ def evaluate_perplexity(model: BluesLM, text: str) -> float:
     return perplexity(model, ids)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="blues generate", description=__doc__.split("\n")[0])
+def flag_parser() -> argparse.ArgumentParser:
+    p = cli.flag_parser("blues generate", __doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (step-N) or run folder (latest checkpoint)")
-    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--prompt", default="", help="text to continue (default: none, start after <|endoftext|>)")
     p.add_argument("--max_length", type=int, default=100, help="new tokens at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling: the smallest set of tokens "
+                   "holding this probability; 1 = no cut")
     p.add_argument("--top_k", type=int, default=50, help="0 = no top-k cut")
-    p.add_argument("--seed", type=int, default=None, help="for repeatable sampling")
-    p.add_argument("--eval_text", default=None, help="print the perplexity of this text instead")
-    p.add_argument("--eval_file", default=None, help="print the perplexity of this file's text instead")
+    p.add_argument("--seed", type=int, default=None, help="for repeatable sampling (default: none, a fresh draw)")
+    p.add_argument("--eval_text", default=None, help="print the perplexity of this text instead (default: none)")
+    p.add_argument("--eval_file", default=None,
+                   help="print the perplexity of this file's text instead (default: none)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    args = flag_parser().parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BluesError("--device cuda: this machine has no CUDA GPU (torch sees none); use --device cpu")
     check_sampling(args.max_length, args.temperature, args.top_p, args.top_k, prefix="--")

@@ -33,7 +33,7 @@ from typing import Annotated
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from blues_train import metrics, storage, tokenizer
+from blues_train import cli, metrics, storage, tokenizer
 from blues_train.errors import BluesError
 from blues_train.loader import PackedSequenceDataset
 from blues_train.mixture import held_out, read_mixture
@@ -353,21 +353,29 @@ def format_spikes(found: list[dict], run_dir) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="blues lineage", description=__doc__.split("\n")[0])
+def flag_parser() -> argparse.ArgumentParser:
+    p = cli.flag_parser("blues lineage", __doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="the run folder (blues train --out)")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--step", type=int, help="optimizer step: its windows and their documents")
+    what.add_argument("--step", type=int, help="optimizer step: its windows and their documents (default: none; "
+                      "one of --step, --document, --spikes)")
     what.add_argument("--document", metavar="SOURCE:INDEX",
-                      help="raw file (as its store lists it, or its sha256) and record index: the steps it was in")
+                      help="raw file (as its store lists it, or its sha256) and record index: the steps it was in "
+                           "(default: none)")
     what.add_argument("--spikes", action="store_true", help="the spikes training recorded, with their worst documents")
     p.add_argument("--loss", action="store_true", help="with --step: each document's loss under --checkpoint")
-    p.add_argument("--checkpoint", help="checkpoint folder (step-N) or run folder (its latest checkpoint)")
+    p.add_argument("--checkpoint", help="checkpoint folder (step-N) or run folder (its latest checkpoint); "
+                   "default: none, needed by --loss")
     p.add_argument("--top", type=int, default=0, help="with --loss: list only the N worst documents (0 = all)")
-    p.add_argument("--mixture", help="the run's mixture folder, if it moved since training")
+    p.add_argument("--mixture", help="the run's mixture folder, if it moved since training (default: the one "
+                   "the run recorded)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="for --loss; default: cuda when available")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    args = flag_parser().parse_args(argv)
     if args.loss and not args.checkpoint:
         raise BluesError("--loss needs --checkpoint: the checkpoint to score the step's windows under")
     if (args.loss or args.checkpoint) and args.step is None:

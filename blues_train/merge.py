@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from blues_train import storage, store
+from blues_train import cli, storage, store
 from blues_train.errors import BluesError
 from blues_train.folder_lock import check_held, exclusive_writer
 from blues_train.settings import Settings, read_json, validated
@@ -43,11 +43,13 @@ def merge(
     val_fraction=DEFAULT_VAL_FRACTION,
     verify=False,
     log: logging.Logger = LOG,
+    progress: bool = False,
 ) -> dict:
     """Write `out_dir/mixture.json` blending the token stores `datasets`; return it.
 
     No weights and no strategy means `equal`; weights means `weighted`; `proportional`
-    weighs by token counts. Every check runs before anything is written.
+    weighs by token counts. Every check runs before anything is written. `progress`: a bar
+    of the verification on a terminal's stderr.
     """
     strategy = resolve_strategy(strategy, weights)
     paths = [storage.path(d) for d in datasets]
@@ -55,7 +57,7 @@ def merge(
     check_options(num_tokens, val_fraction, seed, storage.path(out_dir))
     shares = target_shares(strategy, weights, manifests, paths, log)
     if verify:
-        verify_sources(paths)
+        verify_sources(paths, progress)
     with exclusive_writer(out_dir):
         manifest = mixture_manifest(strategy, weights, shares, paths, manifests, num_tokens, seed,
                                     val_fraction)
@@ -208,8 +210,8 @@ def report_repeats(manifest: dict, log: logging.Logger) -> None:
             )
 
 
-def verify_sources(paths: list[Path]) -> None:
-    report = verify_paths(paths)
+def verify_sources(paths: list[Path], progress: bool = False) -> None:
+    report = verify_paths(paths, progress)
     if not report.ok:
         problems = "\n".join(report.problem_lines())
         raise BluesError(f"datasets failed verification, nothing written:\n{problems}")
@@ -233,21 +235,27 @@ def log_on_stderr(log: logging.Logger = LOG):
         log.setLevel(level)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="blues merge", description="Blend token stores into a mixture by token share."
-    )
-    parser.add_argument("--datasets", nargs="+", help="token store folders")
-    parser.add_argument("--weights", nargs="+", type=float, help="one weight per dataset")
-    parser.add_argument("--strategy", help="weighted | equal | proportional")
+def flag_parser() -> argparse.ArgumentParser:
+    parser = cli.flag_parser("blues merge", "Blend token stores into a mixture by token share.")
+    parser.add_argument("--datasets", nargs="+", help="token store folders (default: --config's paths)")
+    parser.add_argument("--weights", nargs="+", type=float,
+                        help="one weight per dataset (default: --config's, else none: equal shares)")
+    parser.add_argument("--strategy", help="weighted | equal | proportional (default: weighted with "
+                        "--weights, else equal)")
     parser.add_argument("--output", help=f"mixture folder (default {DEFAULT_OUTPUT})")
-    parser.add_argument("--num_tokens", type=int, help="mixture size (default: sum of sources)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val_fraction", type=float, default=DEFAULT_VAL_FRACTION)
+    parser.add_argument("--num_tokens", type=int,
+                        help="training tokens per pass (default: the sources' training tokens)")
+    parser.add_argument("--seed", type=int, default=0, help="the order of documents in each pass")
+    parser.add_argument("--val_fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                        help="share of each source's documents held out for validation")
     parser.add_argument("--config", help='config.json with {"datasets": {"paths", "weights", '
-                        '"merge_strategy"}}; flags given here win')
+                        '"merge_strategy"}}; flags given here win (default: none)')
     parser.add_argument("--verify", action="store_true", help="verify the datasets first")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return flag_parser().parse_args(argv)
 
 
 class DatasetsSection(Settings):
@@ -288,6 +296,7 @@ def main(argv: list[str]) -> int:
             val_fraction=args.val_fraction,
             verify=args.verify,
             log=log,
+            progress=True,
         )
     print(share_table(manifest))
     print(f"wrote {storage.path(args.output or DEFAULT_OUTPUT) / MIXTURE_FILE} "
@@ -296,11 +305,14 @@ def main(argv: list[str]) -> int:
 
 
 def share_table(manifest: dict) -> str:
-    lines = [f"{'dataset':<48} {'share':>7} {'tokens':>14} {'repeat':>7}"]
+    """Shares and training tokens per pass (`blues verify` labels its columns the same way)."""
+    lines = [f"{'dataset':<48} {'share':>7} {'tokens/pass':>14} {'repeat':>7}"]
     for s in manifest["sources"]:
         lines.append(f"{s['path'][-48:]:<48} {s['weight']:>7.4f} {s['tokens']:>14,} {s['repeat']:>7.2f}")
     lines.append(f"{'total (' + manifest['strategy'] + ')':<48} {1:>7.4f} "
                  f"{manifest['total_tokens']:>14,}")
+    lines.append("tokens/pass: training tokens drawn from each dataset per pass, repeats included; repeat: "
+                 "estimated from --val_fraction (blues verify counts the held-out documents)")
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from blues_train import encoding_engine, spot_check, storage, store, tokenizer
+from blues_train import cli, encoding_engine, spot_check, storage, store, tokenizer
 from blues_train.atomic import os_error, sync_dir, write_atomic
 from blues_train.encoding_workers import default_workers, encode_batches
 from blues_train.errors import BluesError
@@ -523,17 +523,18 @@ class Meter:
         return False
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="blues prepare", description=__doc__.splitlines()[0])
+def flag_parser() -> argparse.ArgumentParser:
+    parser = cli.flag_parser("blues prepare", __doc__.splitlines()[0])
     parser.add_argument("--input_dir", action="append", default=[], metavar="DIR",
-                        help="folder of raw files (repeatable)")
+                        help="folder of raw files (repeatable; default: none, give --input_dir or --dataset)")
     parser.add_argument("--dataset", action="append", default=[], metavar="FILE",
-                        help="one raw file: .txt .csv .jsonl .jsonl.zst .parquet (repeatable)")
+                        help="one raw file: .txt .csv .jsonl .jsonl.zst .parquet (repeatable; default: none)")
     parser.add_argument("--cache_dir", "--data_cache_dir", dest="cache_dir", required=True,
                         metavar="DIR", help="the token store folder to write")
     parser.add_argument("--format", choices=FORMATS, help="format of every input (default: from extension)")
     parser.add_argument("--text_field", default="text", help="CSV column / JSON field / Parquet column")
-    parser.add_argument("--glob", default=DEFAULT_GLOB, help="files to take from --input_dir folders")
+    parser.add_argument("--glob", default=DEFAULT_GLOB, help="files to take from --input_dir folders, "
+                        "recursively with **")
     parser.add_argument("--workers", type=int, default=None,
                         help="cores that tokenize: 1 is this process, more are worker processes "
                              "(default: all cores for tiktoken, all but one for gigatoken)")
@@ -542,7 +543,11 @@ def parse_args(argv):
                              "where it is installed (default)")
     parser.add_argument("--chunk_tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
                         help=f"tokens per chunk file (default {DEFAULT_CHUNK_TOKENS:,})")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    return flag_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

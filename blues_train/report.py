@@ -59,6 +59,20 @@ def expert_utilization_png(layers: list[dict]) -> bytes:
     return _png(fig)
 
 
+def checkpoint_figures(checkpoint: dict, records: list[dict]) -> dict[str, float]:
+    """A checkpoint's numbers, for plots across checkpoints: its step's training loss, the
+    validation loss and perplexity where measured, and the step's worst expert load (an
+    expert's share of routed tokens x the number of experts: 1.0 is balanced)."""
+    figures = {"loss": float(checkpoint["loss"])}
+    if checkpoint.get("val_loss") is not None:
+        figures["val_loss"] = float(checkpoint["val_loss"])
+        figures["perplexity"] = math.exp(figures["val_loss"])
+    experts = next((r.get("experts") for r in reversed(records) if r["step"] == checkpoint["step"]), None)
+    if experts:
+        figures["max_expert_load"] = float(max(layer["max_load"] for layer in experts))
+    return figures
+
+
 def png_markdown(png: bytes, alt: str) -> str:
     """Markdown that shows a PNG inline (Dagster has no image metadata type)."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"

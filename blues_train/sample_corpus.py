@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from blues_train import storage
+from blues_train import cli, storage
 from blues_train.storage import write_bytes as write_atomic  # local: atomic; s3://, gs://: one PUT each
 
 DEFAULT_MAX_MB = 4.0
@@ -143,12 +143,16 @@ def write_sample_corpus(out, max_mb: float = DEFAULT_MAX_MB) -> dict[str, list[P
     return {"code": [write_code(out, budget)], "prose": prose}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="blues sample-corpus", description=__doc__.splitlines()[0])
+def flag_parser() -> argparse.ArgumentParser:
+    parser = cli.flag_parser("blues sample-corpus", __doc__.splitlines()[0])
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     parser.add_argument("--max_mb", type=float, default=DEFAULT_MAX_MB,
                         help=f"MB of text per dataset at most (default {DEFAULT_MAX_MB:g})")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = flag_parser().parse_args(sys.argv[1:] if argv is None else argv)
     datasets = write_sample_corpus(args.out, args.max_mb)
     for name, paths in datasets.items():
         print(f"{name}: {' '.join(str(p) for p in paths)}")

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from blues_train import storage, store
+from blues_train import cli, storage, store
 from blues_train.errors import BluesError
 from blues_train.mixture import MIXTURE_FILE, mixture_fingerprint, read_mixture, source_manifest
 from blues_train.tokenizer import N_VOCAB, tokenizer_mismatch
@@ -61,8 +61,9 @@ class VerifyReport:
                 "datasets": self.datasets, "mixtures": self.mixtures}
 
 
-def verify_paths(paths) -> VerifyReport:
-    """Verify each path, a token store or a mixture (whose sources are verified too)."""
+def verify_paths(paths, progress: bool = False) -> VerifyReport:
+    """Verify each path, a token store or a mixture (whose sources are verified too); with
+    `progress`, a bar of chunks on a terminal's stderr."""
     report = VerifyReport()
     verified: set[Path] = set()
     for path in map(storage.path, paths):
@@ -70,21 +71,21 @@ def verify_paths(paths) -> VerifyReport:
             if not path.exists():
                 report.add(path, "not found")
             elif (path / MIXTURE_FILE).is_file():
-                verify_mixture(path, report, verified)
+                verify_mixture(path, report, verified, progress)
             else:
-                verify_store_once(path, report, verified)
+                verify_store_once(path, report, verified, progress)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a field of the wrong shape
             report.add(path, f"malformed manifest: {type(exc).__name__} {exc}; prepare or merge it again")
     return report
 
 
-def verify_store_once(path: Path, report: VerifyReport, verified: set[Path]) -> None:
+def verify_store_once(path: Path, report: VerifyReport, verified: set[Path], progress: bool = False) -> None:
     if path.resolve() not in verified:
         verified.add(path.resolve())
-        verify_store(path, report)
+        verify_store(path, report, progress)
 
 
-def verify_store(path: Path, report: VerifyReport) -> None:
+def verify_store(path: Path, report: VerifyReport, progress: bool = False) -> None:
     try:
         manifest = store.read_manifest(path)
     except BluesError as exc:
@@ -99,7 +100,9 @@ def verify_store(path: Path, report: VerifyReport) -> None:
     check_chunk_files(path, manifest, report)
     labels = {source["path"] for source in manifest["sources"]}
     lengths = []
-    for number, chunk in enumerate(manifest["chunks"]):
+    chunks = cli.progress(enumerate(manifest["chunks"]), f"verify {path.name}", progress,
+                          total=len(manifest["chunks"]), unit="chunk")
+    for number, chunk in chunks:
         lengths.append(verify_chunk(path, number, chunk, labels, report))
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
     check_totals(manifest, manifest_file, report)
@@ -200,7 +203,7 @@ def dataset_stats(path: Path, manifest: dict, lengths: np.ndarray) -> dict:
     }
 
 
-def verify_mixture(path: Path, report: VerifyReport, verified: set[Path]) -> None:
+def verify_mixture(path: Path, report: VerifyReport, verified: set[Path], progress: bool = False) -> None:
     mixture_file = path / MIXTURE_FILE
     try:
         mixture = read_mixture(path)
@@ -212,7 +215,7 @@ def verify_mixture(path: Path, report: VerifyReport, verified: set[Path]) -> Non
         report.add(mixture_file, "fingerprint does not match its contents: edited after merging")
     check_shares(mixture, mixture_file, report)
     for entry in mixture["sources"]:
-        check_source(entry, mixture_file, report, verified)
+        check_source(entry, mixture_file, report, verified, progress)
     stats = {"path": str(path), "fingerprint": mixture["fingerprint"],
              "strategy": mixture["strategy"], "total_tokens": mixture["total_tokens"],
              "sources": []}
@@ -235,12 +238,13 @@ def check_shares(mixture: dict, mixture_file: Path, report: VerifyReport) -> Non
                        f"tokens, its weight is {source['weight']:.4f}")
 
 
-def check_source(entry: dict, mixture_file: Path, report: VerifyReport, verified: set[Path]) -> None:
+def check_source(entry: dict, mixture_file: Path, report: VerifyReport, verified: set[Path],
+                 progress: bool = False) -> None:
     path = storage.path(entry["path"])
     if not path.is_dir():
         report.add(path, f"source of {mixture_file} not found")
         return
-    verify_store_once(path, report, verified)
+    verify_store_once(path, report, verified, progress)
     manifest_file = path / store.MANIFEST
     try:
         source_manifest(entry)
@@ -272,27 +276,37 @@ def check_realized_shares(mixture: dict, mixture_file: Path, report: VerifyRepor
 def format_report(report: VerifyReport) -> str:
     lines = report.problem_lines()
     if report.datasets:
-        lines += ["", f"{'dataset':<40} {'docs':>8} {'tokens':>12} {'B/tok':>6}  doc tokens p0/p10/p50/p90/p99/p100"]
+        lines += ["", f"{'dataset':<40} {'docs':>8} {'tokens (all)':>12} {'B/tok':>6}  "
+                  "doc tokens p0/p10/p50/p90/p99/p100"]
         for d in report.datasets:
             pct = "/".join(str(v) for v in d["doc_tokens_percentiles"].values())
             lines.append(f"{d['path'][-40:]:<40} {d['docs']:>8,} {d['tokens']:>12,} "
                          f"{d['stored_bytes_per_token']:>6.3f}  {pct}")
     for m in report.mixtures:
-        lines += ["", f"mixture {m['path']} ({m['strategy']}, {m['total_tokens']:,} tokens per pass)",
-                  f"{'source':<40} {'target':>7} {'realized':>8} {'train tokens':>12} {'repeat':>7}"]
+        lines += ["", f"mixture {m['path']} ({m['strategy']})",
+                  f"{'source':<40} {'target':>7} {'realized':>8} {'tokens/pass':>12} {'train split':>12} {'repeat':>7}"]
         for s in m["sources"]:
             lines.append(f"{s['path'][-40:]:<40} {s['target']:>7.4f} {s['realized']:>8.4f} "
-                         f"{s['train_tokens']:>12,} {s['repeat']:>7.2f}")
+                         f"{s['tokens_per_pass']:>12,} {s['train_tokens']:>12,} {s['repeat']:>7.2f}")
+        split = sum(s["train_tokens"] for s in m["sources"])
+        lines += [f"{'total':<40} {'':>7} {'':>8} {m['total_tokens']:>12,} {split:>12,}",
+                  "tokens/pass: training tokens drawn per pass, repeats included (as blues merge prints); "
+                  "train split: the tokens of a source's training documents; tokens (all): a whole store, "
+                  "validation documents included"]
     verdict = "OK: no problems" if report.ok else f"FAILED: {len(report.problems)} problem(s)"
     return "\n".join(lines + ["", verdict]).lstrip("\n")
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="blues verify", description=__doc__.splitlines()[0])
+def flag_parser() -> argparse.ArgumentParser:
+    parser = cli.flag_parser("blues verify", __doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", metavar="PATH", help="token stores and mixtures")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args(argv)
-    report = verify_paths(args.paths)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = flag_parser().parse_args(argv)
+    report = verify_paths(args.paths, progress=True)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0 if report.ok else 1
 

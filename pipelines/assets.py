@@ -24,7 +24,7 @@ from blues_train.merge import merge
 from blues_train.mixture import read_mixture
 from blues_train.prepare import prepare_dataset
 from blues_train.raw_corpus import corpus_version
-from blues_train.report import evaluate_checkpoint, loss_curve_png, png_markdown
+from blues_train.report import checkpoint_figures, evaluate_checkpoint, loss_curve_png, png_markdown, read_metrics
 from blues_train.store import read_manifest
 from pipelines.config import EvalConfig, MergeConfig, ProjectConfig, TrainConfig, with_overrides
 from pipelines.partitions import checkpoint_partitions, dataset_partitions
@@ -373,13 +373,15 @@ def _record_checkpoints(context: dg.AssetExecutionContext, reported: list[dict],
     if not new:
         return
     context.instance.add_dynamic_partitions(checkpoint_partitions.name, [key for key, _ in new])
+    records = read_metrics(Path(new[0][1]["path"]).parents[1])  # the run folder's step records
     for key, checkpoint in new:
-        figures = {k: v for k, v in checkpoint.items() if k not in ("kind", "path", "weights_sha256") and v is not None}
+        figures = {name: dg.MetadataValue.float(value) for name, value in checkpoint_figures(checkpoint, records).items()}
         weights = checkpoint.get("weights_sha256")
         context.log_event(dg.AssetMaterialization(
             asset_key=model_checkpoint.key,
             partition=key,
-            metadata={**figures, **lineage, "path": dg.MetadataValue.path(checkpoint["path"]),
+            metadata={**figures, "step": dg.MetadataValue.int(checkpoint["step"]), **lineage,
+                      "path": dg.MetadataValue.path(checkpoint["path"]),
                       **({"weights_sha256": weights} if weights else {})},
             tags={"dagster/data_version": weights} if weights else None,
         ))
@@ -410,16 +412,16 @@ def model_eval(
     samples = "\n\n".join(f"**{s['prompt']!r}** →\n```\n{s['text']}\n```" for s in report["samples"])
     return dg.MaterializeResult(
         metadata={
-            "perplexity": report["perplexity"],
-            "val_loss": report["val_loss"],
-            "val_tokens": report["val_tokens"],
-            "max_expert_load": report["max_expert_load"],
-            "min_expert_load": report["min_expert_load"],
+            "perplexity": dg.MetadataValue.float(report["perplexity"]),
+            "val_loss": dg.MetadataValue.float(report["val_loss"]),
+            "val_tokens": dg.MetadataValue.int(report["val_tokens"]),
+            "max_expert_load": dg.MetadataValue.float(report["max_expert_load"]),
+            "min_expert_load": dg.MetadataValue.float(report["min_expert_load"]),
             "samples": dg.MetadataValue.md(samples),
             "expert_utilization": dg.MetadataValue.md(
                 png_markdown(report["expert_utilization_png"], "expert utilization")),
             "model_checkpoint": key,
-            "step": meta["step"],
+            "step": dg.MetadataValue.int(meta["step"]),
             "checkpoint": dg.MetadataValue.path(str(checkpoint)),
             "weights_sha256": meta.get("files", {}).get(checkpoints.MODEL_FILE, ""),
         }

@@ -139,9 +139,10 @@ def test_folder_is_plain_transformers(tiny_export):
                                                                    output_loading_info=True)
     assert not any(loading.values()), loading  # no missing, unexpected or mismatched weights
     names = sorted(p.name for p in tiny_export.iterdir())
-    assert names == ["blues_export.json", "config.json", "generation_config.json", "model.safetensors",
+    assert names == ["README.md", "blues_export.json", "config.json", "generation_config.json", "model.safetensors",
                      "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
     config = json.loads((tiny_export / "config.json").read_text())
+    assert config["transformers_version"] == transformers.__version__  # as save_pretrained writes it
     assert "auto_map" not in config and config["architectures"] == ["Qwen2MoeForCausalLM"]
     assert config["vocab_size"] == tokenizer.N_VOCAB and config["eos_token_id"] == tokenizer.EOT_ID
     assert config["decoder_sparse_step"] == 2 and config["norm_topk_prob"] and config["tie_word_embeddings"]
@@ -154,6 +155,38 @@ def test_folder_is_plain_transformers(tiny_export):
     summary = json.loads((tiny_export / "blues_export.json").read_text())
     assert summary["source"]["step"] == 7 and summary["architecture"] == "Qwen2MoeForCausalLM"
     assert summary["dtype"] == "float32" and summary["vocab_size"] == tokenizer.N_VOCAB
+
+
+def test_loading_gives_no_tokenizer_regex_warning(tiny_export, capfd):
+    """Without `transformers_version` in config.json, transformers 5 takes o200k_base for a
+    Mistral tokenizer and warns of "an incorrect regex pattern"."""
+    capfd.readouterr()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_export, local_files_only=True)
+    load_hf(tiny_export)
+    assert "regex" not in capfd.readouterr().err
+    assert not getattr(hf_tokenizer, "fix_mistral_regex", False)
+
+
+def test_model_card_tells_the_models_story(reference, mixture_dir, tmp_path, capsys):
+    """The card of a trained run's export: architecture, the mixture, each token store and
+    every raw file's sha256, tokens seen, held-out loss, and how to load it."""
+    out = tmp_path / "hf"
+    assert blues_main(["export", "--checkpoint", str(reference), "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    folder = checkpoint.complete_checkpoints(reference / "checkpoints")[-1]
+    meta = checkpoint.read_meta(folder)
+    mixture = json.loads((mixture_dir / "mixture.json").read_text())
+    assert "# Blues model (Qwen2MoeForCausalLM)" in card and "parameters" in card
+    assert f"tokens seen: {meta['tokens']:,}" in card and f"steps: {meta['step']}" in card
+    assert f"fingerprint `{mixture['fingerprint']}`" in card
+    for source in mixture["sources"]:
+        assert f"`{source['fingerprint']}`" in card
+        for raw in json.loads((Path(source["path"]) / "manifest.json").read_text())["sources"]:
+            assert f"`{raw['sha256']}`" in card
+    assert f"held-out loss: {meta['val_loss']:.4f}" in card and "perplexity" in card
+    assert f"AutoModelForCausalLM.from_pretrained({str(out)!r})" in card
+    training = json.loads((out / "blues_export.json").read_text())["source"]["training"]
+    assert training["mixture"]["fingerprint"] == mixture["fingerprint"] and len(training["stores"]) == 2
 
 
 def corpus_texts(inputs) -> list[str]:

@@ -2,6 +2,7 @@
 the tiny model, a corrupt chunk stopping training, the schedule and the sensor."""
 
 import json
+import math
 from datetime import datetime, timezone
 
 import dagster as dg
@@ -142,6 +143,12 @@ def test_whole_graph_materializes(project):
         record = records[-1]
         assert record.metadata["mixture_fingerprint"].value == mixture["fingerprint"]
         assert record.metadata["step"].value == 2 and record.metadata["path"].value == model["checkpoint"]
+        # Numbers as float metadata, which Dagster's Plots tab draws across checkpoints.
+        assert all(isinstance(r.metadata[name], dg.FloatMetadataValue) for r in records
+                   for name in ("loss", "max_expert_load"))
+        assert {name for name, value in record.metadata.items() if isinstance(value, dg.FloatMetadataValue)} == {
+            "loss", "val_loss", "perplexity", "max_expert_load"}
+        assert record.metadata["perplexity"].value == pytest.approx(math.exp(record.metadata["val_loss"].value))
 
         # Data versions are content hashes: each checkpoint's weights, the final one's for the model.
         weights = [read_meta(r.metadata["path"].value)["files"]["model.safetensors"] for r in records]
@@ -163,6 +170,9 @@ def test_whole_graph_materializes(project):
 
         evaluation = metadata(result, "model_eval")
         assert evaluation["perplexity"] > 1 and evaluation["val_tokens"] > 0
+        [eval_event] = [e for e in result.get_asset_materialization_events() if e.asset_key == assets.model_eval.key]
+        assert all(isinstance(eval_event.materialization.metadata[name], dg.FloatMetadataValue)
+                   for name in ("perplexity", "val_loss", "max_expert_load", "min_expert_load"))
         assert evaluation["expert_utilization"].startswith("![expert utilization](data:image/png;base64,")
         assert "def " in evaluation["samples"]
         assert evaluation["model_checkpoint"] == checkpoints[-1] and evaluation["weights_sha256"] == weights[-1]

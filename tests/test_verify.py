@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import pty
+import select
 import shutil
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +143,26 @@ def test_flipped_byte_anywhere_is_reported_not_a_crash(copies, from_end):
     report = verify_paths([code])
     assert not report.ok
     assert any(str(chunk) in str(p.file) and "sha256" in p.message for p in report.problems)
+
+
+def run_blues_with_stderr_on(stderr, *args):
+    blues = str(Path(sys.executable).parent / "blues")
+    return subprocess.run([blues, *args], stdout=subprocess.PIPE, stderr=stderr, timeout=300, check=True).stdout
+
+
+def test_progress_bar_on_a_terminal_only_and_stdout_unchanged(code_store, tmp_path):
+    """`blues verify` draws its bar on stderr when stderr is a terminal, none otherwise; stdout
+    (what scripts parse) is the same either way."""
+    plain = run_blues_with_stderr_on(subprocess.PIPE, "verify", str(code_store))
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # tqdm draws nothing 0 wide
+    try:
+        watched = run_blues_with_stderr_on(terminal, "verify", str(code_store))
+        drawn = b""
+        while select.select([master], [], [], 0.5)[0]:
+            drawn += os.read(master, 65536)
+    finally:
+        os.close(terminal)
+        os.close(master)
+    assert watched == plain and b"OK: no problems" in plain and b"chunk" not in plain
+    assert f"verify {code_store.name}".encode() in drawn and b"chunk" in drawn
