@@ -36,7 +36,7 @@ import re
 import threading
 from pathlib import Path, PurePosixPath
 
-from blues_train.atomic import check_output_folder as check_local_output, write_atomic
+from blues_train.atomic import check_output_folder as check_local_output, os_error, write_atomic
 from blues_train.errors import BluesError
 
 REMOTE_SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
@@ -285,6 +285,25 @@ def filesystem(protocol: str):
 
 def read_bytes(given) -> bytes:
     return path(given).read_bytes()
+
+
+def read_json(given, flag: str = ""):
+    """The JSON value of the file or object `given`, for every JSON file Blues reads. Unreadable,
+    not UTF-8, not JSON or nested too deep to parse: one line naming it (after `flag`, the flag
+    it was given as)."""
+    where = f"{flag} {given}".lstrip()
+    try:
+        return json.loads(read_bytes(given).decode("utf-8"))
+    except RecursionError:
+        raise BluesError(f"{where}: not valid JSON (nested too deeply to parse)") from None
+    except UnicodeDecodeError as exc:
+        raise BluesError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:
+        raise BluesError(f"{where}: not valid JSON ({exc})") from None
+    except FileNotFoundError:
+        raise BluesError(f"{where}: not found") from None
+    except OSError as exc:
+        raise os_error(exc, where, "reading") from None
 
 
 def open_input(given):

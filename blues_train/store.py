@@ -13,13 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import ConfigDict, Field, field_validator
 
 from blues_train import storage
 from blues_train.errors import BluesError
+from blues_train.settings import Settings, validated
 
 FORMAT_VERSION = 1
 KIND = "token_store"
@@ -30,7 +33,6 @@ PERCENTILES = (0, 10, 50, 90, 99, 100)
 SCHEMA = pa.schema(
     [("tokens", pa.list_(pa.uint32())), ("source", pa.string()), ("index", pa.int64())]
 )
-REQUIRED = ("format_version", "tokenizer", "sources", "chunks", "totals", "fingerprint")
 
 
 def chunk_name(number: int) -> str:
@@ -51,30 +53,70 @@ def read_manifest(store_dir) -> dict:
             f"{store_dir} is not a token store: it has no {MANIFEST} "
             "(never prepared, or its prepare run did not finish: run `blues prepare` again)"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BluesError(f"{path}: not valid JSON ({exc}); prepare the dataset again") from None
+    manifest = storage.read_json(path)
     if not isinstance(manifest, dict) or manifest.get("kind", KIND) != KIND:
         raise BluesError(f"{path}: not a token store manifest (kind {KIND!r} expected)")
-    missing = [key for key in REQUIRED if key not in manifest]
-    if missing:
-        raise BluesError(f"{path}: missing field(s) {', '.join(missing)}; prepare it again")
-    if manifest["format_version"] != FORMAT_VERSION:
+    if manifest.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         raise BluesError(
             f"{path}: format_version {manifest['format_version']} is not supported "
             f"(this Blues reads {FORMAT_VERSION}); prepare the dataset again"
         )
-    if not isinstance(manifest["chunks"], list):
-        raise BluesError(f"{path}: field chunks must be a list; prepare the dataset again")
-    for number, chunk in enumerate(manifest["chunks"]):
-        name = chunk.get("file") if isinstance(chunk, dict) else None
-        if not is_plain_name(name):
-            raise BluesError(
-                f"{path}: chunks[{number}].file {name!r} is not a file name inside the store "
-                "folder (no path separators, not '.' or '..'); prepare the dataset again"
-            )
+    validated(StoreManifest, manifest, f"{path}: ", advice="; prepare the dataset again")
     return manifest
+
+
+Sha256 = Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+Count = Annotated[int, Field(ge=0)]
+
+
+class ManifestPart(Settings):
+    """Fields other features record beside these pass through (older and newer Blues share stores)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class TokenizerRecord(ManifestPart):
+    name: str
+    vocab_sha256: Sha256
+    n_vocab: int = Field(gt=0)
+    eot_id: Count
+
+
+class SourceRecord(ManifestPart):
+    path: str
+    bytes: Count
+    sha256: Sha256
+
+
+class ChunkRecord(ManifestPart):
+    file: str
+    sha256: Sha256
+    n_docs: Count
+    n_tokens: Count
+    bytes: Count
+
+    @field_validator("file")
+    @classmethod
+    def _inside_the_store(cls, name):
+        if not is_plain_name(name):
+            raise ValueError("not a file name inside the store folder (no path separators, not '.' or '..')")
+        return name
+
+
+class Totals(ManifestPart):
+    docs: Count
+    tokens: Count
+
+
+class StoreManifest(ManifestPart):
+    """What readers of `manifest.json` rely on (`blues_train.prepare.build_manifest` writes it)."""
+
+    format_version: Literal[FORMAT_VERSION]
+    tokenizer: TokenizerRecord
+    sources: list[SourceRecord]
+    chunks: list[ChunkRecord]
+    totals: Totals
+    fingerprint: Sha256
 
 
 def is_plain_name(name) -> bool:

@@ -210,6 +210,9 @@ def verify_mixture(path: Path, report: VerifyReport, verified: set[Path]) -> Non
     before = len(report.problems)
     if mixture_fingerprint(mixture) != mixture["fingerprint"]:
         report.add(mixture_file, "fingerprint does not match its contents: edited after merging")
+    mismatch = tokenizer_mismatch(mixture["tokenizer"])
+    if mismatch:
+        report.add(mixture_file, f"{mismatch}; re-run `blues merge`")
     check_shares(mixture, mixture_file, report)
     for entry in mixture["sources"]:
         check_source(entry, mixture_file, report, verified)

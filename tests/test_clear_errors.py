@@ -5,6 +5,9 @@ S3 prepare's leftover journal is cleaned or reported."""
 from __future__ import annotations
 
 import json
+import math
+import re
+import shutil
 import subprocess
 import sys
 
@@ -68,3 +71,83 @@ def test_train_against_an_unreachable_endpoint_says_so(s3_mixture):
         line = one_line_error(result)
         assert "cannot reach the object store at http://127.0.0.1:1" in line and "AWS_ENDPOINT_URL" in line
         assert "prepare" not in line and "merge" not in line, line
+
+
+# 6. JSON nested too deep for the parser is one line naming the file
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_deep_json_in_any_file_blues_reads_is_one_line(tmp_path, code_store, mixture_dir, capsys):
+    from blues_train.cli import main as blues_main
+    from blues_train.mixture import read_mixture
+    from blues_train.training_config import from_flags
+    from pipelines.config import load_project_config
+
+    deep_store, deep_mixture, deep = tmp_path / "store", tmp_path / "mixture", tmp_path / "deep.json"
+    shutil.copytree(code_store, deep_store)
+    deep_mixture.mkdir()
+    for file in (deep_store / "manifest.json", deep_mixture / "mixture.json", deep):
+        file.write_text(DEEP)
+    for read, file in ((lambda: store.read_manifest(deep_store), deep_store / "manifest.json"),
+                       (lambda: read_mixture(deep_mixture), deep_mixture / "mixture.json"),
+                       (lambda: from_flags(["--training_config", str(deep)]), f"--training_config {deep}"),
+                       (lambda: load_project_config(deep), deep)):
+        with pytest.raises(BluesError, match=f"^{re.escape(str(file))}: not valid JSON \\(nested too deeply"):
+            read()
+    assert blues_main(["merge", "--datasets", str(deep_store), str(code_store), "--output", str(tmp_path / "m")]) == 2
+    assert blues_main(["verify", str(deep_mixture)]) == 1
+    out, err = capsys.readouterr()
+    assert err == f"error: {deep_store / 'manifest.json'}: not valid JSON (nested too deeply to parse)\n"
+    assert f"{deep_mixture / 'mixture.json'}: not valid JSON (nested too deeply to parse)" in out
+
+
+# 9. every field of mixture.json (and of a store's manifest.json) is checked
+
+def edited_mixture(mixture_dir, folder, edit):
+    mixture = json.loads((mixture_dir / "mixture.json").read_text())
+    edit(mixture)
+    folder.mkdir()
+    (folder / "mixture.json").write_text(json.dumps(mixture))  # NaN written as NaN, as json.dumps does
+    return folder
+
+
+@pytest.mark.parametrize("edit, problem", [
+    pytest.param(lambda m: m["sources"][0].update(weight=math.nan), "sources[0].weight: input should be a finite number",
+                 id="nan-weight"),
+    pytest.param(lambda m: m["tokenizer"].update(n_vocab=100277), "tokenizer.n_vocab 100277 differs", id="n_vocab"),
+    pytest.param(lambda m: m.update(seed="0"), "seed: input should be a valid integer", id="seed-text"),
+    pytest.param(lambda m: m["validation"].update(fraction=1.5), "validation.fraction: input should be less than 1",
+                 id="fraction"),
+    pytest.param(lambda m: m.update(weigths=[1.0]), "weigths is not a known setting; did you mean weights?",
+                 id="unknown-key"),
+    pytest.param(lambda m: m["sources"][1].pop("fingerprint"), "sources[1].fingerprint is required",
+                 id="missing-fingerprint"),
+])
+def test_verify_refuses_a_mixture_with_a_bad_field(mixture_dir, tmp_path, capsys, edit, problem):
+    from blues_train.cli import main as blues_main
+
+    folder = edited_mixture(mixture_dir, tmp_path / "mixture", edit)
+    assert blues_main(["verify", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert f"{folder / 'mixture.json'}: {problem}" in out and "OK: no problems" not in out, out
+
+
+def test_verify_refuses_a_store_manifest_with_a_bad_field(code_store, tmp_path, capsys):
+    from blues_train.cli import main as blues_main
+
+    edited = tmp_path / "store"
+    shutil.copytree(code_store, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["chunks"][0]["n_tokens"] = -5
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    assert blues_main(["verify", str(edited)]) == 1
+    out = capsys.readouterr().out
+    assert f"{edited / 'manifest.json'}: chunks[0].n_tokens: input should be greater than or equal to 0" in out
+
+
+def test_mixtures_and_stores_as_written_still_load(mixture_dir, code_store):
+    from blues_train.mixture import read_mixture
+
+    assert read_mixture(mixture_dir)["kind"] == "mixture"
+    assert store.read_manifest(code_store)["kind"] == "token_store"
