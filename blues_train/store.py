@@ -27,6 +27,8 @@ from blues_train.settings import Settings, validated
 FORMAT_VERSION = 1
 KIND = "token_store"
 MANIFEST = "manifest.json"
+JOURNAL = ".prepare-journal.jsonl"  # an unfinished prepare's finished chunks; gone once the manifest is
+REMOTE_JOURNAL = ".prepare-journal"  # the same on object storage: one object per chunk under this prefix
 # zstd level 3 stores about 0.9 bytes per o200k token (level 1 about 1.0, 9 about 0.8 at 1/5 the speed).
 ZSTD_LEVEL = 3
 PERCENTILES = (0, 10, 50, 90, 99, 100)
@@ -121,6 +123,12 @@ class StoreManifest(ManifestPart):
 
 def is_plain_name(name) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def journal_path(store_dir):
+    """Where a prepare run of `store_dir` keeps its journal (a file locally, a prefix remotely)."""
+    folder = storage.path(store_dir)
+    return folder / (REMOTE_JOURNAL if isinstance(folder, storage.RemotePath) else JOURNAL)
 
 
 def fingerprint(vocab_sha256: str, chunk_hashes) -> str:

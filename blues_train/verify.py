@@ -97,6 +97,9 @@ def verify_store(path: Path, report: VerifyReport) -> None:
     if store.store_fingerprint(manifest) != manifest["fingerprint"]:
         report.add(manifest_file, "fingerprint does not match the tokenizer and chunk hashes")
     check_chunk_files(path, manifest, report)
+    if store.journal_path(path).exists():
+        report.add(store.journal_path(path), "journal of a prepare run killed after writing manifest.json: "
+                   "run the same `blues prepare` again to remove it")
     labels = {source["path"] for source in manifest["sources"]}
     lengths = []
     for number, chunk in enumerate(manifest["chunks"]):

@@ -151,3 +151,38 @@ def test_mixtures_and_stores_as_written_still_load(mixture_dir, code_store):
 
     assert read_mixture(mixture_dir)["kind"] == "mixture"
     assert store.read_manifest(code_store)["kind"] == "token_store"
+
+
+# 11. the journal of an S3 prepare killed right after its manifest is reported, then cleaned
+
+class Killed(BaseException):
+    """The process dying at this point (the journal's removal)."""
+
+
+def test_journal_left_after_the_manifest_is_reported_then_removed(s3, sample_corpus_inputs, monkeypatch, capsys):
+    from conftest import FIXTURE_CHUNK_TOKENS
+
+    from blues_train.prepare import prepare_dataset
+    from blues_train.verify import format_report, verify_paths
+
+    out = f"s3://{s3.bucket('clear-errors')}/killed-after-manifest"
+    journal = f"{out}/.prepare-journal"
+
+    def prepare():
+        return prepare_dataset(sample_corpus_inputs["code"], out, workers=1, chunk_tokens=FIXTURE_CHUNK_TOKENS)
+
+    def die(given):
+        raise Killed
+    monkeypatch.setattr(storage, "remove_tree", die)
+    with pytest.raises(Killed):
+        prepare()
+    monkeypatch.undo()
+    assert storage.path(f"{out}/manifest.json").is_file() and len(storage.list_files(journal)) > 1
+    report = verify_paths([out])
+    assert report.problem_lines() == [f"{journal}: journal of a prepare run killed after writing manifest.json: "
+                                      "run the same `blues prepare` again to remove it"]
+    capsys.readouterr()
+    manifest = prepare()
+    assert "up to date" in capsys.readouterr().out and manifest == store.read_manifest(out)
+    assert not storage.path(journal).exists() and storage.list_files(journal) == []
+    assert "OK: no problems" in format_report(verify_paths([out]))
