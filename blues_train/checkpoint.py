@@ -25,7 +25,6 @@ Nothing in a checkpoint runs code: `meta.json` lists the sha256 of every file sa
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from blues_train import storage
 from blues_train.atomic import FILE_MODE, folder_error, os_error, sync_dir, write_json_atomic
 from blues_train.errors import BluesError
 from blues_train.store import file_sha256
@@ -62,8 +62,8 @@ def is_complete(folder) -> bool:
     """A checkpoint folder whose save finished: meta.json (written last) parses."""
     folder = Path(folder)
     try:
-        json.loads((folder / META_FILE).read_text())
-    except (OSError, ValueError):
+        storage.read_json(folder / META_FILE)
+    except BluesError:
         return False
     return (folder / MODEL_FILE).is_file() and (folder / DEEPSPEED_DIR / DEEPSPEED_TAG).is_dir()
 
@@ -116,7 +116,7 @@ def check_start(root, resume_from: Path | None, set_aside: bool) -> None:
 
 
 def read_meta(folder) -> dict:
-    return json.loads((Path(folder) / META_FILE).read_text())
+    return storage.read_json(Path(folder) / META_FILE)
 
 
 def code_version() -> str:

@@ -17,7 +17,6 @@ config before anything is allocated.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -74,11 +73,10 @@ def load_model(path, device: str | None = None) -> BluesLM:
 
 
 def read_config(config_path: Path) -> BluesConfig:
+    if not config_path.is_file():
+        raise BluesError(f"{config_path}: missing; a checkpoint folder needs it beside {checkpoint.MODEL_FILE}")
     try:
-        return BluesConfig.from_dict(json.loads(config_path.read_text()))
-    except FileNotFoundError:
-        raise BluesError(f"{config_path}: missing; a checkpoint folder needs it beside "
-                         f"{checkpoint.MODEL_FILE}") from None
+        return BluesConfig.from_dict(storage.read_json(config_path))
     except (ValueError, TypeError) as exc:
         raise BluesError(f"{config_path}: not a Blues model config ({exc})") from None
 

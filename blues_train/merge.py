@@ -22,12 +22,11 @@ from blues_train import cli, storage, store
 from blues_train.errors import BluesError
 from blues_train.folder_lock import check_held, exclusive_writer
 from blues_train.settings import Settings, read_json, validated
-from blues_train.mixture import (DEFAULT_VAL_FRACTION, FORMAT_VERSION, MIXTURE_FILE, VALIDATION_RULE,
+from blues_train.mixture import (DEFAULT_VAL_FRACTION, FORMAT_VERSION, MIXTURE_FILE, STRATEGIES, VALIDATION_RULE,
                                  mixture_fingerprint)
 from blues_train.tokenizer import tokenizer_mismatch
 from blues_train.verify import verify_paths
 
-STRATEGIES = ("weighted", "equal", "proportional")
 DEFAULT_OUTPUT = "data_cache/merged"
 LOG = logging.getLogger("blues_train.merge")
 

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import Field
 
 from blues_train import storage, store
 from blues_train.errors import BluesError
+from blues_train.settings import Settings, validated
 
 FORMAT_VERSION = 1
+STRATEGIES = ("weighted", "equal", "proportional")
 MIXTURE_FILE = "mixture.json"
 DEFAULT_VAL_FRACTION = 0.01
 VALIDATION_RULE = (
@@ -55,10 +59,7 @@ def read_mixture(mixture_dir) -> dict:
     path = storage.path(mixture_dir) / MIXTURE_FILE
     if not path.is_file():
         raise BluesError(f"{path}: no mixture manifest here; create one with `blues merge`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise BluesError(f"{path}: unreadable mixture manifest ({exc})") from None
+    manifest = storage.read_json(path)
     if not isinstance(manifest, dict) or manifest.get("kind") != "mixture":
         raise BluesError(f"{path}: not a mixture manifest (field 'kind' must be 'mixture')")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -66,11 +67,42 @@ def read_mixture(mixture_dir) -> dict:
             f"{path}: format_version {manifest.get('format_version')!r} is not "
             f"{FORMAT_VERSION}; re-run `blues merge`"
         )
-    required = ("sources", "weights", "total_tokens", "seed", "validation", "fingerprint")
-    for field in required:
-        if field not in manifest:
-            raise BluesError(f"{path}: field {field!r} is missing; re-run `blues merge`")
+    validated(MixtureFile, manifest, f"{path}: ", advice="; re-run `blues merge`")
     return manifest
+
+
+Share = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0)]
+
+
+class MixtureSource(Settings):
+    path: str = Field(min_length=1)
+    fingerprint: store.Sha256
+    weight: Share
+    tokens: Count
+    repeat: float = Field(ge=0, allow_inf_nan=False)
+    docs: Count
+
+
+class ValidationSplit(Settings):
+    fraction: float = Field(ge=0, lt=1, allow_inf_nan=False)
+    rule: str
+
+
+class MixtureFile(Settings):
+    """Every field of `mixture.json` (`blues_train.merge.mixture_manifest` writes it)."""
+
+    format_version: Literal[FORMAT_VERSION]
+    kind: Literal["mixture"]
+    strategy: Literal[STRATEGIES]
+    weights_given: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None
+    weights: list[Share]
+    sources: list[MixtureSource] = Field(min_length=1)
+    seed: Count
+    total_tokens: int = Field(gt=0)
+    validation: ValidationSplit
+    tokenizer: store.TokenizerRecord
+    fingerprint: store.Sha256
 
 
 def mixture_fingerprint(manifest: dict) -> str:

@@ -46,7 +46,7 @@ from blues_train.sources import DEFAULT_GLOB, FORMATS, SkipLog, discover_sources
 DEFAULT_CHUNK_TOKENS = 1 << 21
 MAX_CHUNK_TOKENS = (1 << 31) - 1 - (1 << 26)  # a chunk closes after the document that crosses the limit
 BATCH_CHARS = 1 << 20
-JOURNAL = ".prepare-journal.jsonl"
+JOURNAL = store.JOURNAL
 LOG_EVERY_S = 5.0
 
 
@@ -87,6 +87,7 @@ def write_store(out: Path, sources, described: list[dict], settings: dict, worke
     key = run_key(described, settings)
     current = _finished_manifest(out, key)
     if current is not None:
+        drop_leftover_journal(out)
         say(f"{out}: up to date with its {len(sources)} source(s), nothing to do")
         return current
     engine = (encoding_engine.load_engine(tokenizer_engine) if isinstance(tokenizer_engine, str)
@@ -159,6 +160,16 @@ def _finished_manifest(out: Path, key: str) -> dict | None:
         if not path.is_file() or path.stat().st_size != chunk["bytes"]:
             return None
     return manifest
+
+
+def drop_leftover_journal(out) -> None:
+    """The journal of a run killed between committing its manifest and dropping the journal:
+    the manifest is final, so the journal is only litter."""
+    journal = store.journal_path(out)
+    if storage.is_remote(out):
+        storage.remove_tree(journal)
+    else:
+        journal.unlink(missing_ok=True)
 
 
 def _chunk_sizes(out) -> dict[str, int]:
@@ -306,7 +317,7 @@ class RemoteJournal:
     keeps the chunks up to the first that is missing or differs; the manifest, written last,
     is the commit point."""
 
-    FOLDER = ".prepare-journal"
+    FOLDER = store.REMOTE_JOURNAL
 
     def __init__(self, out, key: str):
         self.out, self.key, self.folder = out, key, out / self.FOLDER

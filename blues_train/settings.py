@@ -9,7 +9,6 @@ did you mean max_steps?`.
 from __future__ import annotations
 
 import difflib
-import json
 import typing
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -22,13 +21,13 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def validated(model: type[BaseModel], raw: dict, where: str, flags: bool = False) -> BaseModel:
+def validated(model: type[BaseModel], raw: dict, where: str, flags: bool = False, advice: str = "") -> BaseModel:
     """`model` built from `raw`; a BluesError naming `where` and the first bad field otherwise
-    (as `--field` when `flags`)."""
+    (as `--field` when `flags`), then `advice` (what to do)."""
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise BluesError(f"{where}{error_line(exc, model, flags)}") from None
+        raise BluesError(f"{where}{error_line(exc, model, flags)}{advice}") from None
 
 
 def error_line(exc: ValidationError, model: type[BaseModel], flags: bool = False) -> str:
@@ -46,7 +45,8 @@ def error_line(exc: ValidationError, model: type[BaseModel], flags: bool = False
         return f"{name} is not a known setting; {hint}"
     if error["type"] == "missing":
         return f"{name} is required"
-    return f"{name}: {error['msg'][0].lower()}{error['msg'][1:]} (got {error['input']!r})"
+    message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+    return f"{name}: {message[0].lower()}{message[1:]} (got {error['input']!r})"
 
 
 def field_names(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -66,12 +66,7 @@ def _flatten(annotation):
 
 
 def read_json(path: str, flag: str) -> dict:
-    try:
-        raw = json.loads(storage.read_bytes(path).decode("utf-8"))
-    except OSError as exc:
-        raise BluesError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
-    except ValueError as exc:
-        raise BluesError(f"{flag} {path}: not valid JSON ({exc})") from None
+    raw = storage.read_json(path, flag)
     if not isinstance(raw, dict):
         raise BluesError(f"{flag} {path}: must hold a JSON object of settings")
     return raw

@@ -36,7 +36,7 @@ import re
 import threading
 from pathlib import Path, PurePosixPath
 
-from blues_train.atomic import check_output_folder as check_local_output, write_atomic
+from blues_train.atomic import check_output_folder as check_local_output, os_error, write_atomic
 from blues_train.errors import BluesError
 
 REMOTE_SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
@@ -166,16 +166,23 @@ class RemotePath:
         return filesystem(self.scheme)
 
     def exists(self) -> bool:
-        with user_errors(self, "reading"):
-            return self.fs.exists(self.key)
+        return self.entry() is not None
 
     def is_file(self) -> bool:
-        with user_errors(self, "reading"):
-            return self.fs.isfile(self.key)
+        return (self.entry() or {}).get("type") == "file"
 
     def is_dir(self) -> bool:
+        return (self.entry() or {}).get("type") == "directory"
+
+    def entry(self) -> dict | None:
+        """fsspec's info on this object or prefix; None only if nothing is there. (fsspec's
+        `exists`/`isfile` answer False to any failure: an unreachable endpoint or refused
+        credentials would read as missing data.)"""
         with user_errors(self, "reading"):
-            return "/" not in self.key and self.fs.exists(self.key) or self.fs.isdir(self.key)
+            try:
+                return self.fs.info(self.key)
+            except FileNotFoundError:
+                return None
 
     def info(self) -> dict:
         """{"size", "etag"} of the object; FileNotFoundError if there is none."""
@@ -302,6 +309,25 @@ def read_bytes(given) -> bytes:
     return path(given).read_bytes()
 
 
+def read_json(given, flag: str = ""):
+    """The JSON value of the file or object `given`, for every JSON file Blues reads. Unreadable,
+    not UTF-8, not JSON or nested too deep to parse: one line naming it (after `flag`, the flag
+    it was given as)."""
+    where = f"{flag} {given}".lstrip()
+    try:
+        return json.loads(read_bytes(given).decode("utf-8"))
+    except RecursionError:
+        raise BluesError(f"{where}: not valid JSON (nested too deeply to parse)") from None
+    except UnicodeDecodeError as exc:
+        raise BluesError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:
+        raise BluesError(f"{where}: not valid JSON ({exc})") from None
+    except FileNotFoundError:
+        raise BluesError(f"{where}: not found") from None
+    except OSError as exc:
+        raise os_error(exc, where, "reading") from None
+
+
 def open_input(given):
     """A binary stream of the file or object (the caller closes it)."""
     return path(given).open("rb")
@@ -373,8 +399,7 @@ def list_files(given, pattern: str = "**") -> list[tuple[str, int, str]]:
         files = sorted(f for f in p.glob(pattern) if f.is_file()) if p.is_dir() else [p]
         return [(str(f), f.stat().st_size, f"{f.stat().st_mtime_ns}-{f.stat().st_size}") for f in files]
     with user_errors(p, "listing"):
-        found = p.fs.glob(f"{p.key}/{pattern}", detail=True) if not p.fs.isfile(p.key) else {
-            p.key: p.fs.info(p.key)}
+        found = p.fs.glob(f"{p.key}/{pattern}", detail=True) if not p.is_file() else {p.key: p.entry()}
     rows = []
     for name, entry in sorted(found.items()):
         if entry.get("type") == "directory":
@@ -527,9 +552,8 @@ def check_output_folder(given, flag: str) -> None:
                 p.fs.ls(p.bucket)
         except FileNotFoundError:
             raise BluesError(f"{flag} {p}: bucket {p.bucket} does not exist: create it or check the URI") from None
-    with user_errors(p, "checking"):
-        if p.fs.isfile(p.key):
-            raise BluesError(f"{flag} {p}: is an object, not a prefix (folder)")
+    if p.is_file():
+        raise BluesError(f"{flag} {p}: is an object, not a prefix (folder)")
 
 
 def cache_root() -> Path:

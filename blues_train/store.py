@@ -13,24 +13,28 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import ConfigDict, Field, field_validator
 
 from blues_train import storage
 from blues_train.errors import BluesError
+from blues_train.settings import Settings, validated
 
 FORMAT_VERSION = 1
 KIND = "token_store"
 MANIFEST = "manifest.json"
+JOURNAL = ".prepare-journal.jsonl"  # an unfinished prepare's finished chunks; gone once the manifest is
+REMOTE_JOURNAL = ".prepare-journal"  # the same on object storage: one object per chunk under this prefix
 # zstd level 3 stores about 0.9 bytes per o200k token (level 1 about 1.0, 9 about 0.8 at 1/5 the speed).
 ZSTD_LEVEL = 3
 PERCENTILES = (0, 10, 50, 90, 99, 100)
 SCHEMA = pa.schema(
     [("tokens", pa.list_(pa.uint32())), ("source", pa.string()), ("index", pa.int64())]
 )
-REQUIRED = ("format_version", "tokenizer", "sources", "chunks", "totals", "fingerprint")
 
 
 def chunk_name(number: int) -> str:
@@ -51,26 +55,78 @@ def read_manifest(store_dir) -> dict:
             f"{store_dir} is not a token store: it has no {MANIFEST} "
             "(never prepared, or its prepare run did not finish: run `blues prepare` again)"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BluesError(f"{path}: not valid JSON ({exc}); prepare the dataset again") from None
+    manifest = storage.read_json(path)
     if not isinstance(manifest, dict) or manifest.get("kind", KIND) != KIND:
         raise BluesError(f"{path}: not a token store manifest (kind {KIND!r} expected)")
-    missing = [key for key in REQUIRED if key not in manifest]
-    if missing:
-        raise BluesError(f"{path}: missing field(s) {', '.join(missing)}; prepare it again")
-    if manifest["format_version"] != FORMAT_VERSION:
+    if manifest.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         raise BluesError(
             f"{path}: format_version {manifest['format_version']} is not supported "
             f"(this Blues reads {FORMAT_VERSION}); prepare the dataset again"
         )
-    if not isinstance(manifest["chunks"], list):
-        raise BluesError(f"{path}: field chunks must be a list; prepare the dataset again")
-    for number, chunk in enumerate(manifest["chunks"]):
-        name = chunk.get("file") if isinstance(chunk, dict) else None
-        storage.inside(store_dir, name, f"{path}: chunks[{number}].file", "prepare the dataset again")
+    validated(StoreManifest, manifest, f"{path}: ", advice="; prepare the dataset again")
+    for number, chunk in enumerate(manifest["chunks"]):  # and no symbolic link leads out of the store
+        storage.inside(store_dir, chunk["file"], f"{path}: chunks[{number}].file", "prepare the dataset again")
     return manifest
+
+
+Sha256 = Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+Count = Annotated[int, Field(ge=0)]
+
+
+class ManifestPart(Settings):
+    """Fields other features record beside these pass through (older and newer Blues share stores)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class TokenizerRecord(ManifestPart):
+    name: str
+    vocab_sha256: Sha256
+    n_vocab: int = Field(gt=0)
+    eot_id: Count
+
+
+class SourceRecord(ManifestPart):
+    path: str
+    bytes: Count
+    sha256: Sha256
+
+
+class ChunkRecord(ManifestPart):
+    file: str
+    sha256: Sha256
+    n_docs: Count
+    n_tokens: Count
+    bytes: Count
+
+    @field_validator("file")
+    @classmethod
+    def _inside_the_store(cls, name):
+        if not storage.is_plain_name(name):
+            raise ValueError("not a file name inside the store folder (no path separators, not '.' or '..')")
+        return name
+
+
+class Totals(ManifestPart):
+    docs: Count
+    tokens: Count
+
+
+class StoreManifest(ManifestPart):
+    """What readers of `manifest.json` rely on (`blues_train.prepare.build_manifest` writes it)."""
+
+    format_version: Literal[FORMAT_VERSION]
+    tokenizer: TokenizerRecord
+    sources: list[SourceRecord]
+    chunks: list[ChunkRecord]
+    totals: Totals
+    fingerprint: Sha256
+
+
+def journal_path(store_dir):
+    """Where a prepare run of `store_dir` keeps its journal (a file locally, a prefix remotely)."""
+    folder = storage.path(store_dir)
+    return folder / (REMOTE_JOURNAL if isinstance(folder, storage.RemotePath) else JOURNAL)
 
 
 def fingerprint(vocab_sha256: str, chunk_hashes) -> str:

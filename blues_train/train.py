@@ -107,10 +107,7 @@ def model_config(name: str | None, resume_meta: dict | None) -> BluesConfig:
 
 
 def read_ds_config(path: str) -> dict:
-    try:
-        ds_config = json.loads(storage.read_bytes(path))
-    except (OSError, ValueError) as exc:
-        raise BluesError(f"--deepspeed {path}: cannot read a JSON config ({exc})") from None
+    ds_config = storage.read_json(path, "--deepspeed")
     if not isinstance(ds_config, dict) or not isinstance(ds_config.get("optimizer", {}).get("params"), dict):
         raise BluesError(f"--deepspeed {path}: needs a JSON object with an \"optimizer\" section "
                          "holding \"params\" (see the shipped blues_train/ds_config.json)")

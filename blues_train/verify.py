@@ -98,6 +98,9 @@ def verify_store(path: Path, report: VerifyReport, progress: bool = False) -> No
     if store.store_fingerprint(manifest) != manifest["fingerprint"]:
         report.add(manifest_file, "fingerprint does not match the tokenizer and chunk hashes")
     check_chunk_files(path, manifest, report)
+    if store.journal_path(path).exists():
+        report.add(store.journal_path(path), "journal of a prepare run killed after writing manifest.json: "
+                   "run the same `blues prepare` again to remove it")
     labels = {source["path"] for source in manifest["sources"]}
     lengths = []
     chunks = cli.progress(enumerate(manifest["chunks"]), f"verify {path.name}", progress,
@@ -213,6 +216,9 @@ def verify_mixture(path: Path, report: VerifyReport, verified: set[Path], progre
     before = len(report.problems)
     if mixture_fingerprint(mixture) != mixture["fingerprint"]:
         report.add(mixture_file, "fingerprint does not match its contents: edited after merging")
+    mismatch = tokenizer_mismatch(mixture["tokenizer"])
+    if mismatch:
+        report.add(mixture_file, f"{mismatch}; re-run `blues merge`")
     check_shares(mixture, mixture_file, report)
     for entry in mixture["sources"]:
         check_source(entry, mixture_file, report, verified, progress)

@@ -226,13 +226,9 @@ def default_config_path() -> Path:
 
 def load_project_config(path: Path | str | None = None) -> ProjectConfig:
     path = Path(path) if path is not None else default_config_path()
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BluesError(f"{path}: project configuration not found (set ${CONFIG_ENV} or create it)") from None
-    except json.JSONDecodeError as exc:
-        raise BluesError(f"{path}: not valid JSON: {exc}") from None
-    return parse_project_config(raw, path)
+    if not path.exists():
+        raise BluesError(f"{path}: project configuration not found (set ${CONFIG_ENV} or create it)")
+    return parse_project_config(storage.read_json(path), path)
 
 
 def with_overrides(config: ProjectConfig, section: str, overrides: dg.Config) -> ProjectConfig:
