@@ -254,6 +254,21 @@ def schedule_change(saved: dict | None, now: dict | None, start_step: int) -> st
             f"--lr_schedule_steps {saved['total_num_steps']} to keep the original schedule")
 
 
+def cpu_cost(micro_seconds: float, grad_accum: int, steps: int, micro_batch_tokens: int) -> str:
+    """What a CPU run will cost, from one micro-batch's time (`micro_batch_tokens` over all
+    ranks); when a step would take over SLOW_CPU_STEP_SECONDS, a --global_batch_tokens for
+    steps of about CPU_STEP_SECONDS."""
+    step_seconds = micro_seconds * grad_accum
+    line = (f"on cpu one micro-batch took {micro_seconds:.1f}s: about {metrics.duration(step_seconds)} per "
+            f"step of {grad_accum} micro-batches, {metrics.duration(step_seconds * steps)} for {steps} steps")
+    if step_seconds <= SLOW_CPU_STEP_SECONDS:
+        return line
+    micro_batches = max(1, int(CPU_STEP_SECONDS / micro_seconds))
+    return (f"{line}; for steps of about {metrics.duration(micro_batches * micro_seconds)} pass "
+            f"--global_batch_tokens {micro_batches * micro_batch_tokens} (and maybe --model tiny), "
+            "or train on a GPU")
+
+
 def next_batch(stream, micro: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """`micro` windows of seq_len + 1 tokens -> (input_ids, labels), each [micro, seq_len]."""
     windows = torch.stack([next(stream) for _ in range(micro)])
@@ -364,25 +379,12 @@ class Run:
         micro-batch of this start; inside a long step, a line every PROGRESS_SECONDS."""
         now = time.perf_counter()
         if self.device.type == "cpu" and step == self.start_step + 1 and done == 1:
-            print(self.cpu_cost(now - started), flush=True)
+            print(cpu_cost(now - started, self.grad_accum, self.cfg.max_steps - self.start_step,
+                           self.micro * self.world_size * self.cfg.seq_len), flush=True)
         if done < self.grad_accum and now - self.last_progress >= PROGRESS_SECONDS:
             print(f"step {step}/{self.cfg.max_steps}: micro-batch {done}/{self.grad_accum} "
                   f"({metrics.duration(now - started)} into the step)", flush=True)
             self.last_progress = now
-
-    def cpu_cost(self, micro_seconds: float) -> str:
-        """The estimate from one micro-batch's time; a --global_batch_tokens that fits a CPU
-        when a step would take longer than SLOW_CPU_STEP_SECONDS."""
-        step_seconds = micro_seconds * self.grad_accum
-        steps = self.cfg.max_steps - self.start_step
-        line = (f"on cpu one micro-batch took {micro_seconds:.1f}s: about {metrics.duration(step_seconds)} per "
-                f"step of {self.grad_accum} micro-batches, {metrics.duration(step_seconds * steps)} for {steps} steps")
-        if step_seconds <= SLOW_CPU_STEP_SECONDS:
-            return line
-        micro_batches = max(1, int(CPU_STEP_SECONDS / micro_seconds))
-        tokens = micro_batches * self.micro * self.world_size * self.cfg.seq_len
-        return (f"{line}; for steps of about {metrics.duration(micro_batches * micro_seconds)} pass "
-                f"--global_batch_tokens {tokens} (and maybe --model tiny), or train on a GPU")
 
     def dump_windows(self, step: int) -> None:
         windows = [torch.cat([x, y[:, -1:]], dim=1) for x, y in self.step_batches]

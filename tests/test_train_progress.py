@@ -13,7 +13,7 @@ import pytest
 from training_runs import STEPS, one_rank, records
 
 from blues_train.metrics import duration
-from blues_train.train import SCHEDULER_NOT_STARTED
+from blues_train.train import SCHEDULER_NOT_STARTED, cpu_cost
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +31,16 @@ def test_a_cpu_run_says_what_a_step_costs_at_the_start(reference_run):
     [cost] = [line for line in lines if line.startswith("on cpu one micro-batch took")]
     assert "per step of 4 micro-batches" in cost and f"for {STEPS} steps" in cost
     assert lines.index(cost) < next(i for i, line in enumerate(lines) if line.startswith("step 1/"))
+
+
+def test_a_slow_cpu_step_gets_a_batch_that_fits():
+    """The issue's run: blues-01's default 524,288 tokens per step, micro-batch 8 x seq_len 256,
+    about 14 s per micro-batch on a laptop CPU."""
+    line = cpu_cost(14.0, grad_accum=256, steps=5, micro_batch_tokens=8 * 256)
+    assert "about 59m44s per step of 256 micro-batches, 4h58m for 5 steps" in line
+    assert "for steps of about 14s pass --global_batch_tokens 2048" in line
+    assert "pass" not in cpu_cost(2.0, grad_accum=4, steps=8, micro_batch_tokens=32)
+    assert "--global_batch_tokens 4096" in cpu_cost(5.0, grad_accum=64, steps=8, micro_batch_tokens=2048)
 
 
 def test_deepspeed_noise_is_gone(reference_run):
