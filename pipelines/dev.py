@@ -11,20 +11,20 @@ server with SIGINT, which they inherited ignored: nothing would ever stop.
 (README), but `make dev` keeps `dagster dev`'s flags (-w, -h, -p), so the warning is silenced.
 """
 
-import runpy
+import os
 import signal
 import sys
-import warnings
+
+# `python -m dagster dev ARGS` without the SupersessionWarning (argv[0] is the module's path)
+DAGSTER_DEV = ("import runpy, warnings, dagster; "
+               "warnings.filterwarnings('ignore', category=dagster.SupersessionWarning); "
+               "runpy.run_module('dagster', run_name='__main__', alter_sys=True)")
 
 
 def main(argv: list[str]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
-    from dagster import SupersessionWarning
-
-    warnings.filterwarnings("ignore", category=SupersessionWarning)
-    sys.argv = [sys.executable, "dev", *argv]  # as `python -m dagster dev ARGS` sees them
-    runpy.run_module("dagster", run_name="__main__", alter_sys=True)
+    os.execv(sys.executable, [sys.executable, "-c", DAGSTER_DEV, "dev", *argv])
 
 
 if __name__ == "__main__":
