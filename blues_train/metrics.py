@@ -1,7 +1,8 @@
 """What a training run reports: one record per step to stdout, `OUT/metrics.jsonl`, TensorBoard.
 
 Only rank 0 builds a `MetricsLog`. A record is a flat dict with at least `step` and
-`loss`; `experts` holds one entry per MoE layer (see `expert_utilization`).
+`loss`; `time` is when the step ended (unix seconds); `experts` holds one entry per MoE
+layer (see `expert_utilization`).
 
 Lineage (train.py writes them, blues_train/lineage.py reads them):
 - `windows`: [first, end), the global loader windows the step consumed; `layout`:
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 from collections import deque
 from pathlib import Path
 
@@ -152,17 +154,20 @@ def _step_of(line: str) -> float:
 
 
 class MetricsLog:
-    """Rank 0's sink for step records."""
+    """Rank 0's sink for step records; its lines say how far the run is and when it should end
+    (the mean time of this start's steps so far, evaluations and checkpoints included)."""
 
-    def __init__(self, out_dir, start_step: int = 0):
+    def __init__(self, out_dir, start_step: int = 0, max_steps: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
+        self.start_step, self.max_steps, self.started = start_step, max_steps, time.time()
         self.out_dir = Path(out_dir)
         self.jsonl = open(self.out_dir / METRICS_FILE, "a")
         # purge_step drops the events a resumed run is about to write again
         self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start_step + 1)
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict) -> str:
+        """Record a step; returns the human line it printed."""
         try:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
@@ -170,21 +175,30 @@ class MetricsLog:
             raise os_error(exc, self.out_dir / METRICS_FILE) from None
         step = record["step"]
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
+            if key not in ("step", "time") and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(key, value, step)
         for layer in record.get("experts", []):
             for key in ("entropy", "max_load", "min_load"):
                 self.tensorboard.add_scalar(f"experts/layer{layer['layer']}/{key}", layer[key], step)
-        print(format_line(record), flush=True)
+        line = format_line(record, self.max_steps, self.eta(record))
+        print(line, flush=True)
+        return line
+
+    def eta(self, record: dict) -> float | None:
+        """Seconds left until max_steps, at the pace of this start's steps so far."""
+        done = record["step"] - self.start_step
+        if self.max_steps is None or "time" not in record or done < 1 or record["step"] >= self.max_steps:
+            return None
+        return (record["time"] - self.started) / done * (self.max_steps - record["step"])
 
     def close(self) -> None:
         self.jsonl.close()
         self.tensorboard.close()
 
 
-def format_line(record: dict) -> str:
-    """One human line: `step 10 | loss 9.2113 | lr 3.00e-04 | ...`."""
-    parts = [f"step {record['step']}"]
+def format_line(record: dict, max_steps: int | None = None, eta: float | None = None) -> str:
+    """One human line: `step 10/120 | loss 9.2113 | lr 3.00e-04 | ... | ETA 2m10s`."""
+    parts = [f"step {record['step']}" + (f"/{max_steps}" if max_steps else "")]
     for key in ("loss", "val_loss", "val_perplexity", "aux_loss", "z_loss", "grad_norm"):
         if key in record:
             parts.append(f"{key} {record[key]:.4f}")
@@ -199,4 +213,18 @@ def format_line(record: dict) -> str:
         parts.append(f"max expert load {worst:.2f}")
     if record.get("spike"):
         parts.append(f"SPIKE {record['spike']['ratio']:.2f}x the median (blues lineage --step {record['step']})")
+    if eta is not None:
+        parts.append(f"ETA {duration(eta)}")
     return " | ".join(parts)
+
+
+def duration(seconds: float) -> str:
+    """`42s`, `2m10s`, `3h05m`, `2d04h`: a duration at a glance."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"

@@ -70,9 +70,50 @@ from blues_train.remote_run import RemoteRun
 from blues_train.training_config import DEFAULT_SEQ_LEN, TrainingConfig, from_flags
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+LR_SCHEDULERS = ("WarmupCosineLR", "WarmupDecayLR")  # those whose length --lr_schedule_steps sets
 CPU_MAX_MICRO_BATCH = 8
+PROGRESS_SECONDS = 10.0  # inside a longer step, a line this often
+CPU_STEP_SECONDS = 10.0  # what the --global_batch_tokens suggested on a CPU aims at
+SLOW_CPU_STEP_SECONDS = 60.0  # a CPU step longer than this gets that suggestion
+# DeepSpeed's shared-memory all-reduce for CPU ranks of one host, compiled at start (about a minute)
+SHM_OP = "deepspeed_shm_comm"
+SCHEDULER_NOT_STARTED = "Attempting to get learning rate from scheduler before it has started"
 # A test hook: each rank appends every step's windows, as it drew them, to FILE.rank<R> (JSON lines).
 WINDOW_DUMP_ENV = "BLUES_WINDOW_DUMP"
+
+
+def quiet_deepspeed() -> None:
+    """Before DeepSpeed is imported: spare the user its messages nobody can act on, its
+    accelerator guess (the start line says `on cpu`) and its scheduler's warning about
+    DeepSpeed's own constructor reading the learning rate."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    deepspeed.utils.logger.addFilter(not_scheduler_warning)
+
+
+def not_scheduler_warning(record: logging.LogRecord) -> bool:
+    return record.getMessage() != SCHEDULER_NOT_STARTED
+
+
+def prepare_shm_op(world_size: int) -> None:
+    """DeepSpeed compiles SHM_OP when CPU ranks start, into a folder every environment of the
+    machine shares by default (so two environments rebuild it in turn). One rank has nothing
+    to reduce: skip it. Several: build it once per environment, under sys.prefix unless
+    TORCH_EXTENSIONS_DIR says where, and say so before the slow part."""
+    import deepspeed.ops
+
+    if world_size == 1:
+        deepspeed.ops.__compatible_ops__[SHM_OP] = False  # DeepSpeed checks this dict before building
+        return
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    build = Path(os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")).expanduser() / SHM_OP
+    if is_rank0() and not (build / f"{SHM_OP}.so").exists():
+        print(f"building DeepSpeed's shared-memory op for CPU ranks in {build} (once per environment, "
+              "about a minute)", flush=True)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -87,6 +128,8 @@ def init_distributed() -> tuple[int, int]:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:
+        prepare_shm_op(int(os.environ["WORLD_SIZE"]))
     deepspeed.init_distributed()
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
@@ -185,10 +228,46 @@ def deepspeed_config(ds_config: dict, cfg: TrainingConfig, micro: int, grad_accu
     if cfg.lr is not None:
         ds_config["optimizer"]["params"]["lr"] = cfg.lr
     scheduler = ds_config.get("scheduler", {})
-    if scheduler.get("type") in ("WarmupCosineLR", "WarmupDecayLR"):
+    if scheduler.get("type") in LR_SCHEDULERS:
+        if cfg.lr_schedule_steps:
+            scheduler["params"]["total_num_steps"] = cfg.lr_schedule_steps
         scheduler["params"].setdefault("total_num_steps", cfg.max_steps)
-        scheduler["params"].setdefault("warmup_num_steps", max(1, cfg.max_steps // 20))
+        scheduler["params"].setdefault("warmup_num_steps", max(1, (cfg.lr_schedule_steps or cfg.max_steps) // 20))
     return ds_config
+
+
+def lr_schedule(ds_config: dict) -> dict | None:
+    """The steps of the learning-rate schedule (warmup and in all), where --lr_schedule_steps sets them."""
+    scheduler = ds_config.get("scheduler", {})
+    if scheduler.get("type") not in LR_SCHEDULERS:
+        return None
+    return {key: scheduler["params"][key] for key in ("warmup_num_steps", "total_num_steps")}
+
+
+def schedule_change(saved: dict | None, now: dict | None, start_step: int) -> str | None:
+    """The warning for a resumed run whose learning-rate schedule is not its checkpoint's
+    (a checkpoint from before the schedule was recorded says nothing)."""
+    if not saved or not now or saved == now:
+        return None
+    return (f"warning: the checkpoint's learning-rate schedule spans {saved['total_num_steps']} steps "
+            f"(warmup {saved['warmup_num_steps']}), this run's {now['total_num_steps']} (warmup "
+            f"{now['warmup_num_steps']}): from step {start_step + 1} the lr follows the new curve; pass "
+            f"--lr_schedule_steps {saved['total_num_steps']} to keep the original schedule")
+
+
+def cpu_cost(micro_seconds: float, grad_accum: int, steps: int, micro_batch_tokens: int) -> str:
+    """What a CPU run will cost, from one micro-batch's time (`micro_batch_tokens` over all
+    ranks); when a step would take over SLOW_CPU_STEP_SECONDS, a --global_batch_tokens for
+    steps of about CPU_STEP_SECONDS."""
+    step_seconds = micro_seconds * grad_accum
+    line = (f"on cpu one micro-batch took {micro_seconds:.1f}s: about {metrics.duration(step_seconds)} per "
+            f"step of {grad_accum} micro-batches, {metrics.duration(step_seconds * steps)} for {steps} steps")
+    if step_seconds <= SLOW_CPU_STEP_SECONDS:
+        return line
+    micro_batches = max(1, int(CPU_STEP_SECONDS / micro_seconds))
+    return (f"{line}; for steps of about {metrics.duration(micro_batches * micro_seconds)} pass "
+            f"--global_batch_tokens {micro_batches * micro_batch_tokens} (and maybe --model tiny), "
+            "or train on a GPU")
 
 
 def next_batch(stream, micro: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,6 +326,7 @@ class Run:
     micro: int
     grad_accum: int
     start_step: int
+    lr_schedule: dict | None = None  # its warmup and total steps (`lr_schedule`), kept in checkpoints
     spike_history: tuple = ()  # the losses before start_step that spike detection continues from
     mirror: RemoteRun | None = None  # a remote --out: where each checkpoint is uploaded (rank 0)
 
@@ -260,6 +340,7 @@ class Run:
         self.flops_per_token = flops_per_token(self.model_config, self.cfg.seq_len)
         on_gpu = self.device.type == "cuda"
         self.peak_flops = metrics.peak_flops(torch.cuda.get_device_name(self.device)) if on_gpu else None
+        self.last_progress = 0.0  # when rank 0 last said how far the step is
 
     @property
     def out(self) -> Path:
@@ -274,6 +355,7 @@ class Run:
         micro-batch it is the same on any number of ranks (the loader deals windows to
         ranks round-robin)."""
         config, seed = self.model_config, self.cfg.seed * 2**40 + step * 2**16
+        started = self.last_progress = time.perf_counter()
         losses = torch.zeros(3, device=self.device)
         tokens_per_expert = 0
         self.step_batches = []
@@ -287,9 +369,23 @@ class Run:
             self.engine.step()  # the optimizer steps only after the last micro-batch
             losses += torch.stack([out.loss, out.aux_loss, out.z_loss]).detach()
             tokens_per_expert = tokens_per_expert + out.tokens_per_expert
+            if self.rank == 0:
+                self.report_micro_batch(step, micro_step + 1, started)
         if self.window_dump:
             self.dump_windows(step)
         return losses, tokens_per_expert
+
+    def report_micro_batch(self, step: int, done: int, started: float) -> None:
+        """Rank 0, after each micro-batch: on a CPU, what the run will cost, from the first
+        micro-batch of this start; inside a long step, a line every PROGRESS_SECONDS."""
+        now = time.perf_counter()
+        if self.device.type == "cpu" and step == self.start_step + 1 and done == 1:
+            print(cpu_cost(now - started, self.grad_accum, self.cfg.max_steps - self.start_step,
+                           self.micro * self.world_size * self.cfg.seq_len), flush=True)
+        if done < self.grad_accum and now - self.last_progress >= PROGRESS_SECONDS:
+            print(f"step {step}/{self.cfg.max_steps}: micro-batch {done}/{self.grad_accum} "
+                  f"({metrics.duration(now - started)} into the step)", flush=True)
+            self.last_progress = now
 
     def dump_windows(self, step: int) -> None:
         windows = [torch.cat([x, y[:, -1:]], dim=1) for x, y in self.step_batches]
@@ -323,7 +419,7 @@ class Run:
                 "world_size": self.world_size, "micro_batch": self.micro, "grad_accum": self.grad_accum,
                 "seq_len": self.cfg.seq_len, "tokens": step * self.tokens_per_step,
                 "loader": self.train_data.state_dict(), "seed": self.cfg.seed,
-                "spike_history": list(self.spikes.history),
+                "spike_history": list(self.spikes.history), "lr_schedule": self.lr_schedule,
                 "mixture": {"path": storage.display(self.cfg.data_cache_dir),
                             "fingerprint": self.mixture["fingerprint"]},
                 "model_config": self.model_config.to_dict(), "code_version": checkpoint.code_version(),
@@ -366,7 +462,7 @@ def train(cfg: TrainingConfig, mirror: RemoteRun | None = None) -> int:
     if run.rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
         metrics.keep_until(run.out, run.start_step)
-        log = metrics.MetricsLog(run.out, run.start_step)
+        log = metrics.MetricsLog(run.out, run.start_step, cfg.max_steps)
         print(f"training {'resumed at step ' + str(run.start_step) if run.start_step else 'from scratch'}: "
               f"{run.world_size} rank(s) x micro-batch {run.micro} x grad_accum {run.grad_accum} x seq_len "
               f"{cfg.seq_len} = {run.tokens_per_step} tokens per step, on {run.device.type}", flush=True)
@@ -386,8 +482,7 @@ def train(cfg: TrainingConfig, mirror: RemoteRun | None = None) -> int:
                 record["val_loss"] = run.evaluate()
                 record["val_perplexity"] = math.exp(record["val_loss"])
             if log:
-                log.write(record)
-                reporter.log(metrics.format_line(record))
+                reporter.log(log.write(record))
             if step % cfg.save_interval == 0 or step == cfg.max_steps:
                 save(run, step, record, reporter)
                 last_saved = step
@@ -404,9 +499,9 @@ def train(cfg: TrainingConfig, mirror: RemoteRun | None = None) -> int:
 
 def start(cfg: TrainingConfig) -> Run:
     """Everything before the first step: what to resume, the model, DeepSpeed, the loaders."""
+    quiet_deepspeed()
     import deepspeed
 
-    deepspeed.utils.logger.setLevel(logging.WARNING)
     mixture = read_mixture(cfg.data_cache_dir)
     checkpoints = Path(cfg.out) / "checkpoints"
     resume_from = checkpoint.resolve_resume(cfg.resume, checkpoints)
@@ -433,6 +528,10 @@ def start(cfg: TrainingConfig) -> Run:
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         model.compile_blocks()
     ds_config = deepspeed_config(ds_config, cfg, micro, grad_accum, world_size, device)
+    schedule = lr_schedule(ds_config)
+    warning = resume_meta and schedule_change(resume_meta.get("lr_schedule"), schedule, resume_meta["step"])
+    if warning and rank == 0:
+        print(warning, flush=True)
     if resume_from:
         load_dir, universal = checkpoint.deepspeed_load_dir(resume_from, world_size)
         if universal:
@@ -448,7 +547,7 @@ def start(cfg: TrainingConfig) -> Run:
         loaders[0].load_state_dict(resume_meta["loader"])
     return Run(cfg=cfg, mixture=mixture, model_config=config, engine=engine, train_data=loaders[0],
                val_data=loaders[1], rank=rank, world_size=world_size, device=device, micro=micro,
-               grad_accum=grad_accum, start_step=resume_meta["step"] if resume_meta else 0,
+               grad_accum=grad_accum, start_step=resume_meta["step"] if resume_meta else 0, lr_schedule=schedule,
                spike_history=tuple(resume_meta.get("spike_history", ())) if resume_meta else ())
 
 
@@ -466,7 +565,7 @@ def step_record(run: Run, step: int, losses, tokens_per_expert, started: float) 
     (loss, aux, z), counts = global_means(losses, tokens_per_expert, run.grad_accum, run.world_size)
     seconds = time.perf_counter() - started
     end = run.train_data.windows_consumed()
-    record = {"step": step, "loss": loss, "aux_loss": aux, "z_loss": z,
+    record = {"step": step, "time": round(time.time(), 3), "loss": loss, "aux_loss": aux, "z_loss": z,
               "lr": run.engine.get_lr()[0], "grad_norm": float(run.engine.get_global_grad_norm()),
               "tokens": step * run.tokens_per_step, "tokens_per_s": run.tokens_per_step / seconds,
               "experts": metrics.expert_utilization(counts, run.model_config.moe_layers),

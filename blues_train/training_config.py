@@ -46,6 +46,9 @@ class TrainingConfig(Settings):
                              "fits (GPU) or <= 8 (CPU)")
     lr: float | None = Field(None, gt=0, allow_inf_nan=False,
                              description="peak learning rate (default: the DeepSpeed config's)")
+    lr_schedule_steps: int | None = Field(None, ge=1, description="steps the learning-rate warmup and decay "
+                                          "span (default --max_steps); resuming with a larger --max_steps, "
+                                          "pass the first run's to keep its schedule")
     eval_interval: int = Field(100, ge=1, description="validate every N steps (and at the end)")
     eval_sequences: int = Field(64, ge=1, description="held-out windows per validation, shared by the "
                                 "ranks (rounded up to a multiple of them)")

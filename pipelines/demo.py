@@ -86,11 +86,20 @@ def main(argv=None) -> int:
     print(f"\n== model_eval\nheld-out perplexity {evaluation['perplexity']:.1f} "
           f"(val loss {evaluation['val_loss']:.3f}); expert load max {evaluation['max_expert_load']:.2f} "
           f"min {evaluation['min_expert_load']:.2f} (1.0 = balanced)")
-    print(evaluation["samples"])
+    print_markdown(evaluation["samples"])
 
     print(f"\ndone in {time.perf_counter() - started:.0f} s; runs recorded in {os.environ['DAGSTER_HOME']}")
     print("Open the UI: `make dev`, then http://127.0.0.1:3000 (Assets > global lineage).")
     return 0
+
+
+def print_markdown(text: str) -> None:
+    """Markdown metadata as a terminal shows it (rich, which Dagster depends on; plain text
+    when stdout is not a terminal)."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    Console().print(Markdown(text))
 
 
 def _metadata(result, asset: str) -> dict:

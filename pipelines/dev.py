@@ -6,17 +6,25 @@ A background job of a non-interactive shell (`make dev &` in a script, CI) start
 SIGINT ignored, and an ignored signal stays ignored across exec. dagster dev gives SIGTERM
 the handler SIGINT has (so SIGTERM is ignored too) and stops its webserver, daemon and code
 server with SIGINT, which they inherited ignored: nothing would ever stop.
+
+`dagster dev` warns at every start that `dg dev` supersedes it. `dg dev` serves the same UI
+(README), but `make dev` keeps `dagster dev`'s flags (-w, -h, -p), so the warning is silenced.
 """
 
 import os
 import signal
 import sys
 
+# `python -m dagster dev ARGS` without the SupersessionWarning (argv[0] is the module's path)
+DAGSTER_DEV = ("import runpy, warnings, dagster; "
+               "warnings.filterwarnings('ignore', category=dagster.SupersessionWarning); "
+               "runpy.run_module('dagster', run_name='__main__', alter_sys=True)")
+
 
 def main(argv: list[str]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
-    os.execv(sys.executable, [sys.executable, "-m", "dagster", "dev", *argv])
+    os.execv(sys.executable, [sys.executable, "-c", DAGSTER_DEV, "dev", *argv])
 
 
 if __name__ == "__main__":

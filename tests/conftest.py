@@ -7,7 +7,7 @@ import os
 
 import pytest
 from s3_server import s3  # noqa: F401 (a moto S3 server for the session)
-from training_runs import mixture_dir, reference, two_rank_run  # noqa: F401 (shared fixtures)
+from training_runs import mixture_dir, reference, reference_run, two_rank_run  # noqa: F401 (shared fixtures)
 
 from blues_train import tokenizer
 

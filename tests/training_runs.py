@@ -1,6 +1,7 @@
 """Real training runs shared by the tests: tiny model, real sample data, DeepSpeed on gloo.
 
     reference   `python -m blues_train.train`, one rank, 8 steps, checkpoints at 4 and 8
+                (reference_run: its folder and its output)
     two_ranks   the same under `deepspeed --num_gpus 2` (two CPU ranks, same global batch)
 The fixtures are registered in conftest.py.
 """
@@ -75,10 +76,14 @@ def assert_close(got: dict, want: dict, steps) -> None:
 
 
 @pytest.fixture(scope="session")
-def reference(mixture_dir, tmp_path_factory):
+def reference_run(mixture_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("reference")
-    one_rank(mixture_dir, out)
-    return out
+    return out, one_rank(mixture_dir, out)
+
+
+@pytest.fixture(scope="session")
+def reference(reference_run):
+    return reference_run[0]
 
 
 @pytest.fixture(scope="session")
