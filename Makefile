@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml Makefile
 	# against the torch just installed instead of downloading another one.
 	$(BIN)/pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
 	$(BIN)/pip install -q -e '.[dev]'
+	# DeepSpeed compiles its CPU communication op on first use (minutes on 2 cores, while every
+	# other DeepSpeed process waits on its lock): once here, not inside the first training.
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+	  b = get_accelerator().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $(STAMP)
 
 demo: $(STAMP)
