@@ -26,13 +26,20 @@ $(STAMP): pyproject.toml Makefile
 	# against the torch just installed instead of downloading another one.
 	$(BIN)/pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
 	$(BIN)/pip install -q -e '.[dev]'
+	# DeepSpeed compiles its CPU communication op on first use (minutes on 2 cores, while every
+	# other DeepSpeed process waits on its lock): once here, not inside the first training.
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+	  b = get_accelerator().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m pipelines.demo
 
+# pytest-xdist: each test file runs whole on one worker (its module fixtures are built once);
+# the stores and training runs are built once for all workers (tests/built_once.py).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 $(DAGSTER_HOME)/dagster.yaml: pipelines/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)

@@ -51,7 +51,6 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ from blues_train.loader import PackedSequenceDataset
 from blues_train.mixture import read_mixture
 from blues_train.pipes_bridge import open_reporter
 from blues_train.remote_run import RemoteRun
-from blues_train.training_config import DEFAULT_SEQ_LEN, TrainingConfig, from_flags
+from blues_train.training_config import DEFAULT_SEQ_LEN, TrainingConfig, free_port, from_flags
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 LR_SCHEDULERS = ("WarmupCosineLR", "WarmupDecayLR")  # those whose length --lr_schedule_steps sets
@@ -121,11 +120,8 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
 
     if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     else:

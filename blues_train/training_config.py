@@ -13,6 +13,7 @@ knobs `gradient_checkpointing`, `attn_backend` and `loss_chunk_tokens` are field
 from __future__ import annotations
 
 import argparse
+import socket
 import types
 import typing
 from pathlib import Path
@@ -28,6 +29,14 @@ from blues_train.settings import Settings, read_json, validated
 DEFAULT_DS_CONFIG = Path(__file__).with_name("ds_config.json")
 DEFAULT_SEQ_LEN = 1024  # or the model's max_seq_len, if smaller
 _OPTIONS = RunOptions()
+
+
+def free_port() -> int:
+    """A free port on 127.0.0.1 for a process group's rendezvous (MASTER_PORT): never a fixed
+    one, so that runs on one machine do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class TrainingConfig(Settings):

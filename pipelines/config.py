@@ -43,7 +43,7 @@ from blues_train.merge import DEFAULT_OUTPUT, DatasetsSection, resolve_strategy
 from blues_train.mixture import DEFAULT_VAL_FRACTION
 from blues_train.settings import Settings, validated
 from blues_train.sources import DEFAULT_GLOB, FORMATS
-from blues_train.training_config import TrainingConfig, flag_parser
+from blues_train.training_config import TrainingConfig, flag_parser, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_ENV = "BLUES_CONFIG"
@@ -155,12 +155,13 @@ class TrainingSettings:
 
     def command(self, config_file: Path) -> list[str]:
         """The training command line for a run whose TrainingConfig is in `config_file`:
-        one process, or DeepSpeed's launcher with N ranks."""
+        one process, or DeepSpeed's launcher with N ranks on a free rendezvous port."""
         args = ["--training_config", str(config_file)]
         if self.section.launcher == "python":
             return [sys.executable, "-m", "blues_train.train", *args]
         launcher = Path(sys.executable).with_name("deepspeed")
-        return [str(launcher), "--num_gpus", str(self.section.num_gpus), "--module", "blues_train.train", *args]
+        return [str(launcher), "--num_gpus", str(self.section.num_gpus), "--master_port", str(free_port()),
+                "--module", "blues_train.train", *args]
 
 
 @dataclass(frozen=True, kw_only=True)

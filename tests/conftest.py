@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
+from built_once import built_once
 from s3_server import s3  # noqa: F401 (a moto S3 server for the session)
 from training_runs import mixture_dir, reference, reference_run, two_rank_run  # noqa: F401 (shared fixtures)
 
@@ -49,7 +51,12 @@ def sample_corpus_inputs(tmp_path_factory):
     """{"code": [paths], "prose": [paths]}: the sample corpus, about 1 MB per dataset."""
     from blues_train.sample_corpus import write_sample_corpus
 
-    return write_sample_corpus(tmp_path_factory.mktemp("sample_corpus"), max_mb=SAMPLE_MB)
+    def build(folder):
+        written = write_sample_corpus(folder, max_mb=SAMPLE_MB)
+        return {dataset: [str(path) for path in paths] for dataset, paths in written.items()}
+
+    _, written = built_once(tmp_path_factory, "sample_corpus", build)
+    return {dataset: [Path(path) for path in paths] for dataset, paths in written.items()}
 
 
 @pytest.fixture(scope="session")
@@ -62,9 +69,10 @@ def sample_corpus_dir(sample_corpus_inputs):
 def _prepared(tmp_path_factory, inputs, name):
     from blues_train.prepare import prepare_dataset
 
-    out = tmp_path_factory.mktemp("stores") / name
-    prepare_dataset(inputs, out, workers=1, chunk_tokens=FIXTURE_CHUNK_TOKENS, progress=False)
-    return out
+    def build(out):
+        prepare_dataset(inputs, out, workers=1, chunk_tokens=FIXTURE_CHUNK_TOKENS, progress=False)
+
+    return built_once(tmp_path_factory, f"store_{name}", build)[0]
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +88,18 @@ def prose_store(tmp_path_factory, sample_corpus_inputs):
 
 
 def pytest_collection_modifyitems(config, items):
+    slow_files_first(items)
+    skip_gpu_tests_without_cuda(items)
+
+
+def slow_files_first(items):
+    """The files that have a test marked `slow` run first, each file's tests in their order:
+    under `-n` (`make test`) a long file started last would end the run alone."""
+    slow = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow)
+
+
+def skip_gpu_tests_without_cuda(items):
     """Tests marked `gpu` need CUDA; CI and the development machines have none."""
     import torch
 

@@ -3,7 +3,8 @@
     reference   `python -m blues_train.train`, one rank, 8 steps, checkpoints at 4 and 8
                 (reference_run: its folder and its output)
     two_ranks   the same under `deepspeed --num_gpus 2` (two CPU ranks, same global batch)
-The fixtures are registered in conftest.py.
+The fixtures are registered in conftest.py; each is built once per test run, also under
+pytest-xdist (built_once.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from built_once import built_once
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -30,9 +32,10 @@ PARITY_RTOL = 1e-4
 def mixture_dir(code_store, prose_store, tmp_path_factory):
     from blues_train.merge import merge
 
-    out = tmp_path_factory.mktemp("mixture")
-    merge([code_store, prose_store], out, val_fraction=0.05)
-    return out
+    def build(out):
+        merge([code_store, prose_store], out, val_fraction=0.05)
+
+    return built_once(tmp_path_factory, "mixture", build)[0]
 
 
 def env(threads: int) -> dict:
@@ -77,8 +80,12 @@ def assert_close(got: dict, want: dict, steps) -> None:
 
 @pytest.fixture(scope="session")
 def reference_run(mixture_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    out = tmp_path_factory.mktemp("reference")
-    return out, one_rank(mixture_dir, out)
+    def build(out):
+        result = one_rank(mixture_dir, out)
+        return {"args": result.args, "stdout": result.stdout, "stderr": result.stderr}
+
+    out, run = built_once(tmp_path_factory, "reference", build)
+    return out, subprocess.CompletedProcess(run["args"], 0, run["stdout"], run["stderr"])
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +95,9 @@ def reference(reference_run):
 
 @pytest.fixture(scope="session")
 def two_rank_run(mixture_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("two_ranks")
-    result = two_ranks(mixture_dir, out)
-    return out, result
+    def build(out):
+        result = two_ranks(mixture_dir, out)
+        return {"args": result.args, "stdout": result.stdout, "stderr": result.stderr}
+
+    out, run = built_once(tmp_path_factory, "two_ranks", build)
+    return out, subprocess.CompletedProcess(run["args"], 0, run["stdout"], run["stderr"])
