@@ -181,7 +181,7 @@ class RemoteRun:
         try:
             storage.put_if_absent(target / META_FILE, (folder / META_FILE).read_bytes())
         except storage.PreconditionFailed:
-            self.refuse_committed(target)
+            raise self.committed_by_another(target) from None
         storage.remove_tree(staged)
         self.push_logs()
         for old in committed_checkpoints(self.checkpoints)[:-keep_last]:
@@ -190,10 +190,13 @@ class RemoteRun:
                 storage.remove_tree(old)
 
     def refuse_committed(self, target) -> None:
-        """BluesError if `target` holds a committed checkpoint: another writer's, never written over."""
+        """Stop if `target` holds a committed checkpoint: another writer's, never written over."""
         if (target / META_FILE).exists():
-            raise BluesError(f"{target}: another writer committed this checkpoint meanwhile; nothing of it "
-                             f"was overwritten: find who writes {self.remote}, then resume (--resume auto)")
+            raise self.committed_by_another(target)
+
+    def committed_by_another(self, target) -> BluesError:
+        return BluesError(f"{target}: another writer committed this checkpoint meanwhile; nothing of it "
+                          f"was overwritten: find who writes {self.remote}, then resume (--resume auto)")
 
     def push_logs(self) -> None:
         from blues_train.folder_lock import renew_held
