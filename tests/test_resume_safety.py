@@ -147,16 +147,17 @@ def test_a_checkpoint_committed_by_another_writer_is_not_overwritten(s3, referen
 
 
 def test_a_writer_that_lost_its_lease_overwrites_nothing(s3, mixture_dir, reference):
-    """Another writer takes the lease (and commits its own step 4) while the run starts: the
-    run uploads no byte, fails with one line, and the holder's checkpoint stays as committed."""
+    """Another writer takes the lease (and commits its own step 4) once the run has started
+    training: the run uploads no byte, fails with one line, and the holder's checkpoint stays
+    as committed."""
     s3.bucket("runs")
     out = storage.path("s3://runs/lost-lease")
     lease = out / LEASE_FILE
     loser = blues_train(mixture_dir, out, "--seed", 1, wait=False)  # other weights than the holder's
-    deadline = time.monotonic() + 120
-    while not lease.exists():
-        assert loser.poll() is None and time.monotonic() < deadline, loser.communicate()
-        time.sleep(0.05)
+    started = ""
+    while "training from scratch" not in started:  # the lease is held, step 1 is next
+        started = loser.stdout.readline()
+        assert started or loser.poll() is None, loser.communicate()
     intruder = json.dumps({"owner": "pid 1 (the new holder)", "host": "elsewhere", "pid": 1,
                            "expires": time.time() + 600}).encode()
     storage.write_bytes(lease, intruder)
