@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import subprocess
+from itertools import chain, count
 from types import SimpleNamespace
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stdout
@@ -93,26 +94,56 @@ def resolve_resume(resume: str | None, root) -> Path | None:
     return path
 
 
-def check_start(root, resume_from: Path | None, set_aside: bool) -> None:
-    """Refuse to start from scratch over another run's checkpoints; with `set_aside` (rank
-    0), move the checkpoints past a rolled-back resume point out of the way: they belong to
-    an abandoned future and would otherwise win `--resume auto` and the keep-last rotation."""
+def check_start(root, resume_from: Path | None, set_aside: bool, into_existing: bool = False) -> Path | None:
+    """Refuse to start from scratch over another run's checkpoints, and to resume another run's
+    checkpoint over this folder's own unless `into_existing`; with `set_aside` (rank 0), move
+    the checkpoints the resume replaces out of the way (`replaced_by_resume`): they would
+    otherwise win `--resume auto` and the keep-last rotation, or be overwritten. Returns the
+    folder they went to (None: nothing moved)."""
     found = complete_checkpoints(root)
     if resume_from is None:
         if found:
             raise BluesError(f"{root} already holds checkpoints up to {found[-1].name}: pass "
                              "--resume auto to continue that run, or choose another --out")
-        return
-    resumed = read_meta(resume_from)["step"]  # the folder may have any name
-    later = [p for p in found if int(STEP_NAME.match(p.name).group(1)) > resumed]
-    if set_aside and later and Path(resume_from).resolve().parent == Path(root).resolve():
-        aside = Path(root) / f"abandoned-after-{step_name(resumed)}"
-        aside.mkdir(exist_ok=True)
-        for folder in later:
-            os.rename(folder, aside / folder.name)
-        sync_dir(Path(root))
-        print(f"resuming at {Path(resume_from).name}: moved the later checkpoints "
-              f"{', '.join(p.name for p in later)} to {aside}", flush=True)
+        return None
+    resumed = read_meta(resume_from)  # the folder may have any name
+    replaced = replaced_by_resume(resumed, {p: read_meta(p) for p in found}, root, resume_from, into_existing)
+    if not (set_aside and replaced):
+        return None
+    aside = aside_folder(Path(root), resumed["step"])
+    aside.mkdir()
+    for folder in replaced:
+        os.rename(folder, aside / folder.name)
+    sync_dir(Path(root))
+    print(f"resuming at {Path(resume_from).name}: moved the checkpoints "
+          f"{', '.join(p.name for p in replaced)} to {aside}", flush=True)
+    return aside
+
+
+def run_identity(meta: dict) -> tuple:
+    """What makes checkpoints one run's: the mixture trained on and the model."""
+    return (meta.get("mixture", {}).get("fingerprint"), meta.get("model_config"))
+
+
+def replaced_by_resume(resumed: dict, found: dict, root, resume_from, into_existing: bool) -> list:
+    """Of the checkpoints `found` ({folder: meta}) in the run folder `root`, those a resume from
+    `resumed` (a meta.json) replaces: the later ones, and those of another run. Resuming over
+    another run's checkpoints is refused unless `into_existing` (--resume_into_existing)."""
+    others = [f for f, meta in found.items() if run_identity(meta) != run_identity(resumed)]
+    if others and not into_existing:
+        raise BluesError(f"--resume {resume_from}: {root} holds checkpoints of another run (up to "
+                         f"{others[-1].name}, another mixture or model): choose another --out, or pass "
+                         "--resume_into_existing to continue there (its checkpoints are moved to "
+                         f"abandoned-after-{step_name(resumed['step'])}/, not deleted)")
+    return [f for f, meta in found.items() if meta["step"] > resumed["step"] or f in others]
+
+
+def aside_folder(root, step: int):
+    """`root/abandoned-after-step-N` (a local or remote folder), or `.2`, `.3`, ... when that is
+    taken: nothing set aside earlier is overwritten."""
+    base = root / f"abandoned-after-{step_name(step)}"
+    numbered = (root / f"{base.name}.{i}" for i in count(2))
+    return next(p for p in chain([base], numbered) if not p.exists())
 
 
 def read_meta(folder) -> dict:
@@ -175,6 +206,9 @@ def save(engine, root, step: int, *, config: dict, meta: dict, keep_last: int) -
     rank = dist.get_rank()
     final = root / step_name(step)
     tmp = root / f".tmp-{step_name(step)}"
+    if rank == 0 and final.exists():  # resumes set later checkpoints aside: this is not ours
+        raise BluesError(f"{final}: already exists; a run never overwrites a checkpoint: move it away "
+                         "or resume from the latest one (--resume auto)")
     try:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -199,7 +233,6 @@ def save(engine, root, step: int, *, config: dict, meta: dict, keep_last: int) -
         if reason is None:
             raise
         raise reason from None
-    shutil.rmtree(final, ignore_errors=True)  # a stale folder of a run that was rolled back
     os.rename(tmp, final)
     sync_dir(root)
     for old in complete_checkpoints(root)[:-keep_last]:

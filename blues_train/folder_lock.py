@@ -13,7 +13,9 @@ ETag, so a writer whose lease was taken over notices), deleted when the writer i
 past its expiry, or one held by a process of this host that is gone (a SIGKILLed run), is
 taken over with `If-Match` on the stale lease's ETag, which again only one writer wins.
 Before writing a commit object (manifest.json, mixture.json, meta.json) a writer checks
-that its lease still stands (`check_held`).
+that its lease still stands (`check_held`); before the first byte of a checkpoint upload
+and again before its commit, training renews it on the spot (`renew_held`), so a writer
+whose lease was taken over learns it from the store, not from the next background renewal.
 
 What S3 cannot promise: no lock is released by the death of its holder (the expiry does that,
 so a writer killed on another host blocks the folder for up to LEASE_SECONDS); checking the
@@ -139,6 +141,15 @@ def check_held(folder) -> None:
         lease.check()
 
 
+def renew_held(folder) -> None:
+    """Renew this process's lease on `folder` now; BluesError if another writer took it over
+    (a no-op for local folders)."""
+    lease = _HELD.get(str(storage.path(folder)))
+    if lease is not None:
+        lease.renew()
+        lease.check()
+
+
 class Lease:
     """The writer lease object of one remote folder (see the module's docstring)."""
 
@@ -147,6 +158,7 @@ class Lease:
         self.token, self.etag, self.lost = uuid.uuid4().hex, None, None
         self.stop = threading.Event()
         self.thread = None
+        self.renewing = threading.Lock()  # one conditional PUT at a time: each needs the last ETag
 
     def body(self) -> bytes:
         now = time.time()
@@ -193,13 +205,22 @@ class Lease:
             raise BluesError(f"{self.folder}: another writer took over its stale lease {self.object} "
                              "at the same moment; write somewhere else or try again") from None
 
-    def renew_loop(self) -> None:
-        while not self.stop.wait(LEASE_SECONDS / 4):
+    def renew(self) -> None:
+        """Extend the lease (If-Match on its ETag); a lease taken over is `lost` for good."""
+        with self.renewing:
+            if self.lost:
+                return
             try:
                 self.etag = storage.put_if_match(self.object, self.body(), self.etag)
             except storage.PreconditionFailed:
                 self.lost = f"another writer took over the lease {self.object}"
-                return
+
+    def renew_loop(self) -> None:
+        while not self.stop.wait(LEASE_SECONDS / 4):
+            try:
+                self.renew()
+                if self.lost:
+                    return
             except Exception as exc:  # the store unreachable: try again until the lease runs out
                 self.lost_since = getattr(self, "lost_since", time.time())
                 if time.time() - self.lost_since > LEASE_SECONDS:

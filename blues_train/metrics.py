@@ -145,6 +145,14 @@ def keep_until(out_dir, step: int) -> None:
     write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
 
+def keep_copy(out_dir, folder) -> None:
+    """Copy metrics.jsonl as it stands into `folder`, where a resume set checkpoints aside:
+    they keep the records that `keep_until` is about to drop."""
+    path = Path(out_dir) / METRICS_FILE
+    if path.exists():
+        write_atomic(Path(folder) / METRICS_FILE, path.read_bytes())
+
+
 def _step_of(line: str) -> float:
     """The step of a metrics line; a torn line (the run died mid-write) counts as after any step."""
     try:

@@ -3,16 +3,25 @@
 Training writes exactly what it writes locally, into a *staging* folder on this host
 (`$BLUES_CACHE_DIR/runs/<scheme>/<bucket>/<prefix>`, a cache: the bucket is the truth), so
 checkpoints keep their local atomic save (temporary folder, fsync, rename). After each save
-rank 0 uploads the checkpoint folder, every file under its final name and `meta.json`
-last: a checkpoint on the bucket exists once its `meta.json` does, and its files are the
-ones `meta.json` lists with their sha256. `metrics.jsonl` and `tensorboard/` follow. The
+rank 0 uploads the checkpoint folder: it renews its writer lease first (a writer whose lease
+was taken over writes nothing), uploads the files under a prefix of its own
+(`checkpoints/.upload-<writer>/step-N/`, which no other writer uses or commits), renews the
+lease again, copies them (server-side) to their final names and commits by putting
+`meta.json` only if none is there (`If-None-Match`): a checkpoint on the bucket exists once
+its `meta.json` does, its files are the ones `meta.json` lists with their sha256, and a
+checkpoint another writer committed is never written over. What remains open is the lease's
+own limit (folder_lock): a writer paused for longer than the lease between its renewal and
+its copies. `metrics.jsonl` and `tensorboard/` follow. The
 last `--keep_last` are kept on the bucket too (an older one is removed meta.json first, so
 a half-removed checkpoint is never taken for a complete one).
 
 Before the first step, rank 0 (holding the folder's writer lease) empties the staging folder
 and pulls what the run needs: for `--resume auto` the latest committed checkpoint under
-`OUT/checkpoints/` and `metrics.jsonl`; for `--resume s3://…/step-N` that folder. The pulled
-files are checked against meta.json like any checkpoint before use. Other ranks on the same
+`OUT/checkpoints/` and `metrics.jsonl`; for `--resume s3://…/step-N` that folder, and the
+checkpoints of OUT that it replaces (later ones; another run's only with
+`--resume_into_existing`) move to `checkpoints/abandoned-after-step-N/` with a copy of
+`metrics.jsonl`, as locally (checkpoint.check_start). The pulled files are checked against
+meta.json like any checkpoint before use. Other ranks on the same
 host wait for rank 0 to finish staging.
 
 `fetch_model(uri)` is what `blues generate` uses: only `model.safetensors`, `config.json` and
@@ -27,10 +36,11 @@ import os
 import re
 import shutil
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from blues_train import storage
+from blues_train import checkpoint, storage
 from blues_train.errors import BluesError
 from blues_train.store import file_sha256
 
@@ -72,8 +82,9 @@ class RemoteRun:
         self.remote = storage.path(out)
         self.local = staging_folder(self.remote)
         self.checkpoints = self.remote / "checkpoints"
+        self.uploads = self.checkpoints / f".upload-{uuid.uuid4().hex[:16]}"  # this writer's own prefix
 
-    def stage(self, resume: str | None) -> str | None:
+    def stage(self, resume: str | None, into_existing: bool = False) -> str | None:
         """Rank 0, holding the lease: an empty staging folder with what `resume` needs; the
         `--resume` to use locally (a remote step-N folder becomes its local copy)."""
         storage.check_output_folder(self.remote, "--out")
@@ -93,7 +104,7 @@ class RemoteRun:
                 raise BluesError(f"--resume {resume}: not a committed checkpoint (it has no {META_FILE}); "
                                  "pass a step-N folder or 'auto'")
             local_resume = str(self.pull_checkpoint(source, Path(self.local_resume(resume))))
-            self.set_aside_later(source, found)
+            self.set_aside_replaced(source, found, into_existing)
         elif found:
             raise BluesError(f"{self.checkpoints} already holds checkpoints up to {found[-1].name}: pass "
                              "--resume auto to continue that run, or choose another --out")
@@ -104,21 +115,25 @@ class RemoteRun:
         (self.local / STAGED).write_text(launch_token())
         return local_resume
 
-    def set_aside_later(self, source, found: list) -> None:
-        """Resuming from an older step of this run: its later checkpoints go to
-        `checkpoints/abandoned-after-step-N/` (as locally), so that they win neither
-        `--resume auto` nor the keep-last rotation."""
-        if source.parent != self.checkpoints:
+    def set_aside_replaced(self, source, found: list, into_existing: bool) -> None:
+        """Resuming from `source`: the checkpoints of OUT it replaces go to
+        `checkpoints/abandoned-after-step-N/` with a copy of metrics.jsonl (as locally), so
+        that they win neither `--resume auto` nor the keep-last rotation, and are never
+        written over."""
+        resumed = read_meta(source)
+        replaced = checkpoint.replaced_by_resume(resumed, {f: read_meta(f) for f in found}, self.checkpoints,
+                                                 source, into_existing)
+        if not replaced:
             return
-        step = int(json.loads((source / META_FILE).read_bytes())["step"])
-        later = [f for f in found if int(STEP_NAME.match(f.name).group(1)) > step]
-        aside = self.checkpoints / f"abandoned-after-step-{step:06d}"
-        for folder in later:
+        aside = checkpoint.aside_folder(self.checkpoints, resumed["step"])
+        for name in LOGS:
+            if (self.remote / name).is_file():
+                storage.copy(self.remote / name, aside / name)
+        for folder in replaced:
             with storage.user_errors(folder, "moving"):
                 (folder / META_FILE).fs.mv(folder.key, (aside / folder.name).key, recursive=True)
-        if later:
-            print(f"resuming at {source.name}: moved the later checkpoints "
-                  f"{', '.join(f.name for f in later)} to {aside}", flush=True)
+        print(f"resuming at {source.name}: moved the checkpoints "
+              f"{', '.join(f.name for f in replaced)} to {aside}", flush=True)
 
     def local_resume(self, resume: str | None) -> str | None:
         """The `--resume` of the staged run (what `stage` returns, for the other ranks)."""
@@ -153,23 +168,44 @@ class RemoteRun:
         return target
 
     def push_checkpoint(self, folder: Path, keep_last: int) -> None:
-        """Upload the local checkpoint `folder` (meta.json last), then the logs; keep the last
-        `keep_last` checkpoints on the bucket."""
-        from blues_train.folder_lock import check_held
+        """Upload the local checkpoint `folder` (see the module's docstring), then the logs; keep
+        the last `keep_last` checkpoints on the bucket."""
+        from blues_train.folder_lock import renew_held
 
-        target = self.checkpoints / folder.name
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != META_FILE)
+        target, staged = self.checkpoints / folder.name, self.uploads / folder.name
+        names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        names.remove(META_FILE)
+        renew_held(self.remote)  # before the first byte
+        self.refuse_committed(target)
         with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-            list(pool.map(lambda p: storage.upload(p, target / p.relative_to(folder).as_posix()), files))
-        check_held(self.remote)
-        storage.upload(folder / META_FILE, target / META_FILE)
+            list(pool.map(lambda name: storage.upload(folder / name, staged / name), names))
+            renew_held(self.remote)
+            self.refuse_committed(target)
+            list(pool.map(lambda name: storage.copy(staged / name, target / name), names))
+        try:
+            storage.put_if_absent(target / META_FILE, (folder / META_FILE).read_bytes())
+        except storage.PreconditionFailed:
+            raise self.committed_by_another(target) from None
+        storage.remove_tree(staged)
         self.push_logs()
         for old in committed_checkpoints(self.checkpoints)[:-keep_last]:
             if old != target:
                 (old / META_FILE).unlink(missing_ok=True)  # uncommitted first
                 storage.remove_tree(old)
 
+    def refuse_committed(self, target) -> None:
+        """Stop if `target` holds a committed checkpoint: another writer's, never written over."""
+        if (target / META_FILE).exists():
+            raise self.committed_by_another(target)
+
+    def committed_by_another(self, target) -> BluesError:
+        return BluesError(f"{target}: another writer committed this checkpoint meanwhile; nothing of it "
+                          f"was overwritten: find who writes {self.remote}, then resume (--resume auto)")
+
     def push_logs(self) -> None:
+        from blues_train.folder_lock import renew_held
+
+        renew_held(self.remote)
         for name in LOGS:
             if (self.local / name).is_file():
                 storage.upload(self.local / name, self.remote / name)

@@ -361,6 +361,12 @@ def upload(local: Path, remote: RemotePath) -> None:
         remote.fs.put_file(str(local), remote.key)
 
 
+def copy(source: RemotePath, target: RemotePath) -> None:
+    """An object to another name of the same store, server-side (multipart for large ones)."""
+    with user_errors(target, "writing"):
+        target.fs.copy(source.key, target.key)
+
+
 def download(remote: RemotePath, local: Path) -> None:
     """`remote` to `local`, atomically (temporary name, rename)."""
     local.parent.mkdir(parents=True, exist_ok=True)

@@ -325,6 +325,7 @@ class Run:
     lr_schedule: dict | None = None  # its warmup and total steps (`lr_schedule`), kept in checkpoints
     spike_history: tuple = ()  # the losses before start_step that spike detection continues from
     mirror: RemoteRun | None = None  # a remote --out: where each checkpoint is uploaded (rank 0)
+    set_aside: Path | None = None  # where the resume moved the checkpoints it replaces (rank 0)
 
     def __post_init__(self):
         self.stream = iter(self.train_data)
@@ -442,7 +443,7 @@ def train_remote(cfg: TrainingConfig) -> int:
         mirror.wait_staged()
         return train(local)
     with exclusive_writer(cfg.out):
-        mirror.stage(cfg.resume)
+        mirror.stage(cfg.resume, cfg.resume_into_existing)
         return train(local, mirror)
 
 
@@ -457,6 +458,8 @@ def train(cfg: TrainingConfig, mirror: RemoteRun | None = None) -> int:
     log = None
     if run.rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
+        if run.set_aside:
+            metrics.keep_copy(run.out, run.set_aside)
         metrics.keep_until(run.out, run.start_step)
         log = metrics.MetricsLog(run.out, run.start_step, cfg.max_steps)
         print(f"training {'resumed at step ' + str(run.start_step) if run.start_step else 'from scratch'}: "
@@ -503,7 +506,6 @@ def start(cfg: TrainingConfig) -> Run:
     resume_from = checkpoint.resolve_resume(cfg.resume, checkpoints)
     if resume_from and is_rank0():
         checkpoint.verify_files(resume_from)  # before anything of it is read
-    checkpoint.check_start(checkpoints, resume_from, set_aside=is_rank0())
     resume_meta = checkpoint.read_meta(resume_from) if resume_from else None
     if resume_meta and resume_meta["mixture"]["fingerprint"] != mixture["fingerprint"]:
         raise BluesError(f"--resume {resume_from} was trained on mixture {resume_meta['mixture']['fingerprint'][:16]}, "
@@ -515,6 +517,8 @@ def start(cfg: TrainingConfig) -> Run:
         raise BluesError(f"--model: vocab_size {config.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.N_VOCAB} ids ({tokenizer.NAME})")
     ds_config = read_ds_config(cfg.deepspeed)
+    set_aside = checkpoint.check_start(checkpoints, resume_from, set_aside=is_rank0(),  # once all else agrees
+                                       into_existing=cfg.resume_into_existing)
 
     rank, world_size = init_distributed()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -544,7 +548,8 @@ def start(cfg: TrainingConfig) -> Run:
     return Run(cfg=cfg, mixture=mixture, model_config=config, engine=engine, train_data=loaders[0],
                val_data=loaders[1], rank=rank, world_size=world_size, device=device, micro=micro,
                grad_accum=grad_accum, start_step=resume_meta["step"] if resume_meta else 0, lr_schedule=schedule,
-               spike_history=tuple(resume_meta.get("spike_history", ())) if resume_meta else ())
+               spike_history=tuple(resume_meta.get("spike_history", ())) if resume_meta else (),
+               set_aside=set_aside)
 
 
 def resolve_seq_len(cfg: TrainingConfig, config: BluesConfig, resume_meta: dict | None) -> int:

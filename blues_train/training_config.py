@@ -65,6 +65,9 @@ class TrainingConfig(Settings):
     keep_last: int = Field(3, ge=1, description="checkpoints kept")
     resume: str | None = Field(None, description="'auto' (latest complete checkpoint in OUT, if any) "
                                "or a step-N folder")
+    resume_into_existing: bool = Field(False, description="with --resume of another run's checkpoint (another "
+                                       "mixture or model): continue it in an --out that holds checkpoints of "
+                                       "its own, which are moved to checkpoints/abandoned-after-step-N/")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile each decoder "
                                                   "block; auto = on a GPU only")
     seed: int = Field(0, ge=0, description="loader order and router noise")
