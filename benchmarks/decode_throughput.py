@@ -32,8 +32,8 @@ import torch
 
 from blues_model import BluesConfig, BluesLM
 from blues_model.decode import StaticDecoder, default_dispatch
-from blues_model.moe import DISPATCHES
 from blues_model.generation import generate
+from blues_model.moe import DISPATCHES
 
 RESULTS = Path(__file__).parent / "results" / "decode_throughput.json"
 

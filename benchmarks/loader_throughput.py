@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from blues_train.chunk_files import ChunkFiles
+from blues_train.io.chunk_files import ChunkFiles
 from blues_train.loader import PackedSequenceDataset
 from blues_train.merge import merge
 from blues_train.prepare import prepare_dataset

@@ -29,19 +29,19 @@ import os
 import re
 import shutil
 import subprocess
-from itertools import chain, count
-from types import SimpleNamespace
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stdout
 from importlib import metadata
+from itertools import chain, count
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import save_file
 
-from blues_train import storage
-from blues_train.atomic import FILE_MODE, folder_error, os_error, sync_dir, write_json_atomic
-from blues_train.errors import BluesError
+from blues_train.io import storage
+from blues_train.io.atomic import FILE_MODE, folder_error, os_error, sync_dir, write_json_atomic
+from blues_train.io.errors import BluesError
 from blues_train.store import file_sha256
 from blues_train.weights_only import weights_only_loads
 

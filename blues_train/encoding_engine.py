@@ -19,7 +19,7 @@ from importlib import metadata
 import numpy as np
 
 from blues_train import tokenizer
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 
 CHOICES = ("auto", "gigatoken", "tiktoken")
 SPECIAL_STRINGS = (tokenizer.EOT_TOKEN, tokenizer.EOP_TOKEN)

@@ -51,12 +51,21 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from blues_model import BluesConfig, BluesLM
-from blues_train import checkpoint, cli, remote_run, storage, tokenizer
-from blues_train.atomic import (FILE_MODE, check_output_folder, folder_error, fresh_folder, os_error, sync_dir,
-                                write_atomic, write_json_atomic)
-from blues_train.errors import BluesError
-from blues_train.folder_lock import exclusive_writer
+from blues_train import checkpoint, remote_run, tokenizer
 from blues_train.generate import checkpoint_folder, load_model
+from blues_train.io import command_line, storage
+from blues_train.io.atomic import (
+    FILE_MODE,
+    check_output_folder,
+    folder_error,
+    fresh_folder,
+    os_error,
+    sync_dir,
+    write_atomic,
+    write_json_atomic,
+)
+from blues_train.io.errors import BluesError
+from blues_train.io.folder_lock import exclusive_writer
 from blues_train.model_card import model_card, training_lineage
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -309,7 +318,7 @@ def write_export(model: BluesLM, out, dtype: str = DEFAULT_DTYPE, source: dict |
 
 
 def write_folder(folder: Path, weights: dict, files: dict, summary: dict, progress: bool = False) -> None:
-    for name in cli.progress([WEIGHTS_FILE, *files], "export", progress, unit="file"):
+    for name in command_line.progress([WEIGHTS_FILE, *files], "export", progress, unit="file"):
         if name == WEIGHTS_FILE:
             save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
             os.chmod(folder / WEIGHTS_FILE, FILE_MODE)  # safetensors creates it private (0600)
@@ -366,7 +375,7 @@ def export(checkpoint_path, out, dtype: str = DEFAULT_DTYPE, progress: bool = Fa
 
 
 def flag_parser() -> argparse.ArgumentParser:
-    p = cli.flag_parser("blues export", __doc__.split("\n")[0])
+    p = command_line.flag_parser("blues export", __doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (step-N) or run folder (latest checkpoint)")
     p.add_argument("--out", required=True, help="folder to write (replaced if an earlier export wrote it)")
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=tuple(DTYPES),
@@ -389,6 +398,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from blues_train.cli import run_command
+    from blues_train.io.command_line import run_command
 
     sys.exit(run_command(main, sys.argv[1:]))

@@ -26,8 +26,9 @@ from safetensors import SafetensorError, safe_open
 
 from blues_model import BluesConfig, BluesLM
 from blues_model.generation import generate, perplexity
-from blues_train import checkpoint, cli, remote_run, storage, tokenizer
-from blues_train.errors import BluesError
+from blues_train import checkpoint, remote_run, tokenizer
+from blues_train.io import command_line, storage
+from blues_train.io.errors import BluesError
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' names of the dtypes weights may have
 
@@ -165,7 +166,7 @@ def evaluate_perplexity(model: BluesLM, text: str) -> float:
 
 
 def flag_parser() -> argparse.ArgumentParser:
-    p = cli.flag_parser("blues generate", __doc__.split("\n")[0])
+    p = command_line.flag_parser("blues generate", __doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (step-N) or run folder (latest checkpoint)")
     p.add_argument("--prompt", default="", help="text to continue (default: none, start after <|endoftext|>)")
     p.add_argument("--max_length", type=int, default=100, help="new tokens at most")
@@ -207,6 +208,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from blues_train.cli import run_command
+    from blues_train.io.command_line import run_command
 
     sys.exit(run_command(main, sys.argv[1:]))

@@ -27,17 +27,17 @@ import argparse
 import bisect
 import json
 import sys
-
 from typing import Annotated
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from blues_train import cli, metrics, storage, tokenizer
-from blues_train.errors import BluesError
+from blues_train import metrics, tokenizer
+from blues_train.io import command_line, storage
+from blues_train.io.errors import BluesError
+from blues_train.io.settings import error_line
 from blues_train.loader import PackedSequenceDataset
 from blues_train.mixture import held_out, read_mixture
-from blues_train.settings import error_line
 
 PREVIEW_CHARS = 60
 SCORE_BATCH = 8  # windows per forward under --loss
@@ -354,7 +354,7 @@ def format_spikes(found: list[dict], run_dir) -> str:
 
 
 def flag_parser() -> argparse.ArgumentParser:
-    p = cli.flag_parser("blues lineage", __doc__.split("\n")[0])
+    p = command_line.flag_parser("blues lineage", __doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="the run folder (blues train --out)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--step", type=int, help="optimizer step: its windows and their documents (default: none; "
@@ -421,6 +421,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from blues_train.cli import run_command
+    from blues_train.io.command_line import run_command
 
     sys.exit(run_command(main, sys.argv[1:]))

@@ -18,12 +18,19 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from blues_train import cli, storage, store
-from blues_train.errors import BluesError
-from blues_train.folder_lock import check_held, exclusive_writer
-from blues_train.settings import Settings, read_json, validated
-from blues_train.mixture import (DEFAULT_VAL_FRACTION, FORMAT_VERSION, MIXTURE_FILE, STRATEGIES, VALIDATION_RULE,
-                                 mixture_fingerprint)
+from blues_train import store
+from blues_train.io import command_line, storage
+from blues_train.io.errors import BluesError
+from blues_train.io.folder_lock import check_held, exclusive_writer
+from blues_train.io.settings import Settings, read_json, validated
+from blues_train.mixture import (
+    DEFAULT_VAL_FRACTION,
+    FORMAT_VERSION,
+    MIXTURE_FILE,
+    STRATEGIES,
+    VALIDATION_RULE,
+    mixture_fingerprint,
+)
 from blues_train.tokenizer import tokenizer_mismatch
 from blues_train.verify import verify_paths
 
@@ -235,7 +242,7 @@ def log_on_stderr(log: logging.Logger = LOG):
 
 
 def flag_parser() -> argparse.ArgumentParser:
-    parser = cli.flag_parser("blues merge", "Blend token stores into a mixture by token share.")
+    parser = command_line.flag_parser("blues merge", "Blend token stores into a mixture by token share.")
     parser.add_argument("--datasets", nargs="+", help="token store folders (default: --config's paths)")
     parser.add_argument("--weights", nargs="+", type=float,
                         help="one weight per dataset (default: --config's, else none: equal shares)")
@@ -316,6 +323,6 @@ def share_table(manifest: dict) -> str:
 
 
 if __name__ == "__main__":
-    from blues_train.cli import run_command
+    from blues_train.io.command_line import run_command
 
     sys.exit(run_command(main, sys.argv[1:]))

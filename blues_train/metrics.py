@@ -25,7 +25,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from blues_train.atomic import os_error, write_atomic
+from blues_train.io.atomic import os_error, write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 

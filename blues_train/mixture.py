@@ -16,9 +16,10 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field
 
-from blues_train import storage, store
-from blues_train.errors import BluesError
-from blues_train.settings import Settings, validated
+from blues_train import store
+from blues_train.io import storage
+from blues_train.io.errors import BluesError
+from blues_train.io.settings import Settings, validated
 
 FORMAT_VERSION = 1
 STRATEGIES = ("weighted", "equal", "proportional")

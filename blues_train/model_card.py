@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from blues_model import BluesConfig
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 from blues_train.mixture import read_mixture
 from blues_train.raw_corpus import corpus_version
 from blues_train.store import read_manifest

@@ -19,7 +19,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from blues_train import storage
+from blues_train.io import storage
 
 CONTEXT_ENV = "DAGSTER_PIPES_CONTEXT"
 CHECKPOINT = "checkpoint"

@@ -36,11 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from blues_train import cli, encoding_engine, spot_check, storage, store, tokenizer
-from blues_train.atomic import os_error, sync_dir, write_atomic
+from blues_train import encoding_engine, spot_check, store, tokenizer
 from blues_train.encoding_workers import default_workers, encode_batches
-from blues_train.errors import BluesError
-from blues_train.folder_lock import check_held, exclusive_writer
+from blues_train.io import command_line, storage
+from blues_train.io.atomic import os_error, sync_dir, write_atomic
+from blues_train.io.errors import BluesError
+from blues_train.io.folder_lock import check_held, exclusive_writer
 from blues_train.sources import DEFAULT_GLOB, FORMATS, SkipLog, discover_sources, iter_documents, repair_text
 
 DEFAULT_CHUNK_TOKENS = 1 << 21
@@ -535,7 +536,7 @@ class Meter:
 
 
 def flag_parser() -> argparse.ArgumentParser:
-    parser = cli.flag_parser("blues prepare", __doc__.splitlines()[0])
+    parser = command_line.flag_parser("blues prepare", __doc__.splitlines()[0])
     parser.add_argument("--input_dir", action="append", default=[], metavar="DIR",
                         help="folder of raw files (repeatable; default: none, give --input_dir or --dataset)")
     parser.add_argument("--dataset", action="append", default=[], metavar="FILE",
@@ -572,6 +573,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from blues_train.cli import run_command
+    from blues_train.io.command_line import run_command
 
     sys.exit(run_command(main, sys.argv[1:]))

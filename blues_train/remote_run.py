@@ -40,8 +40,9 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from blues_train import checkpoint, storage
-from blues_train.errors import BluesError
+from blues_train import checkpoint
+from blues_train.io import storage
+from blues_train.io.errors import BluesError
 from blues_train.store import file_sha256
 
 META_FILE, MODEL_FILE, CONFIG_FILE = "meta.json", "model.safetensors", "config.json"
@@ -170,7 +171,7 @@ class RemoteRun:
     def push_checkpoint(self, folder: Path, keep_last: int) -> None:
         """Upload the local checkpoint `folder` (see the module's docstring), then the logs; keep
         the last `keep_last` checkpoints on the bucket."""
-        from blues_train.folder_lock import renew_held
+        from blues_train.io.folder_lock import renew_held
 
         target, staged = self.checkpoints / folder.name, self.uploads / folder.name
         names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
@@ -203,7 +204,7 @@ class RemoteRun:
                           f"was overwritten: find who writes {self.remote}, then resume (--resume auto)")
 
     def push_logs(self) -> None:
-        from blues_train.folder_lock import renew_held
+        from blues_train.io.folder_lock import renew_held
 
         renew_held(self.remote)
         for name in LOGS:

@@ -12,8 +12,8 @@ import itertools
 import json
 import math
 
-from blues_train import storage
-from blues_train.errors import BluesError
+from blues_train.io import storage
+from blues_train.io.errors import BluesError
 from blues_train.metrics import METRICS_FILE, expert_utilization
 
 

@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from blues_train import cli, storage
-from blues_train.storage import write_bytes as write_atomic  # local: atomic; s3://, gs://: one PUT each
+from blues_train.io import command_line, storage
+from blues_train.io.storage import write_bytes as write_atomic  # local: atomic; s3://, gs://: one PUT each
 
 DEFAULT_MAX_MB = 4.0
 ZSTD_LEVEL = 10
@@ -144,7 +144,7 @@ def write_sample_corpus(out, max_mb: float = DEFAULT_MAX_MB) -> dict[str, list[P
 
 
 def flag_parser() -> argparse.ArgumentParser:
-    parser = cli.flag_parser("blues sample-corpus", __doc__.splitlines()[0])
+    parser = command_line.flag_parser("blues sample-corpus", __doc__.splitlines()[0])
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     parser.add_argument("--max_mb", type=float, default=DEFAULT_MAX_MB,
                         help=f"MB of text per dataset at most (default {DEFAULT_MAX_MB:g})")
@@ -160,6 +160,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from blues_train.cli import run_command
+    from blues_train.io.command_line import run_command
 
     sys.exit(run_command(main, sys.argv[1:]))

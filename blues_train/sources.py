@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from blues_train import storage
-from blues_train.errors import BluesError
+from blues_train.io import storage
+from blues_train.io.errors import BluesError
 
 FORMATS = ("text", "csv", "jsonl", "jsonl.zst", "parquet")
 DEFAULT_GLOB = "**/*.txt"  # files taken from an input folder

@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 
 SHARE = 0.01
 MAX_CHARS = 1 << 16

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import ConfigDict, Field, field_validator
 
-from blues_train import storage
-from blues_train.errors import BluesError
-from blues_train.settings import Settings, validated
+from blues_train.io import storage
+from blues_train.io.errors import BluesError
+from blues_train.io.settings import Settings, validated
 
 FORMAT_VERSION = 1
 KIND = "token_store"

@@ -18,8 +18,8 @@ from pathlib import Path
 import tiktoken
 import zstandard
 
-from blues_train.atomic import write_atomic
-from blues_train.errors import BluesError
+from blues_train.io.atomic import write_atomic
+from blues_train.io.errors import BluesError
 
 NAME = "o200k_base"
 # The `expected_hash` tiktoken itself checks (tiktoken_ext/openai_public.py).

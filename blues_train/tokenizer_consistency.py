@@ -6,8 +6,9 @@ every id."""
 from __future__ import annotations
 
 from blues_model import BluesConfig
-from blues_train import storage, store
-from blues_train.errors import BluesError
+from blues_train import store
+from blues_train.io import storage
+from blues_train.io.errors import BluesError
 from blues_train.mixture import MIXTURE_FILE, read_mixture
 from blues_train.tokenizer import N_VOCAB, tokenizer_mismatch
 

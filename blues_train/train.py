@@ -59,9 +59,10 @@ from pathlib import Path
 import torch
 
 from blues_model import BluesConfig, BluesLM, flops_per_token
-from blues_train import checkpoint, metrics, storage, tokenizer
-from blues_train.errors import BluesError
-from blues_train.folder_lock import exclusive_writer
+from blues_train import checkpoint, metrics, tokenizer
+from blues_train.io import storage
+from blues_train.io.errors import BluesError
+from blues_train.io.folder_lock import exclusive_writer
 from blues_train.loader import PackedSequenceDataset
 from blues_train.mixture import read_mixture
 from blues_train.pipes_bridge import open_reporter
@@ -618,6 +619,6 @@ def save(run: Run, step: int, record: dict, reporter) -> None:
 
 
 if __name__ == "__main__":
-    from blues_train.cli import run_command
+    from blues_train.io.command_line import run_command
 
     sys.exit(run_command(main, sys.argv[1:]))

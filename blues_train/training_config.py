@@ -23,8 +23,8 @@ from pydantic import Field
 
 from blues_model import RunOptions
 from blues_model.config import ATTN_BACKENDS
-from blues_train.errors import BluesError
-from blues_train.settings import Settings, read_json, validated
+from blues_train.io.errors import BluesError
+from blues_train.io.settings import Settings, read_json, validated
 
 DEFAULT_DS_CONFIG = Path(__file__).with_name("ds_config.json")
 DEFAULT_SEQ_LEN = 1024  # or the model's max_seq_len, if smaller

@@ -21,8 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from blues_train import cli, storage, store
-from blues_train.errors import BluesError
+from blues_train import store
+from blues_train.io import command_line, storage
+from blues_train.io.errors import BluesError
 from blues_train.mixture import MIXTURE_FILE, mixture_fingerprint, read_mixture, source_manifest
 from blues_train.tokenizer import N_VOCAB, tokenizer_mismatch
 
@@ -103,7 +104,7 @@ def verify_store(path: Path, report: VerifyReport, progress: bool = False) -> No
                    "run the same `blues prepare` again to remove it")
     labels = {source["path"] for source in manifest["sources"]}
     lengths = []
-    chunks = cli.progress(enumerate(manifest["chunks"]), f"verify {path.name}", progress,
+    chunks = command_line.progress(enumerate(manifest["chunks"]), f"verify {path.name}", progress,
                           total=len(manifest["chunks"]), unit="chunk")
     for number, chunk in chunks:
         lengths.append(verify_chunk(path, number, chunk, labels, report))
@@ -304,7 +305,7 @@ def format_report(report: VerifyReport) -> str:
 
 
 def flag_parser() -> argparse.ArgumentParser:
-    parser = cli.flag_parser("blues verify", __doc__.splitlines()[0])
+    parser = command_line.flag_parser("blues verify", __doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", metavar="PATH", help="token stores and mixtures")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
@@ -318,6 +319,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from blues_train.cli import run_command
+    from blues_train.io.command_line import run_command
 
     sys.exit(run_command(main, sys.argv[1:]))

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 
 
 def allowed_types() -> list[type]:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from blues_train import checkpoint as checkpoints, storage
-from blues_train.atomic import write_json_atomic
-from blues_train.errors import BluesError
+from blues_train import checkpoint as checkpoints
+from blues_train.io import storage
+from blues_train.io.atomic import write_json_atomic
+from blues_train.io.errors import BluesError
 from blues_train.loader import realized_shares
 from blues_train.merge import merge
 from blues_train.mixture import read_mixture

@@ -110,6 +110,6 @@ def _metadata(result, asset: str) -> dict:
 
 
 if __name__ == "__main__":
-    from blues_train.cli import run_command
+    from blues_train.io.command_line import run_command
 
     sys.exit(run_command(main, sys.argv[1:]))

@@ -6,8 +6,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from blues_train.errors import BluesError
 from blues_train.export import DEFAULT_DTYPE, DTYPES, export
+from blues_train.io.errors import BluesError
 from pipelines.assets import _latest_checkpoint, trained_model
 from pipelines.versions import versioned_asset
 

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import dagster as dg
 
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 from pipelines.config import ProjectConfig, default_config_path, load_project_config
 
 

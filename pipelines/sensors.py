@@ -8,7 +8,7 @@ import json
 
 import dagster as dg
 
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 from blues_train.raw_corpus import list_files, observe, signature
 from pipelines.assets import raw_corpus_observation, tokenized_dataset_key
 from pipelines.partitions import dataset_partitions

@@ -96,7 +96,7 @@ class S3:
 def s3(tmp_path_factory):
     """A moto S3 server for the session, with the standard AWS variables (and BLUES_CACHE_DIR)
     set in this process, so that in-process calls and the commands it starts reach it."""
-    from blues_train import storage
+    from blues_train.io import storage
 
     with moto_server() as endpoint:
         server = S3(endpoint)

@@ -13,7 +13,7 @@ import pytest
 import zstandard
 
 from blues_train import cli, store
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 from blues_train.loader import PackedSequenceDataset
 from blues_train.merge import merge
 from blues_train.sources import SkipLog, discover_sources, iter_documents

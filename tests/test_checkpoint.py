@@ -5,7 +5,7 @@ import json
 import pytest
 
 from blues_train import checkpoint
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 
 
 def fake_checkpoint(root, step: int):

@@ -15,8 +15,9 @@ import pytest
 from s3_server import upload_tree
 from training_runs import ROOT, env
 
-from blues_train import storage, store
-from blues_train.errors import BluesError
+from blues_train import store
+from blues_train.io import storage
+from blues_train.io.errors import BluesError
 from blues_train.merge import merge
 
 BLUES = [sys.executable, "-m", "blues_train.cli"]

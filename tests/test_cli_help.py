@@ -10,6 +10,7 @@ import re
 import pytest
 
 from blues_train import cli, training_config
+from blues_train.io import command_line
 
 # blues train's parser is training_config.flag_parser, worded by TrainingConfig's fields; these
 # two say what they take but not that they are off unless given (training_config.py is not ours
@@ -86,15 +87,15 @@ def test_hyphen_spellings_parse_identically(name):
         value = sample_value(action)
         underscore = required_args(parser) + [flag, *value]
         hyphen = required_args(parser) + ["--" + flag[2:].replace("_", "-"), *value]
-        assert parser.parse_args(cli.underscored(hyphen)) == parser.parse_args(underscore), flag
+        assert parser.parse_args(command_line.underscored(hyphen)) == parser.parse_args(underscore), flag
         with_equals = required_args(parser) + ["--" + flag[2:].replace("_", "-") + "=" + value[0]] if value else None
         if with_equals:
-            assert parser.parse_args(cli.underscored(with_equals)) == parser.parse_args(underscore), flag
+            assert parser.parse_args(command_line.underscored(with_equals)) == parser.parse_args(underscore), flag
 
 
 def test_underscored_keeps_values_and_what_follows_a_double_dash():
     argv = ["--text-field", "my-field", "--prompt=--not-a-flag", "--", "--eval-text"]
-    assert cli.underscored(argv) == ["--text_field", "my-field", "--prompt=--not-a-flag", "--", "--eval-text"]
+    assert command_line.underscored(argv) == ["--text_field", "my-field", "--prompt=--not-a-flag", "--", "--eval-text"]
 
 
 def test_a_hyphen_spelling_runs_through_blues(tmp_path, capsys):

@@ -12,12 +12,12 @@ import time
 
 import psutil  # installed with deepspeed
 import pytest
-from dagster_graphql import DagsterGraphQLClient
-
 from blues_project import write_project
+from dagster_graphql import DagsterGraphQLClient
+from dagster_server import REPO, dagster_dev, free_port, graphql, wait_for_runs, wait_until_serving
+
 from blues_train.mixture import read_mixture
 from blues_train.prepare import prepare_dataset
-from dagster_server import REPO, dagster_dev, free_port, graphql, wait_for_runs, wait_until_serving
 from pipelines.config import load_project_config
 from pipelines.home import ensure_dagster_home
 

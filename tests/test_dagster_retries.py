@@ -11,12 +11,12 @@ from pathlib import Path
 import dagster as dg
 import psutil  # installed with deepspeed
 import pytest
-
-from pipelines import assets
-from pipelines.config import TrainConfig
 from test_pipelines import EVERYTHING, metadata, resources
 from training_runs import STEPS, assert_close
 from training_runs import losses as reference_losses
+
+from pipelines import assets
+from pipelines.config import TrainConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::dagster.PreviewWarning")
 TRAINING = dg.RunConfig({"trained_model": TrainConfig(save_interval=1)})  # a checkpoint to resume from each step

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from dagster._utils.test.data_versions import get_stale_status_resolver  # what the UI's staleStatus uses
-
 from blues_project import write_project
+from dagster._utils.test.data_versions import get_stale_status_resolver  # what the UI's staleStatus uses
+from test_pipelines import CHECKS, EVERYTHING, MERGED, TOKENIZED, TOKENIZED_ASSETS, resources, tokenize_all
+
 from pipelines import assets, export_assets, versions
 from pipelines.resources import BluesProject
 from pipelines.sensors import build_raw_corpus_sensor
-from test_pipelines import CHECKS, EVERYTHING, MERGED, TOKENIZED, TOKENIZED_ASSETS, resources, tokenize_all
 
 pytestmark = [pytest.mark.filterwarnings("ignore::dagster.PreviewWarning"),
               pytest.mark.filterwarnings("ignore::dagster.BetaWarning")]

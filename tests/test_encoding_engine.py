@@ -18,13 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from reference import NETWORK_OFF
 
 from blues_train import cli, encoding_engine, encoding_workers, spot_check, store, tokenizer
 from blues_train.encoding_engine import GigatokenEngine
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 from blues_train.prepare import decoded, prepare_dataset
 from blues_train.sources import SkipLog, discover_sources, iter_documents
-from reference import NETWORK_OFF
 
 CHUNK = 50_000
 SPECIALS = (tokenizer.EOT_TOKEN, tokenizer.EOP_TOKEN)
@@ -309,7 +309,7 @@ def test_auto_falls_back_to_tiktoken_where_gigatoken_does_not_import():
     script = (
         "import sys; sys.modules['gigatoken'] = None\n"
         "from blues_train import encoding_engine\n"
-        "from blues_train.errors import BluesError\n"
+        "from blues_train.io.errors import BluesError\n"
         "print(encoding_engine.load_engine('auto').name)\n"
         "try:\n"
         "    encoding_engine.load_engine('gigatoken')\n"

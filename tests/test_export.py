@@ -20,6 +20,7 @@ import dagster as dg
 import pytest
 import torch
 import transformers
+from reference import NETWORK_OFF
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -27,9 +28,8 @@ from blues_model import BluesConfig, BluesLM
 from blues_model.generation import generate
 from blues_train import checkpoint, export, tokenizer
 from blues_train.cli import main as blues_main
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 from blues_train.sources import SkipLog, discover_sources, iter_documents
-from reference import NETWORK_OFF
 
 BLUES = str(Path(sys.executable).parent / "blues")
 TOLERANCE = 1e-4  # max |logit difference|, float32
@@ -339,6 +339,7 @@ def test_hf_model_asset(tiny_checkpoint, tmp_path):
 
 def test_hf_model_is_in_the_code_location(tmp_path):
     from blues_project import write_project
+
     from pipelines.config import load_project_config
     from pipelines.definitions import build_definitions
 

@@ -12,7 +12,7 @@ import pytest
 from training_runs import BIN, ROOT, TRAIN_ARGS, env
 
 from blues_train import cli
-from blues_train.folder_lock import exclusive_writer
+from blues_train.io.folder_lock import exclusive_writer
 from blues_train.merge import merge
 
 
@@ -60,7 +60,7 @@ def test_second_training_run_fails_at_once(tmp_path, mixture_dir):
 def test_a_killed_writer_leaves_no_stale_lock(tmp_path):
     folder = tmp_path / "store"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom blues_train.folder_lock import exclusive_writer\n"
+        [sys.executable, "-c", "import sys, time\nfrom blues_train.io.folder_lock import exclusive_writer\n"
          f"with exclusive_writer({str(folder)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

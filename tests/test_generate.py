@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from blues_train.errors import BluesError
 from blues_train.generate import evaluate_perplexity, load_model, sample_text
+from blues_train.io.errors import BluesError
 
 ROOT = Path(__file__).resolve().parents[1]
 BLUES = str(Path(sys.executable).parent / "blues")
@@ -184,7 +184,7 @@ def test_bad_tensors_are_refused(tiny_checkpoint, tmp_path, capsys, change, mess
 
 LOAD_HUGE = """
 import resource, sys, time
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 from blues_train.generate import load_model
 before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
 try:

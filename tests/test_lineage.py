@@ -25,7 +25,7 @@ from reference import take
 from training_runs import BIN, ROOT, TRAIN_ARGS, checked, env, free_port, losses, records
 
 from blues_train import lineage
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 from blues_train.loader import PackedSequenceDataset, WindowPiece
 from blues_train.merge import merge
 from blues_train.metrics import SpikeDetector, document_losses

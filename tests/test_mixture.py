@@ -10,7 +10,7 @@ import pytest
 from reference import MASK, blob, splitmix64, store_docs, stream, take, tokens_by_source
 
 from blues_train import cli
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 from blues_train.loader import PackedSequenceDataset
 from blues_train.merge import log_on_stderr, merge
 from blues_train.mixture import held_out, read_mixture

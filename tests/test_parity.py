@@ -10,12 +10,12 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from reference import naive_moe
 
 from blues_model import BluesConfig, BluesLM, RunOptions
 from blues_model.moe import MoE
 from blues_train.loader import PackedSequenceDataset
 from blues_train.merge import merge
-from reference import naive_moe
 
 
 def reference_moe_forward(moe: MoE, x_TD):

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from blues_project import write_project
+
 from blues_train.mixture import read_mixture
 from pipelines.config import load_project_config
 

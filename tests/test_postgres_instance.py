@@ -19,10 +19,10 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from dagster._core.scheduler.instigation import TickStatus
-
 from blues_project import write_project
+from dagster._core.scheduler.instigation import TickStatus
 from dagster_server import REPO, _default_signals, _group_alive
+
 from pipelines.home import POSTGRES_TEMPLATE, ensure_dagster_home
 
 PG_HOST, PG_PORT, PG_USER, PG_ADMIN_DB = "127.0.0.1", 5432, "postgres", "test"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-
 from blues_project import write_project
-from blues_train.errors import BluesError
+
+from blues_train.io.errors import BluesError
 from blues_train.training_config import TrainingConfig
 from pipelines import definitions
 from pipelines.config import parse_project_config

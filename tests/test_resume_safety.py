@@ -20,9 +20,10 @@ import pytest
 from training_runs import ROOT, TRAIN_ARGS, env, one_rank, records
 
 from blues_model import BluesConfig
-from blues_train import checkpoint, storage
-from blues_train.errors import BluesError
-from blues_train.folder_lock import LEASE_FILE, object_lease
+from blues_train import checkpoint
+from blues_train.io import storage
+from blues_train.io.errors import BluesError
+from blues_train.io.folder_lock import LEASE_FILE, object_lease
 from blues_train.remote_run import RemoteRun
 
 BLUES = [sys.executable, "-m", "blues_train.cli"]

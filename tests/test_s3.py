@@ -22,10 +22,10 @@ from conftest import FIXTURE_CHUNK_TOKENS
 from s3_server import moto_server, s3_env, upload_tree
 from training_runs import ROOT, env
 
-from blues_train import storage
-from blues_train.chunk_files import ChunkFiles
-from blues_train.errors import BluesError
-from blues_train.folder_lock import object_lease
+from blues_train.io import storage
+from blues_train.io.chunk_files import ChunkFiles
+from blues_train.io.errors import BluesError
+from blues_train.io.folder_lock import object_lease
 from blues_train.prepare import prepare_dataset
 from blues_train.verify import verify_paths
 
@@ -310,7 +310,7 @@ def commands(block: str) -> list[str]:
 
 
 def test_stale_lease_is_taken_over_and_a_lost_lease_stops_the_commit(s3, monkeypatch):
-    from blues_train import folder_lock
+    from blues_train.io import folder_lock
 
     folder = storage.path("s3://data/stale-lease")
     lease = folder / folder_lock.LEASE_FILE

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 from blues_train.sources import SkipLog, discover_sources, format_of, iter_documents, parse_json, repair_text
 
 

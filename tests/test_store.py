@@ -14,7 +14,7 @@ import pytest
 import zstandard
 
 from blues_train import cli, prepare, store
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 from blues_train.prepare import prepare_dataset
 
 CHUNK = 65536
@@ -281,7 +281,7 @@ def test_bad_input_one_50_mb_line(tmp_path, sample_corpus_dir, reference_encodin
 
 
 def test_written_files_are_readable_by_others_as_open_would_make_them(tmp_path):
-    from blues_train.atomic import FILE_MODE, write_atomic
+    from blues_train.io.atomic import FILE_MODE, write_atomic
 
     write_atomic(tmp_path / "f", b"x")
     assert (tmp_path / "f").stat().st_mode & 0o777 == FILE_MODE

@@ -1,13 +1,12 @@
 import inspect
-
-import pytest
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from reference import NETWORK_OFF
 
 from blues_train import tokenizer
-from reference import NETWORK_OFF
 
 
 def stdlib_texts(limit=40):
@@ -39,7 +38,7 @@ def test_special_token_text_is_ordinary():
 def test_tampered_vocabulary_is_refused(monkeypatch):
     import zstandard
 
-    from blues_train.errors import BluesError
+    from blues_train.io.errors import BluesError
 
     raw = bytearray(tokenizer.vocabulary_bytes())
     raw[100] ^= 1

@@ -16,8 +16,7 @@ import subprocess
 import time
 
 import pytest
-from training_runs import (BIN, ROOT, STEPS, TRAIN_ARGS, assert_close, checked, env, losses, one_rank,
-                           records, two_ranks)
+from training_runs import BIN, ROOT, STEPS, TRAIN_ARGS, assert_close, checked, env, losses, one_rank, records, two_ranks
 
 from blues_train.checkpoint import complete_checkpoints
 

@@ -15,9 +15,9 @@ import sys
 import time
 
 import pytest
-
 from blues_project import write_project
 from dagster_server import REPO, dagster_dev, graphql
+
 from pipelines.home import ensure_dagster_home
 
 CHROMIUM = shutil.which("chromium")

@@ -39,9 +39,9 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from blues_train import storage
-from blues_train.atomic import os_error
-from blues_train.errors import BluesError
+from blues_train.io import storage
+from blues_train.io.atomic import os_error
+from blues_train.io.errors import BluesError
 
 LEASE_FILE = ".blues-writer.json"
 LEASE_SECONDS = float(os.environ.get("BLUES_LEASE_SECONDS", "120"))

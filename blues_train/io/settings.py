@@ -13,8 +13,8 @@ import typing
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from blues_train import storage
-from blues_train.errors import BluesError
+from blues_train.io import storage
+from blues_train.io.errors import BluesError
 
 
 class Settings(BaseModel):

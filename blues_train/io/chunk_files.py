@@ -26,8 +26,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from blues_train import storage
-from blues_train.errors import BluesError
+from blues_train.io import storage
+from blues_train.io.errors import BluesError
 
 DEFAULT_CACHE_GB = 16.0
 PREFETCH_THREADS = 4

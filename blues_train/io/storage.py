@@ -36,8 +36,9 @@ import re
 import threading
 from pathlib import Path, PurePosixPath
 
-from blues_train.atomic import check_output_folder as check_local_output, os_error, write_atomic
-from blues_train.errors import BluesError
+from blues_train.io.atomic import check_output_folder as check_local_output
+from blues_train.io.atomic import os_error, write_atomic
+from blues_train.io.errors import BluesError
 
 REMOTE_SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 PACKAGES = {"s3": "s3fs", "gcs": "gcsfs"}

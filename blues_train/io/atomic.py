@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from blues_train.errors import BluesError
+from blues_train.io.errors import BluesError
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
