@@ -33,11 +33,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from blues_train.data.prepare import prepare_dataset
+from blues_train.data.sample_corpus import write_sample_corpus
 from blues_train.io.chunk_files import ChunkFiles
 from blues_train.loader import PackedSequenceDataset
 from blues_train.merge import merge
-from blues_train.prepare import prepare_dataset
-from blues_train.sample_corpus import write_sample_corpus
 
 
 def pin_one_core() -> None:

@@ -50,11 +50,11 @@ from pathlib import Path
 
 import numpy as np
 
-from blues_train import encoding_engine, encoding_workers, prepare, spot_check, store, tokenizer
+from blues_train.data import encoding_engine, encoding_workers, prepare, spot_check, store, tokenizer
+from blues_train.data.prepare import prepare_dataset
+from blues_train.data.sample_corpus import write_sample_corpus
+from blues_train.data.sources import SkipLog, ZstdFrames, discover_sources, iter_documents
 from blues_train.io.atomic import write_atomic
-from blues_train.prepare import prepare_dataset
-from blues_train.sample_corpus import write_sample_corpus
-from blues_train.sources import SkipLog, ZstdFrames, discover_sources, iter_documents
 
 NAMES = {
     "a": "(a) tiktoken encode_ordinary, 1 core",

@@ -39,10 +39,10 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import save_file
 
+from blues_train.data.store import file_sha256
 from blues_train.io import storage
 from blues_train.io.atomic import FILE_MODE, folder_error, os_error, sync_dir, write_json_atomic
 from blues_train.io.errors import BluesError
-from blues_train.store import file_sha256
 from blues_train.weights_only import weights_only_loads
 
 FORMAT_VERSION = 2  # 2: meta.json lists every file's sha256

@@ -12,14 +12,14 @@ import sys
 from blues_train.io.command_line import run_command, underscored
 
 COMMANDS = {
-    "prepare": ("blues_train.prepare", "tokenize raw corpora into a token store (data.py)"),
+    "prepare": ("blues_train.data.prepare", "tokenize raw corpora into a token store (data.py)"),
     "merge": ("blues_train.merge", "blend token stores into a mixture (merge_data.py)"),
     "verify": ("blues_train.verify", "check token stores and mixtures, print statistics"),
     "train": ("blues_train.train", "train a Blues model with DeepSpeed (train.py)"),
     "generate": ("blues_train.generate", "sample text or measure perplexity (generate.py)"),
     "export": ("blues_train.export", "write a checkpoint as a Hugging Face folder (transformers, vLLM)"),
     "lineage": ("blues_train.lineage", "the documents of a training step, its spikes, a document's steps"),
-    "sample-corpus": ("blues_train.sample_corpus", "write the offline sample corpus"),
+    "sample-corpus": ("blues_train.data.sample_corpus", "write the offline sample corpus"),
 }
 
 

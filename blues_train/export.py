@@ -51,7 +51,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from blues_model import BluesConfig, BluesLM
-from blues_train import checkpoint, remote_run, tokenizer
+from blues_train import checkpoint, remote_run
+from blues_train.data import tokenizer
 from blues_train.generate import checkpoint_folder, load_model
 from blues_train.io import command_line, storage
 from blues_train.io.atomic import (

@@ -26,7 +26,8 @@ from safetensors import SafetensorError, safe_open
 
 from blues_model import BluesConfig, BluesLM
 from blues_model.generation import generate, perplexity
-from blues_train import checkpoint, remote_run, tokenizer
+from blues_train import checkpoint, remote_run
+from blues_train.data import tokenizer
 from blues_train.io import command_line, storage
 from blues_train.io.errors import BluesError
 

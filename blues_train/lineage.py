@@ -32,7 +32,8 @@ from typing import Annotated
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from blues_train import metrics, tokenizer
+from blues_train import metrics
+from blues_train.data import tokenizer
 from blues_train.io import command_line, storage
 from blues_train.io.errors import BluesError
 from blues_train.io.settings import error_line

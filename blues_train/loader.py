@@ -35,12 +35,12 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from blues_train import store
+from blues_train.data import store
+from blues_train.data.tokenizer import EOT_ID
 from blues_train.io import storage
 from blues_train.io.chunk_files import ChunkFiles
 from blues_train.io.errors import BluesError
 from blues_train.mixture import held_out, read_mixture, source_manifest
-from blues_train.tokenizer import EOT_ID
 
 SPLITS = ("train", "val")
 STATE_VERSION = 1

@@ -18,7 +18,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from blues_train import store
+from blues_train.data import store
+from blues_train.data.tokenizer import tokenizer_mismatch
 from blues_train.io import command_line, storage
 from blues_train.io.errors import BluesError
 from blues_train.io.folder_lock import check_held, exclusive_writer
@@ -31,7 +32,6 @@ from blues_train.mixture import (
     VALIDATION_RULE,
     mixture_fingerprint,
 )
-from blues_train.tokenizer import tokenizer_mismatch
 from blues_train.verify import verify_paths
 
 DEFAULT_OUTPUT = "data_cache/merged"

@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field
 
-from blues_train import store
+from blues_train.data import store
 from blues_train.io import storage
 from blues_train.io.errors import BluesError
 from blues_train.io.settings import Settings, validated

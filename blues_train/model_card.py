@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 
 from blues_model import BluesConfig
+from blues_train.data.raw_corpus import corpus_version
+from blues_train.data.store import read_manifest
 from blues_train.io.errors import BluesError
 from blues_train.mixture import read_mixture
-from blues_train.raw_corpus import corpus_version
-from blues_train.store import read_manifest
 
 RAW_FILES_LISTED = 100  # per store; every one is in the store's manifest.json
 

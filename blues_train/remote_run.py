@@ -41,9 +41,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from blues_train import checkpoint
+from blues_train.data.store import file_sha256
 from blues_train.io import storage
 from blues_train.io.errors import BluesError
-from blues_train.store import file_sha256
 
 META_FILE, MODEL_FILE, CONFIG_FILE = "meta.json", "model.safetensors", "config.json"
 STEP_NAME = re.compile(r"^step-(\d+)$")

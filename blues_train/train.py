@@ -59,7 +59,8 @@ from pathlib import Path
 import torch
 
 from blues_model import BluesConfig, BluesLM, flops_per_token
-from blues_train import checkpoint, metrics, tokenizer
+from blues_train import checkpoint, metrics
+from blues_train.data import tokenizer
 from blues_train.io import storage
 from blues_train.io.errors import BluesError
 from blues_train.io.folder_lock import exclusive_writer

@@ -21,11 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from blues_train import store
+from blues_train.data import store
+from blues_train.data.tokenizer import N_VOCAB, tokenizer_mismatch
 from blues_train.io import command_line, storage
 from blues_train.io.errors import BluesError
 from blues_train.mixture import MIXTURE_FILE, mixture_fingerprint, read_mixture, source_manifest
-from blues_train.tokenizer import N_VOCAB, tokenizer_mismatch
 
 SHARE_TOLERANCE = 0.01
 

@@ -17,16 +17,16 @@ from pathlib import Path
 import dagster as dg
 
 from blues_train import checkpoint as checkpoints
+from blues_train.data.prepare import prepare_dataset
+from blues_train.data.raw_corpus import corpus_version
+from blues_train.data.store import read_manifest
 from blues_train.io import storage
 from blues_train.io.atomic import write_json_atomic
 from blues_train.io.errors import BluesError
 from blues_train.loader import realized_shares
 from blues_train.merge import merge
 from blues_train.mixture import read_mixture
-from blues_train.prepare import prepare_dataset
-from blues_train.raw_corpus import corpus_version
 from blues_train.report import checkpoint_figures, evaluate_checkpoint, loss_curve_png, png_markdown, read_metrics
-from blues_train.store import read_manifest
 from pipelines.config import EvalConfig, MergeConfig, ProjectConfig, TrainConfig, with_overrides
 from pipelines.partitions import checkpoint_partitions, dataset_partitions
 from pipelines.resources import BluesProject, dagster_failure
@@ -69,7 +69,7 @@ def build_tokenized_dataset(dataset: str) -> dg.AssetsDefinition:
     """The asset `tokenized_dataset/<dataset>`, built from `raw_corpus` partition `dataset`."""
 
     @versioned_asset(
-        runs=("blues_train.prepare", "blues_train.raw_corpus"),
+        runs=("blues_train.data.prepare", "blues_train.data.raw_corpus"),
         key=tokenized_dataset_key(dataset),
         deps=[dg.AssetDep(raw_corpus, partition_mapping=dg.SpecificPartitionsPartitionMapping([dataset]))],
         group_name="data",

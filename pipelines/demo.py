@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from blues_train.data.sample_corpus import write_sample_corpus
 from blues_train.report import read_metrics
-from blues_train.sample_corpus import write_sample_corpus
 
 QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 

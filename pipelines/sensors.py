@@ -8,8 +8,8 @@ import json
 
 import dagster as dg
 
+from blues_train.data.raw_corpus import list_files, observe, signature
 from blues_train.io.errors import BluesError
-from blues_train.raw_corpus import list_files, observe, signature
 from pipelines.assets import raw_corpus_observation, tokenized_dataset_key
 from pipelines.partitions import dataset_partitions
 from pipelines.resources import BluesProject

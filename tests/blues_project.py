@@ -4,7 +4,7 @@ MB per dataset), a project configuration pointing at it, tiny training settings.
 import json
 from pathlib import Path
 
-from blues_train.sample_corpus import write_sample_corpus
+from blues_train.data.sample_corpus import write_sample_corpus
 
 TRAINING = {"model": "tiny", "max_steps": 2, "seq_len": 64, "global_batch_tokens": 256,
             "save_interval": 1, "eval_interval": 2, "args": ["--eval_sequences", "4"]}

@@ -11,7 +11,7 @@ from built_once import built_once
 from s3_server import s3  # noqa: F401 (a moto S3 server for the session)
 from training_runs import mixture_dir, reference, reference_run, two_rank_run  # noqa: F401 (shared fixtures)
 
-from blues_train import tokenizer
+from blues_train.data import tokenizer
 
 O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 
@@ -49,7 +49,7 @@ FIXTURE_CHUNK_TOKENS = 65536  # a few chunks per store, so chunk boundaries get 
 @pytest.fixture(scope="session")
 def sample_corpus_inputs(tmp_path_factory):
     """{"code": [paths], "prose": [paths]}: the sample corpus, about 1 MB per dataset."""
-    from blues_train.sample_corpus import write_sample_corpus
+    from blues_train.data.sample_corpus import write_sample_corpus
 
     def build(folder):
         written = write_sample_corpus(folder, max_mb=SAMPLE_MB)
@@ -67,7 +67,7 @@ def sample_corpus_dir(sample_corpus_inputs):
 
 
 def _prepared(tmp_path_factory, inputs, name):
-    from blues_train.prepare import prepare_dataset
+    from blues_train.data.prepare import prepare_dataset
 
     def build(out):
         prepare_dataset(inputs, out, workers=1, chunk_tokens=FIXTURE_CHUNK_TOKENS, progress=False)

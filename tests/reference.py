@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from blues_model.moe import MoE
-from blues_train.tokenizer import EOT_ID
+from blues_train.data.tokenizer import EOT_ID
 
 # The first lines of a script run in a fresh interpreter that must work with no network.
 NETWORK_OFF = """

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from blues_train import cli, store
+from blues_train import cli
+from blues_train.data import store
+from blues_train.data.sources import SkipLog, discover_sources, iter_documents
 from blues_train.io.errors import BluesError
 from blues_train.loader import PackedSequenceDataset
 from blues_train.merge import merge
-from blues_train.sources import SkipLog, discover_sources, iter_documents
 
 
 def read_all(inputs, **kwargs):

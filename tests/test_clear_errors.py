@@ -15,7 +15,7 @@ import pytest
 from s3_server import upload_tree
 from training_runs import ROOT, env
 
-from blues_train import store
+from blues_train.data import store
 from blues_train.io import storage
 from blues_train.io.errors import BluesError
 from blues_train.merge import merge
@@ -163,7 +163,7 @@ class Killed(BaseException):
 def test_journal_left_after_the_manifest_is_reported_then_removed(s3, sample_corpus_inputs, monkeypatch, capsys):
     from conftest import FIXTURE_CHUNK_TOKENS
 
-    from blues_train.prepare import prepare_dataset
+    from blues_train.data.prepare import prepare_dataset
     from blues_train.verify import format_report, verify_paths
 
     out = f"s3://{s3.bucket('clear-errors')}/killed-after-manifest"

@@ -16,8 +16,8 @@ from blues_project import write_project
 from dagster_graphql import DagsterGraphQLClient
 from dagster_server import REPO, dagster_dev, free_port, graphql, wait_for_runs, wait_until_serving
 
+from blues_train.data.prepare import prepare_dataset
 from blues_train.mixture import read_mixture
-from blues_train.prepare import prepare_dataset
 from pipelines.config import load_project_config
 from pipelines.home import ensure_dagster_home
 

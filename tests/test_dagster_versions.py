@@ -54,9 +54,9 @@ def test_code_versions_follow_the_code_each_asset_runs(source_copy):
     for module, assets_changed in [
         ("blues_train.merge", {"merged_dataset"}),
         ("blues_train.export", {"hf_model"}),
-        ("blues_train.prepare", set(TOKENIZED)),
+        ("blues_train.data.prepare", set(TOKENIZED)),
         ("blues_model.moe", {"trained_model", "model_eval", "hf_model"}),  # the model is in all three
-        ("blues_train.sample_corpus", set()),  # nothing the assets run imports it
+        ("blues_train.data.sample_corpus", set()),  # nothing the assets run imports it
     ]:
         edit(source_copy, module)
         after = code_versions(source_copy)
@@ -84,12 +84,12 @@ def test_a_code_change_marks_the_asset_and_its_downstream_stale(tmp_path, source
 
         # A reader only tokenization runs: tokenization is stale; the mixture is not (its inputs'
         # data versions are content hashes: it gets stale once re-tokenizing changes a fingerprint).
-        edit(source_copy, "blues_train.sources")
+        edit(source_copy, "blues_train.data.sources")
         stale = staleness(source_copy)
         assert stale == {**{key: ("STALE", {("CODE", "has a new code version")}) for key in TOKENIZED},
                          "merged_dataset": ("FRESH", set())}
         # The token store format, which tokenization writes and merging reads: both are stale.
-        edit(source_copy, "blues_train.store")
+        edit(source_copy, "blues_train.data.store")
         assert staleness(source_copy) == {key: ("STALE", {("CODE", "has a new code version")})
                                           for key in [*TOKENIZED, "merged_dataset"]}
 

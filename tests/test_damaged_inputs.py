@@ -20,8 +20,8 @@ import pytest
 from blues_project import write_project
 from training_runs import BIN, ROOT, TRAIN_ARGS, env
 
-from blues_train.prepare import prepare_dataset
-from blues_train.store import read_manifest
+from blues_train.data.prepare import prepare_dataset
+from blues_train.data.store import read_manifest
 from blues_train.training_config import DEFAULT_DS_CONFIG
 
 TOPICS_ROWS = 40  # of the sample corpus' prose/topics.parquet: enough rows for a few documents of each kind

@@ -20,11 +20,12 @@ import pytest
 import zstandard
 from reference import NETWORK_OFF
 
-from blues_train import cli, encoding_engine, encoding_workers, spot_check, store, tokenizer
-from blues_train.encoding_engine import GigatokenEngine
+from blues_train import cli
+from blues_train.data import encoding_engine, encoding_workers, spot_check, store, tokenizer
+from blues_train.data.encoding_engine import GigatokenEngine
+from blues_train.data.prepare import decoded, prepare_dataset
+from blues_train.data.sources import SkipLog, discover_sources, iter_documents
 from blues_train.io.errors import BluesError
-from blues_train.prepare import decoded, prepare_dataset
-from blues_train.sources import SkipLog, discover_sources, iter_documents
 
 CHUNK = 50_000
 SPECIALS = (tokenizer.EOT_TOKEN, tokenizer.EOP_TOKEN)
@@ -322,7 +323,7 @@ def test_auto_falls_back_to_tiktoken_where_gigatoken_does_not_import():
 
 def test_gigatoken_engine_loads_offline_from_the_shipped_vocabulary(tmp_path):
     script = NETWORK_OFF + (
-        "from blues_train.encoding_engine import GigatokenEngine\n"
+        "from blues_train.data.encoding_engine import GigatokenEngine\n"
         "print(GigatokenEngine().encode('offline works').tolist())\n"
     )
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "HOME": str(tmp_path), "TIKTOKEN_CACHE_DIR": str(tmp_path)}

@@ -25,14 +25,14 @@ from reference import take
 from training_runs import BIN, ROOT, TRAIN_ARGS, checked, env, free_port, losses, records
 
 from blues_train import lineage
+from blues_train.data.prepare import prepare_dataset
+from blues_train.data.store import read_manifest
+from blues_train.data.tokenizer import EOT_ID
 from blues_train.io.errors import BluesError
 from blues_train.loader import PackedSequenceDataset, WindowPiece
 from blues_train.merge import merge
 from blues_train.metrics import SpikeDetector, document_losses
 from blues_train.mixture import held_out
-from blues_train.prepare import prepare_dataset
-from blues_train.store import read_manifest
-from blues_train.tokenizer import EOT_ID
 
 SEQ_LEN = 32
 NOISE = "noise.txt:0"

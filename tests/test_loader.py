@@ -10,10 +10,10 @@ import torch
 from reference import blob, pieces, store_docs, stream, take, tokens_by_source
 from torch.utils.data import DataLoader
 
+from blues_train.data.tokenizer import EOT_ID
 from blues_train.io.errors import BluesError
 from blues_train.loader import ChunkCache, PackedSequenceDataset
 from blues_train.merge import merge
-from blues_train.tokenizer import EOT_ID
 
 SEQ_LEN = 512
 

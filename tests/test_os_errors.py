@@ -13,7 +13,8 @@ import subprocess
 import pytest
 from training_runs import BIN, ROOT, TRAIN_ARGS, env
 
-from blues_train import cli, store
+from blues_train import cli
+from blues_train.data import store
 
 
 def mount_tmpfs(where, size: str) -> None:

@@ -22,11 +22,11 @@ from conftest import FIXTURE_CHUNK_TOKENS
 from s3_server import moto_server, s3_env, upload_tree
 from training_runs import ROOT, env
 
+from blues_train.data.prepare import prepare_dataset
 from blues_train.io import storage
 from blues_train.io.chunk_files import ChunkFiles
 from blues_train.io.errors import BluesError
 from blues_train.io.folder_lock import object_lease
-from blues_train.prepare import prepare_dataset
 from blues_train.verify import verify_paths
 
 BLUES = [sys.executable, "-m", "blues_train.cli"]
@@ -222,7 +222,7 @@ def test_second_writer_is_refused_by_the_lease(s3_stores):
 
 def test_raw_corpus_on_s3_is_observed_by_size_and_etag(corpus, s3):
     """What the Dagster sensor keys observations by: a rewritten object changes the signature."""
-    from blues_train import raw_corpus
+    from blues_train.data import raw_corpus
 
     inputs = ["s3://raw/corpus/extra"]
     files = raw_corpus.list_files(inputs, glob="**/*.jsonl")

@@ -9,9 +9,9 @@ from blues_project import TRAINING
 from s3_server import upload_tree
 from test_pipelines import DATASETS, EVERYTHING, MERGED, TOKENIZED_ASSETS, metadata, resources
 
+from blues_train.data.store import read_manifest
 from blues_train.io import storage
 from blues_train.io.errors import BluesError
-from blues_train.store import read_manifest
 from pipelines import assets
 from pipelines.config import load_project_config
 from pipelines.sensors import build_raw_corpus_sensor

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from blues_train.data.sources import SkipLog, discover_sources, format_of, iter_documents, parse_json, repair_text
 from blues_train.io.errors import BluesError
-from blues_train.sources import SkipLog, discover_sources, format_of, iter_documents, parse_json, repair_text
 
 
 def read_all(inputs, text_field="text", **kwargs):

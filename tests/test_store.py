@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from blues_train import cli, prepare, store
+from blues_train import cli
+from blues_train.data import prepare, store
+from blues_train.data.prepare import prepare_dataset
 from blues_train.io.errors import BluesError
-from blues_train.prepare import prepare_dataset
 
 CHUNK = 65536
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from reference import NETWORK_OFF
 
-from blues_train import tokenizer
+from blues_train.data import tokenizer
 
 
 def stdlib_texts(limit=40):

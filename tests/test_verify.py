@@ -20,9 +20,10 @@ import pytest
 import zstandard
 from conftest import FIXTURE_CHUNK_TOKENS
 
-from blues_train import cli, store
+from blues_train import cli
+from blues_train.data import store
+from blues_train.data.prepare import prepare_dataset
 from blues_train.merge import merge
-from blues_train.prepare import prepare_dataset
 from blues_train.verify import verify_paths
 
 

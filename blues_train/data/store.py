@@ -5,7 +5,7 @@ Arrow IPC file with zstd-compressed buffers, one row per document: `tokens`
 (list<uint32>, exactly `encode_ordinary(text)`), `source` (the raw file's label in
 `manifest.sources`) and `index` (the document's record number in that file). The
 manifest is written last, so a folder without one is not (yet) a dataset.
-`blues_train.prepare` writes stores; everything else reads them through this module.
+`blues_train.data.prepare` writes stores; everything else reads them through this module.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class Totals(ManifestPart):
 
 
 class StoreManifest(ManifestPart):
-    """What readers of `manifest.json` rely on (`blues_train.prepare.build_manifest` writes it)."""
+    """What readers of `manifest.json` rely on (`blues_train.data.prepare.build_manifest` writes it)."""
 
     format_version: Literal[FORMAT_VERSION]
     tokenizer: TokenizerRecord

@@ -18,7 +18,7 @@ from importlib import metadata
 
 import numpy as np
 
-from blues_train import tokenizer
+from blues_train.data import tokenizer
 from blues_train.io.errors import BluesError
 
 CHOICES = ("auto", "gigatoken", "tiktoken")

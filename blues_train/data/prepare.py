@@ -36,13 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from blues_train import encoding_engine, spot_check, store, tokenizer
-from blues_train.encoding_workers import default_workers, encode_batches
+from blues_train.data import encoding_engine, spot_check, store, tokenizer
+from blues_train.data.encoding_workers import default_workers, encode_batches
+from blues_train.data.sources import DEFAULT_GLOB, FORMATS, SkipLog, discover_sources, iter_documents, repair_text
 from blues_train.io import command_line, storage
 from blues_train.io.atomic import os_error, sync_dir, write_atomic
 from blues_train.io.errors import BluesError
 from blues_train.io.folder_lock import check_held, exclusive_writer
-from blues_train.sources import DEFAULT_GLOB, FORMATS, SkipLog, discover_sources, iter_documents, repair_text
 
 DEFAULT_CHUNK_TOKENS = 1 << 21
 MAX_CHUNK_TOKENS = (1 << 31) - 1 - (1 << 26)  # a chunk closes after the document that crosses the limit

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from blues_train.sources import DEFAULT_GLOB, discover_sources
-from blues_train.store import file_sha256
+from blues_train.data.sources import DEFAULT_GLOB, discover_sources
+from blues_train.data.store import file_sha256
 
 
 @dataclass(frozen=True)
