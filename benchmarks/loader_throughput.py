@@ -36,8 +36,8 @@ import torch
 from blues_train.data.prepare import prepare_dataset
 from blues_train.data.sample_corpus import write_sample_corpus
 from blues_train.io.chunk_files import ChunkFiles
-from blues_train.loader import PackedSequenceDataset
-from blues_train.merge import merge
+from blues_train.mixture.loader import PackedSequenceDataset
+from blues_train.mixture.merge import merge
 
 
 def pin_one_core() -> None:

@@ -13,8 +13,8 @@ from blues_train.io.command_line import run_command, underscored
 
 COMMANDS = {
     "prepare": ("blues_train.data.prepare", "tokenize raw corpora into a token store (data.py)"),
-    "merge": ("blues_train.merge", "blend token stores into a mixture (merge_data.py)"),
-    "verify": ("blues_train.verify", "check token stores and mixtures, print statistics"),
+    "merge": ("blues_train.mixture.merge", "blend token stores into a mixture (merge_data.py)"),
+    "verify": ("blues_train.mixture.verify", "check token stores and mixtures, print statistics"),
     "train": ("blues_train.train", "train a Blues model with DeepSpeed (train.py)"),
     "generate": ("blues_train.generate", "sample text or measure perplexity (generate.py)"),
     "export": ("blues_train.export", "write a checkpoint as a Hugging Face folder (transformers, vLLM)"),

@@ -37,8 +37,8 @@ from blues_train.data import tokenizer
 from blues_train.io import command_line, storage
 from blues_train.io.errors import BluesError
 from blues_train.io.settings import error_line
-from blues_train.loader import PackedSequenceDataset
-from blues_train.mixture import held_out, read_mixture
+from blues_train.mixture.loader import PackedSequenceDataset
+from blues_train.mixture.spec import held_out, read_mixture
 
 PREVIEW_CHARS = 60
 SCORE_BATCH = 8  # windows per forward under --loss

@@ -13,7 +13,7 @@ from blues_model import BluesConfig
 from blues_train.data.raw_corpus import corpus_version
 from blues_train.data.store import read_manifest
 from blues_train.io.errors import BluesError
-from blues_train.mixture import read_mixture
+from blues_train.mixture.spec import read_mixture
 
 RAW_FILES_LISTED = 100  # per store; every one is in the store's manifest.json
 

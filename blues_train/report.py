@@ -86,7 +86,7 @@ def evaluate_checkpoint(checkpoint, mixture_dir, *, seq_len: int, windows: int,
     import torch
 
     from blues_train.generate import load_model, sample_text
-    from blues_train.loader import PackedSequenceDataset
+    from blues_train.mixture.loader import PackedSequenceDataset
 
     model = load_model(checkpoint)
     val = PackedSequenceDataset(mixture_dir, seq_len, seed=seed, split="val")

@@ -64,8 +64,8 @@ from blues_train.data import tokenizer
 from blues_train.io import storage
 from blues_train.io.errors import BluesError
 from blues_train.io.folder_lock import exclusive_writer
-from blues_train.loader import PackedSequenceDataset
-from blues_train.mixture import read_mixture
+from blues_train.mixture.loader import PackedSequenceDataset
+from blues_train.mixture.spec import read_mixture
 from blues_train.pipes_bridge import open_reporter
 from blues_train.remote_run import RemoteRun
 from blues_train.training_config import DEFAULT_SEQ_LEN, TrainingConfig, free_port, from_flags

@@ -23,9 +23,9 @@ from blues_train.data.store import read_manifest
 from blues_train.io import storage
 from blues_train.io.atomic import write_json_atomic
 from blues_train.io.errors import BluesError
-from blues_train.loader import realized_shares
-from blues_train.merge import merge
-from blues_train.mixture import read_mixture
+from blues_train.mixture.loader import realized_shares
+from blues_train.mixture.merge import merge
+from blues_train.mixture.spec import read_mixture
 from blues_train.report import checkpoint_figures, evaluate_checkpoint, loss_curve_png, png_markdown, read_metrics
 from pipelines.config import EvalConfig, MergeConfig, ProjectConfig, TrainConfig, with_overrides
 from pipelines.partitions import checkpoint_partitions, dataset_partitions
@@ -160,7 +160,7 @@ def build_data_assets(config: ProjectConfig) -> tuple[list[dg.AssetsDefinition],
 
 
 def build_merged_dataset(tokenized: list[dg.AssetsDefinition]) -> dg.AssetsDefinition:
-    @versioned_asset(runs=("blues_train.merge", "blues_train.loader"),
+    @versioned_asset(runs=("blues_train.mixture.merge", "blues_train.mixture.loader"),
                      key=MERGED_DATASET, deps=tokenized, group_name="data", kinds={"json"})
     def merged_dataset(context: dg.AssetExecutionContext, config: MergeConfig,
                        project: BluesProject) -> dg.MaterializeResult:

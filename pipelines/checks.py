@@ -3,8 +3,8 @@ training) reads data that fails them."""
 
 import dagster as dg
 
-from blues_train.tokenizer_consistency import tokenizer_problems
-from blues_train.verify import verify_paths
+from blues_train.mixture.tokenizer_consistency import tokenizer_problems
+from blues_train.mixture.verify import verify_paths
 from pipelines.assets import MERGED_DATASET
 from pipelines.resources import BluesProject
 

@@ -41,8 +41,8 @@ from blues_train.data.sources import DEFAULT_GLOB, FORMATS
 from blues_train.io import storage
 from blues_train.io.errors import BluesError
 from blues_train.io.settings import Settings, validated
-from blues_train.merge import DEFAULT_OUTPUT, DatasetsSection, resolve_strategy
-from blues_train.mixture import DEFAULT_VAL_FRACTION
+from blues_train.mixture.merge import DEFAULT_OUTPUT, DatasetsSection, resolve_strategy
+from blues_train.mixture.spec import DEFAULT_VAL_FRACTION
 from blues_train.training_config import TrainingConfig, flag_parser, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@
         module of those packages they import (read from their import statements, at any
         depth, inside functions too; nothing is imported to find them).
 
-So editing `blues_train/merge.py` gives `merged_dataset` a new code version (and the
+So editing `blues_train/mixture/merge.py` gives `merged_dataset` a new code version (and the
 assets downstream of it show "upstream code version changed" in the UI), while editing
 `blues_train/generate.py`, which tokenization never imports, leaves `tokenized_dataset/*`
 as it was. `versioned_asset` is `dg.asset` with such a version; `with_source_root` gives

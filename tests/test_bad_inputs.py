@@ -16,8 +16,8 @@ from blues_train import cli
 from blues_train.data import store
 from blues_train.data.sources import SkipLog, discover_sources, iter_documents
 from blues_train.io.errors import BluesError
-from blues_train.loader import PackedSequenceDataset
-from blues_train.merge import merge
+from blues_train.mixture.loader import PackedSequenceDataset
+from blues_train.mixture.merge import merge
 
 
 def read_all(inputs, **kwargs):

@@ -18,7 +18,7 @@ from training_runs import ROOT, env
 from blues_train.data import store
 from blues_train.io import storage
 from blues_train.io.errors import BluesError
-from blues_train.merge import merge
+from blues_train.mixture.merge import merge
 
 BLUES = [sys.executable, "-m", "blues_train.cli"]
 UNREACHABLE = {"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_ACCESS_KEY_ID": "blues-test-key",
@@ -81,7 +81,7 @@ DEEP = "[" * 100_000 + "]" * 100_000
 
 def test_deep_json_in_any_file_blues_reads_is_one_line(tmp_path, code_store, mixture_dir, capsys):
     from blues_train.cli import main as blues_main
-    from blues_train.mixture import read_mixture
+    from blues_train.mixture.spec import read_mixture
     from blues_train.training_config import from_flags
     from pipelines.config import load_project_config
 
@@ -148,7 +148,7 @@ def test_verify_refuses_a_store_manifest_with_a_bad_field(code_store, tmp_path, 
 
 
 def test_mixtures_and_stores_as_written_still_load(mixture_dir, code_store):
-    from blues_train.mixture import read_mixture
+    from blues_train.mixture.spec import read_mixture
 
     assert read_mixture(mixture_dir)["kind"] == "mixture"
     assert store.read_manifest(code_store)["kind"] == "token_store"
@@ -164,7 +164,7 @@ def test_journal_left_after_the_manifest_is_reported_then_removed(s3, sample_cor
     from conftest import FIXTURE_CHUNK_TOKENS
 
     from blues_train.data.prepare import prepare_dataset
-    from blues_train.verify import format_report, verify_paths
+    from blues_train.mixture.verify import format_report, verify_paths
 
     out = f"s3://{s3.bucket('clear-errors')}/killed-after-manifest"
     journal = f"{out}/.prepare-journal"

@@ -17,7 +17,7 @@ from dagster_graphql import DagsterGraphQLClient
 from dagster_server import REPO, dagster_dev, free_port, graphql, wait_for_runs, wait_until_serving
 
 from blues_train.data.prepare import prepare_dataset
-from blues_train.mixture import read_mixture
+from blues_train.mixture.spec import read_mixture
 from pipelines.config import load_project_config
 from pipelines.home import ensure_dagster_home
 

@@ -52,7 +52,7 @@ def test_code_versions_follow_the_code_each_asset_runs(source_copy):
 
     before = shipped
     for module, assets_changed in [
-        ("blues_train.merge", {"merged_dataset"}),
+        ("blues_train.mixture.merge", {"merged_dataset"}),
         ("blues_train.export", {"hf_model"}),
         ("blues_train.data.prepare", set(TOKENIZED)),
         ("blues_model.moe", {"trained_model", "model_eval", "hf_model"}),  # the model is in all three

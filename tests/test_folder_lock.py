@@ -13,7 +13,7 @@ from training_runs import BIN, ROOT, TRAIN_ARGS, env
 
 from blues_train import cli
 from blues_train.io.folder_lock import exclusive_writer
-from blues_train.merge import merge
+from blues_train.mixture.merge import merge
 
 
 def busy(capsys, argv) -> str:

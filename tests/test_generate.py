@@ -20,7 +20,7 @@ BLUES = str(Path(sys.executable).parent / "blues")
 
 @pytest.fixture(scope="module")
 def run_dir(code_store, prose_store, tmp_path_factory):
-    from blues_train.merge import merge
+    from blues_train.mixture.merge import merge
 
     mixture = tmp_path_factory.mktemp("gen_mixture")
     merge([code_store, prose_store], mixture, val_fraction=0.05)

@@ -29,10 +29,10 @@ from blues_train.data.prepare import prepare_dataset
 from blues_train.data.store import read_manifest
 from blues_train.data.tokenizer import EOT_ID
 from blues_train.io.errors import BluesError
-from blues_train.loader import PackedSequenceDataset, WindowPiece
-from blues_train.merge import merge
 from blues_train.metrics import SpikeDetector, document_losses
-from blues_train.mixture import held_out
+from blues_train.mixture.loader import PackedSequenceDataset, WindowPiece
+from blues_train.mixture.merge import merge
+from blues_train.mixture.spec import held_out
 
 SEQ_LEN = 32
 NOISE = "noise.txt:0"

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 
 from blues_train.data.tokenizer import EOT_ID
 from blues_train.io.errors import BluesError
-from blues_train.loader import ChunkCache, PackedSequenceDataset
-from blues_train.merge import merge
+from blues_train.mixture.loader import ChunkCache, PackedSequenceDataset
+from blues_train.mixture.merge import merge
 
 SEQ_LEN = 512
 

@@ -11,9 +11,9 @@ from reference import MASK, blob, splitmix64, store_docs, stream, take, tokens_b
 
 from blues_train import cli
 from blues_train.io.errors import BluesError
-from blues_train.loader import PackedSequenceDataset
-from blues_train.merge import log_on_stderr, merge
-from blues_train.mixture import held_out, read_mixture
+from blues_train.mixture.loader import PackedSequenceDataset
+from blues_train.mixture.merge import log_on_stderr, merge
+from blues_train.mixture.spec import held_out, read_mixture
 
 SEQ_LEN = 512
 

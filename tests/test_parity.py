@@ -14,8 +14,8 @@ from reference import naive_moe
 
 from blues_model import BluesConfig, BluesLM, RunOptions
 from blues_model.moe import MoE
-from blues_train.loader import PackedSequenceDataset
-from blues_train.merge import merge
+from blues_train.mixture.loader import PackedSequenceDataset
+from blues_train.mixture.merge import merge
 
 
 def reference_moe_forward(moe: MoE, x_TD):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from blues_project import write_project
 
-from blues_train.mixture import read_mixture
+from blues_train.mixture.spec import read_mixture
 from pipelines.config import load_project_config
 
 REPO = Path(__file__).resolve().parent.parent

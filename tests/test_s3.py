@@ -27,7 +27,7 @@ from blues_train.io import storage
 from blues_train.io.chunk_files import ChunkFiles
 from blues_train.io.errors import BluesError
 from blues_train.io.folder_lock import object_lease
-from blues_train.verify import verify_paths
+from blues_train.mixture.verify import verify_paths
 
 BLUES = [sys.executable, "-m", "blues_train.cli"]
 
@@ -117,8 +117,8 @@ def test_merge_and_verify_on_s3(s3_stores):
 def test_loader_reads_s3_mixture_through_a_bounded_cache(s3_stores, mixture_dir, tmp_path):
     """The same windows as from local files; the cache never holds more than its bound (plus
     the chunk being read), and a second loader on a warm cache downloads nothing."""
-    from blues_train.loader import PackedSequenceDataset
-    from blues_train.merge import merge
+    from blues_train.mixture.loader import PackedSequenceDataset
+    from blues_train.mixture.merge import merge
 
     merge([s3_stores["code"], s3_stores["prose"]], "s3://data/loader-mixture", val_fraction=0.05)
     local = PackedSequenceDataset(mixture_dir, 64)

@@ -23,8 +23,8 @@ from conftest import FIXTURE_CHUNK_TOKENS
 from blues_train import cli
 from blues_train.data import store
 from blues_train.data.prepare import prepare_dataset
-from blues_train.merge import merge
-from blues_train.verify import verify_paths
+from blues_train.mixture.merge import merge
+from blues_train.mixture.verify import verify_paths
 
 
 @pytest.fixture

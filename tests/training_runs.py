@@ -30,7 +30,7 @@ PARITY_RTOL = 1e-4
 
 @pytest.fixture(scope="session")
 def mixture_dir(code_store, prose_store, tmp_path_factory):
-    from blues_train.merge import merge
+    from blues_train.mixture.merge import merge
 
     def build(out):
         merge([code_store, prose_store], out, val_fraction=0.05)

@@ -25,7 +25,7 @@ from blues_train.data import store
 from blues_train.data.tokenizer import N_VOCAB, tokenizer_mismatch
 from blues_train.io import command_line, storage
 from blues_train.io.errors import BluesError
-from blues_train.mixture import MIXTURE_FILE, mixture_fingerprint, read_mixture, source_manifest
+from blues_train.mixture.spec import MIXTURE_FILE, mixture_fingerprint, read_mixture, source_manifest
 
 SHARE_TOLERANCE = 0.01
 
@@ -263,7 +263,7 @@ def check_source(entry: dict, mixture_file: Path, report: VerifyReport, verified
 
 def check_realized_shares(mixture: dict, mixture_file: Path, report: VerifyReport) -> list[dict]:
     """Target vs realized shares of pass 0 as the loader builds it, and true repeat factors."""
-    from blues_train.loader import realized_shares  # the loader imports torch: only mixtures need it
+    from blues_train.mixture.loader import realized_shares  # the loader imports torch: only mixtures need it
 
     try:
         shares, train_tokens = realized_shares(mixture)

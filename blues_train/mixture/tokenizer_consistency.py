@@ -10,7 +10,7 @@ from blues_train.data import store
 from blues_train.data.tokenizer import N_VOCAB, tokenizer_mismatch
 from blues_train.io import storage
 from blues_train.io.errors import BluesError
-from blues_train.mixture import MIXTURE_FILE, read_mixture
+from blues_train.mixture.spec import MIXTURE_FILE, read_mixture
 
 
 def tokenizer_problems(mixture_dir, model: str | None = None) -> list[str]:

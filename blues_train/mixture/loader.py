@@ -40,7 +40,7 @@ from blues_train.data.tokenizer import EOT_ID
 from blues_train.io import storage
 from blues_train.io.chunk_files import ChunkFiles
 from blues_train.io.errors import BluesError
-from blues_train.mixture import held_out, read_mixture, source_manifest
+from blues_train.mixture.spec import held_out, read_mixture, source_manifest
 
 SPLITS = ("train", "val")
 STATE_VERSION = 1

@@ -3,7 +3,7 @@
 A mixture is one small `mixture.json`, never a copy of the tokens: which stores (by path
 and fingerprint), the share of each, how many tokens each contributes to one pass of the
 mixture (and so how often it repeats), the seed and the validation hold-out rule.
-`blues merge` (`blues_train.merge`) writes it; the loader (`blues_train.loader`) turns it
+`blues merge` (`blues_train.mixture.merge`) writes it; the loader (`blues_train.mixture.loader`) turns it
 into packed training windows; `blues verify` checks it.
 """
 
@@ -91,7 +91,7 @@ class ValidationSplit(Settings):
 
 
 class MixtureFile(Settings):
-    """Every field of `mixture.json` (`blues_train.merge.mixture_manifest` writes it)."""
+    """Every field of `mixture.json` (`blues_train.mixture.merge.mixture_manifest` writes it)."""
 
     format_version: Literal[FORMAT_VERSION]
     kind: Literal["mixture"]

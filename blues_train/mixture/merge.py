@@ -1,7 +1,7 @@
 """`blues merge`: blend token stores into a mixture by **token** share (merge_data.py).
 
 Merging reads only the stores' manifests and writes one `mixture.json` (the format:
-`blues_train.mixture`). Notices and warnings (weights normalized, a source repeated) go
+`blues_train.mixture.spec`). Notices and warnings (weights normalized, a source repeated) go
 to a logger: `blues merge` prints them on stderr, Dagster shows them in its run log.
 """
 
@@ -24,7 +24,7 @@ from blues_train.io import command_line, storage
 from blues_train.io.errors import BluesError
 from blues_train.io.folder_lock import check_held, exclusive_writer
 from blues_train.io.settings import Settings, read_json, validated
-from blues_train.mixture import (
+from blues_train.mixture.spec import (
     DEFAULT_VAL_FRACTION,
     FORMAT_VERSION,
     MIXTURE_FILE,
@@ -32,10 +32,10 @@ from blues_train.mixture import (
     VALIDATION_RULE,
     mixture_fingerprint,
 )
-from blues_train.verify import verify_paths
+from blues_train.mixture.verify import verify_paths
 
 DEFAULT_OUTPUT = "data_cache/merged"
-LOG = logging.getLogger("blues_train.merge")
+LOG = logging.getLogger("blues_train.mixture.merge")
 
 
 def merge(

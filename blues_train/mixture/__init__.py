@@ -1,0 +1,1 @@
+"""Token stores to training windows: the mixture format, merge, verify, the loader."""
