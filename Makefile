@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev]'
 	# DeepSpeed compiles its CPU communication op on first use (minutes on 2 cores, while every
 	# other DeepSpeed process waits on its lock): once here, not inside the first training, into
-	# the folder `blues train` uses (blues_train.train.prepare_shm_op: under the environment).
+	# the folder `blues train` uses (blues_train.training.train.prepare_shm_op: under the environment).
 	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
 	  b = get_accelerator().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $(STAMP)

@@ -34,13 +34,13 @@ import torch
 
 from blues_model import BluesConfig, BluesLM, flops_per_token
 from blues_model.generation import generate
-from blues_train import train
 from blues_train.data.prepare import prepare_dataset
 from blues_train.data.sample_corpus import write_sample_corpus
 from blues_train.mixture.loader import PackedSequenceDataset
 from blues_train.mixture.merge import merge
 from blues_train.mixture.spec import read_mixture
-from blues_train.training_config import TrainingConfig
+from blues_train.training import train
+from blues_train.training.config import TrainingConfig
 
 RESULTS = Path(__file__).parent / "results" / "train_throughput_h200.json"
 # DeepSpeed settings measured against the shipped ds_config.json, Blues-01 at micro-batch 8.

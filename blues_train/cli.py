@@ -1,7 +1,7 @@
 """`blues <command> ARGS`: one console script for every step of the platform.
 
 Each command lives in the module that owns it and exposes `main(argv) -> int`, so
-`blues train ...` and `python -m blues_train.train ...` run the same code.
+`blues train ...` and `python -m blues_train.training.train ...` run the same code.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ COMMANDS = {
     "prepare": ("blues_train.data.prepare", "tokenize raw corpora into a token store (data.py)"),
     "merge": ("blues_train.mixture.merge", "blend token stores into a mixture (merge_data.py)"),
     "verify": ("blues_train.mixture.verify", "check token stores and mixtures, print statistics"),
-    "train": ("blues_train.train", "train a Blues model with DeepSpeed (train.py)"),
+    "train": ("blues_train.training.train", "train a Blues model with DeepSpeed (train.py)"),
     "generate": ("blues_train.generate", "sample text or measure perplexity (generate.py)"),
     "export": ("blues_train.export", "write a checkpoint as a Hugging Face folder (transformers, vLLM)"),
     "lineage": ("blues_train.lineage", "the documents of a training step, its spikes, a document's steps"),

@@ -9,7 +9,7 @@
 Nothing is re-derived by hope. Training records in OUT/metrics.jsonl which global loader
 windows each step consumed and how they were dealt (`windows`, `layout`), and on the first
 step of every start or resume what they are windows of (`data`: mixture, seed, seq_len;
-blues_train/metrics.py). The loader rebuilds the same deterministic plan and maps a window
+blues_train/training/metrics.py). The loader rebuilds the same deterministic plan and maps a window
 number to the documents it holds (`PackedSequenceDataset.window_pieces`), reading only the
 `source` and `index` columns of the chunks involved; the window's rank and micro-batch
 follow from the layout. `--loss` scores the step's windows under a checkpoint (eval mode,
@@ -32,13 +32,13 @@ from typing import Annotated
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from blues_train import metrics
 from blues_train.data import tokenizer
 from blues_train.io import command_line, storage
 from blues_train.io.errors import BluesError
 from blues_train.io.settings import error_line
 from blues_train.mixture.loader import PackedSequenceDataset
 from blues_train.mixture.spec import held_out, read_mixture
+from blues_train.training import metrics
 
 PREVIEW_CHARS = 60
 SCORE_BATCH = 8  # windows per forward under --loss

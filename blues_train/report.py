@@ -14,7 +14,7 @@ import math
 
 from blues_train.io import storage
 from blues_train.io.errors import BluesError
-from blues_train.metrics import METRICS_FILE, expert_utilization
+from blues_train.training.metrics import METRICS_FILE, expert_utilization
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import dagster as dg
 
-from blues_train import checkpoint as checkpoints
 from blues_train.data.prepare import prepare_dataset
 from blues_train.data.raw_corpus import corpus_version
 from blues_train.data.store import read_manifest
@@ -27,6 +26,7 @@ from blues_train.mixture.loader import realized_shares
 from blues_train.mixture.merge import merge
 from blues_train.mixture.spec import read_mixture
 from blues_train.report import checkpoint_figures, evaluate_checkpoint, loss_curve_png, png_markdown, read_metrics
+from blues_train.training import checkpoint as checkpoints
 from pipelines.config import EvalConfig, MergeConfig, ProjectConfig, TrainConfig, with_overrides
 from pipelines.partitions import checkpoint_partitions, dataset_partitions
 from pipelines.resources import BluesProject, dagster_failure
@@ -217,7 +217,7 @@ EXIT_CODE = re.compile(r"failed with code (-?\d+)")
 
 
 @versioned_asset(
-    runs=("blues_train.train", "blues_train.lineage", "blues_train.report"),
+    runs=("blues_train.training.train", "blues_train.lineage", "blues_train.report"),
     deps=[MERGED_DATASET],
     group_name="training",
     kinds={"pytorch", "deepspeed"},

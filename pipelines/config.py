@@ -15,7 +15,7 @@ The file keeps the original `config.json` shape and extends it:
      "schedule": {"retrain_cron": "0 3 * * 0"}}
 
 `datasets` stays exactly the original section, so `blues merge --config` reads the same
-file. `training` holds the fields of `blues_train.training_config.TrainingConfig` (their
+file. `training` holds the fields of `blues_train.training.config.TrainingConfig` (their
 defaults are that class's), except that `out` is the folder of the runs (each run gets
 `out/run-<id>`) and the mixture is `mixture.output`; plus how to launch (`launcher`,
 `num_gpus`), `deepspeed_config` (the `--deepspeed` file) and `args` (more `blues train`
@@ -43,7 +43,7 @@ from blues_train.io.errors import BluesError
 from blues_train.io.settings import Settings, validated
 from blues_train.mixture.merge import DEFAULT_OUTPUT, DatasetsSection, resolve_strategy
 from blues_train.mixture.spec import DEFAULT_VAL_FRACTION
-from blues_train.training_config import TrainingConfig, flag_parser, free_port
+from blues_train.training.config import TrainingConfig, flag_parser, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_ENV = "BLUES_CONFIG"
@@ -158,10 +158,10 @@ class TrainingSettings:
         one process, or DeepSpeed's launcher with N ranks on a free rendezvous port."""
         args = ["--training_config", str(config_file)]
         if self.section.launcher == "python":
-            return [sys.executable, "-m", "blues_train.train", *args]
+            return [sys.executable, "-m", "blues_train.training.train", *args]
         launcher = Path(sys.executable).with_name("deepspeed")
         return [str(launcher), "--num_gpus", str(self.section.num_gpus), "--master_port", str(free_port()),
-                "--module", "blues_train.train", *args]
+                "--module", "blues_train.training.train", *args]
 
 
 @dataclass(frozen=True, kw_only=True)

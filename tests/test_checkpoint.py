@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from blues_train import checkpoint
 from blues_train.io.errors import BluesError
+from blues_train.training import checkpoint
 
 
 def fake_checkpoint(root, step: int):

@@ -17,9 +17,9 @@ import pytest
 import torch
 from training_runs import BIN, ROOT, TRAIN_ARGS, env
 
-from blues_train import checkpoint
 from blues_train.io.errors import BluesError
 from blues_train.report import evaluate_checkpoint
+from blues_train.training import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,7 @@ def test_cross_world_size_conversion_refuses_pickled_code(mixture_dir, two_rank_
     changed = poisoned_copy(source, tmp_path / "changed", marker, rehash=False)
     refused(resume(mixture_dir, changed, tmp_path / "out1"), "changed since the checkpoint was saved")
     rehashed = poisoned_copy(source, tmp_path / "rehashed", marker, rehash=True)
-    refused(resume(mixture_dir, rehashed, tmp_path / "out2", str(BIN / "python"), "-m", "blues_train.train"),
+    refused(resume(mixture_dir, rehashed, tmp_path / "out2", str(BIN / "python"), "-m", "blues_train.training.train"),
             "refused to load")
     assert not marker.exists()
     assert not (rehashed / checkpoint.UNIVERSAL_DIR).exists()

@@ -82,7 +82,7 @@ DEEP = "[" * 100_000 + "]" * 100_000
 def test_deep_json_in_any_file_blues_reads_is_one_line(tmp_path, code_store, mixture_dir, capsys):
     from blues_train.cli import main as blues_main
     from blues_train.mixture.spec import read_mixture
-    from blues_train.training_config import from_flags
+    from blues_train.training.config import from_flags
     from pipelines.config import load_project_config
 
     deep_store, deep_mixture, deep = tmp_path / "store", tmp_path / "mixture", tmp_path / "deep.json"

@@ -9,8 +9,9 @@ import re
 
 import pytest
 
-from blues_train import cli, training_config
+from blues_train import cli
 from blues_train.io import command_line
+from blues_train.training import config as training_config
 
 # blues train's parser is training_config.flag_parser, worded by TrainingConfig's fields; these
 # two say what they take but not that they are off unless given (training_config.py is not ours

@@ -69,7 +69,7 @@ class KillAfterFirstCheckpoint(threading.Thread):
                 if run_dir in self.known:
                     continue
                 for child in psutil.Process().children(recursive=True):
-                    if "blues_train.train" in " ".join(child.cmdline()):
+                    if "blues_train.training.train" in " ".join(child.cmdline()):
                         child.kill()
                         self.killed, self.steps_done = run_dir, len(records(run_dir))
                         return

@@ -22,7 +22,7 @@ from training_runs import BIN, ROOT, TRAIN_ARGS, env
 
 from blues_train.data.prepare import prepare_dataset
 from blues_train.data.store import read_manifest
-from blues_train.training_config import DEFAULT_DS_CONFIG
+from blues_train.training.config import DEFAULT_DS_CONFIG
 
 TOPICS_ROWS = 40  # of the sample corpus' prose/topics.parquet: enough rows for a few documents of each kind
 

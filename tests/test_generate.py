@@ -25,7 +25,7 @@ def run_dir(code_store, prose_store, tmp_path_factory):
     mixture = tmp_path_factory.mktemp("gen_mixture")
     merge([code_store, prose_store], mixture, val_fraction=0.05)
     out = tmp_path_factory.mktemp("gen_run")
-    cmd = [sys.executable, "-m", "blues_train.train", "--data_cache_dir", str(mixture), "--out", str(out),
+    cmd = [sys.executable, "-m", "blues_train.training.train", "--data_cache_dir", str(mixture), "--out", str(out),
            "--model", "tiny", "--max_steps", "2", "--seq_len", "32", "--global_batch_tokens", "128",
            "--eval_sequences", "2", "--lr", "1e-2"]
     result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True,

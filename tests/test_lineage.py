@@ -29,10 +29,10 @@ from blues_train.data.prepare import prepare_dataset
 from blues_train.data.store import read_manifest
 from blues_train.data.tokenizer import EOT_ID
 from blues_train.io.errors import BluesError
-from blues_train.metrics import SpikeDetector, document_losses
 from blues_train.mixture.loader import PackedSequenceDataset, WindowPiece
 from blues_train.mixture.merge import merge
 from blues_train.mixture.spec import held_out
+from blues_train.training.metrics import SpikeDetector, document_losses
 
 SEQ_LEN = 32
 NOISE = "noise.txt:0"
@@ -156,7 +156,7 @@ def train(mixture, out, dump, *extra, ranks: int = 1) -> None:
     """A planted-mixture run on 1 rank, or 2 (DeepSpeed's launcher), its windows dumped to `dump`."""
     launcher = ([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", free_port(), "--module"]
                 if ranks == 2 else [str(BIN / "python"), "-m"])
-    cmd = [*launcher, "blues_train.train", "--data_cache_dir", str(mixture), "--out", str(out), *PLANTED_ARGS, *extra]
+    cmd = [*launcher, "blues_train.training.train", "--data_cache_dir", str(mixture), "--out", str(out), *PLANTED_ARGS, *extra]
     checked(subprocess.run(cmd, cwd=ROOT, env={**env(2 // ranks), "BLUES_WINDOW_DUMP": str(dump)},
                            capture_output=True, text=True, timeout=600))
 

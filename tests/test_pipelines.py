@@ -9,11 +9,11 @@ import dagster as dg
 import pytest
 from blues_project import write_project
 
-from blues_train.checkpoint import read_meta
 from blues_train.data.prepare import prepare_dataset
 from blues_train.io.errors import BluesError
 from blues_train.mixture.merge import merge
 from blues_train.mixture.verify import verify_paths
+from blues_train.training.checkpoint import read_meta
 from pipelines import assets, checks, definitions
 from pipelines.config import EvalConfig, TrainConfig, load_project_config, parse_project_config, with_overrides
 from pipelines.home import ensure_dagster_home

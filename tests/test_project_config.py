@@ -14,7 +14,7 @@ import pytest
 from blues_project import write_project
 
 from blues_train.io.errors import BluesError
-from blues_train.training_config import TrainingConfig
+from blues_train.training.config import TrainingConfig
 from pipelines import definitions
 from pipelines.config import parse_project_config
 

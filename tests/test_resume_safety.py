@@ -20,11 +20,11 @@ import pytest
 from training_runs import ROOT, TRAIN_ARGS, env, one_rank, records
 
 from blues_model import BluesConfig
-from blues_train import checkpoint
 from blues_train.io import storage
 from blues_train.io.errors import BluesError
 from blues_train.io.folder_lock import LEASE_FILE, object_lease
-from blues_train.remote_run import RemoteRun
+from blues_train.training import checkpoint
+from blues_train.training.remote_run import RemoteRun
 
 BLUES = [sys.executable, "-m", "blues_train.cli"]
 

@@ -1,7 +1,7 @@
 """End-to-end training on the CPU: tiny model, real sample data, DeepSpeed with gloo ranks.
 
 DeepSpeed is slow to start, so a few runs are shared by the assertions (tests/training_runs.py):
-    reference   `python -m blues_train.train`, one rank, 8 steps, checkpoints at 4 and 8
+    reference   `python -m blues_train.training.train`, one rank, 8 steps, checkpoints at 4 and 8
     two_ranks   the same under `deepspeed --num_gpus 2` (two CPU ranks, same global batch)
     killed      `blues train`, SIGKILLed after its first checkpoint, then `--resume auto`
 With --micro_batch 1 every micro-batch is one window, on one rank as on two, so the runs
@@ -18,7 +18,7 @@ import time
 import pytest
 from training_runs import BIN, ROOT, STEPS, TRAIN_ARGS, assert_close, checked, env, losses, one_rank, records, two_ranks
 
-from blues_train.checkpoint import complete_checkpoints
+from blues_train.training.checkpoint import complete_checkpoints
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ import time
 import pytest
 from training_runs import STEPS, one_rank, records
 
-from blues_train.metrics import duration
-from blues_train.train import SCHEDULER_NOT_STARTED, cpu_cost
+from blues_train.training.metrics import duration
+from blues_train.training.train import SCHEDULER_NOT_STARTED, cpu_cost
 
 pytestmark = pytest.mark.slow
 

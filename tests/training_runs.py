@@ -1,6 +1,6 @@
 """Real training runs shared by the tests: tiny model, real sample data, DeepSpeed on gloo.
 
-    reference   `python -m blues_train.train`, one rank, 8 steps, checkpoints at 4 and 8
+    reference   `python -m blues_train.training.train`, one rank, 8 steps, checkpoints at 4 and 8
                 (reference_run: its folder and its output)
     two_ranks   the same under `deepspeed --num_gpus 2` (two CPU ranks, same global batch)
 The fixtures are registered in conftest.py; each is built once per test run, also under
@@ -49,14 +49,14 @@ def free_port() -> str:
 
 
 def one_rank(mixture, out, *extra) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "blues_train.train", "--data_cache_dir", str(mixture), "--out", str(out),
+    cmd = [sys.executable, "-m", "blues_train.training.train", "--data_cache_dir", str(mixture), "--out", str(out),
            *TRAIN_ARGS, *extra]
     return checked(subprocess.run(cmd, cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=300))
 
 
 def two_ranks(mixture, out, *extra) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", free_port(), "--module",
-           "blues_train.train", "--data_cache_dir", str(mixture), "--out", str(out), *TRAIN_ARGS, *extra]
+           "blues_train.training.train", "--data_cache_dir", str(mixture), "--out", str(out), *TRAIN_ARGS, *extra]
     return checked(subprocess.run(cmd, cwd=ROOT, env=env(1), capture_output=True, text=True, timeout=300))
 
 

@@ -20,7 +20,7 @@ one file per parameter and state, no rank layout) and loads that with
 
 Nothing in a checkpoint runs code: `meta.json` lists the sha256 of every file saved with it
 (`files`), checked before a resume or `blues generate` uses the folder, and DeepSpeed's
-`.pt` files are read only by weights-only loads (`blues_train.weights_only`).
+`.pt` files are read only by weights-only loads (`blues_train.training.weights_only`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from blues_train.data.store import file_sha256
 from blues_train.io import storage
 from blues_train.io.atomic import FILE_MODE, folder_error, os_error, sync_dir, write_json_atomic
 from blues_train.io.errors import BluesError
-from blues_train.weights_only import weights_only_loads
+from blues_train.training.weights_only import weights_only_loads
 
 FORMAT_VERSION = 2  # 2: meta.json lists every file's sha256
 DEEPSPEED_DIR = "deepspeed"
@@ -152,7 +152,7 @@ def read_meta(folder) -> dict:
 
 def code_version() -> str:
     """`git describe` of the source tree when it is a checkout, else the package version."""
-    source = Path(__file__).resolve().parent.parent
+    source = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=source,
                              capture_output=True, text=True, timeout=10)

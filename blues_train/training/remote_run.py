@@ -40,10 +40,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from blues_train import checkpoint
 from blues_train.data.store import file_sha256
 from blues_train.io import storage
 from blues_train.io.errors import BluesError
+from blues_train.training import checkpoint
 
 META_FILE, MODEL_FILE, CONFIG_FILE = "meta.json", "model.safetensors", "config.json"
 STEP_NAME = re.compile(r"^step-(\d+)$")

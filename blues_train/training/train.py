@@ -2,16 +2,16 @@
 
 One `main`, three ways in:
     blues train --data_cache_dir MIXTURE --out runs/demo --model tiny
-    python -m blues_train.train --data_cache_dir MIXTURE --out runs/demo
-    deepspeed --num_gpus=N --module blues_train.train --data_cache_dir MIXTURE ... --deepspeed ds_config.json
+    python -m blues_train.training.train --data_cache_dir MIXTURE --out runs/demo
+    deepspeed --num_gpus=N --module blues_train.training.train --data_cache_dir MIXTURE ... --deepspeed ds_config.json
 
-The settings are one `TrainingConfig` (blues_train/training_config.py: a flag per field,
+The settings are one `TrainingConfig` (blues_train/training/config.py: a flag per field,
 or `--training_config FILE.json`). `main` takes the run folder's writer lock; `start` builds
 the `Run` (resume point, model, DeepSpeed engine, loaders); `train` loops over
 `Run.train_step`, `step_record`, evaluation and `save`.
 
 DeepSpeed owns the optimizer (AdamW), ZeRO, bf16 (on a GPU) and gradient accumulation, as
-set in `--deepspeed` (default: the shipped `blues_train/ds_config.json`). The batch has one
+set in `--deepspeed` (default: the shipped `blues_train/training/ds_config.json`). The batch has one
 source of truth, `--global_batch_tokens`: global_batch_tokens / seq_len sequences per
 optimizer step = micro_batch x grad_accum x world_size. train.py picks the micro-batch (on a
 GPU the largest that fits, by probing) and writes all three numbers into the DeepSpeed
@@ -36,7 +36,7 @@ position is global); with --micro_batch 1 even the micro-batches, and so the los
 
 Lineage. Every step record says which global loader windows the step consumed
 (`windows`, `layout`; the first record of each start also `data`: mixture, seed, seq_len),
-so `blues lineage` maps a step to its documents exactly (blues_train/metrics.py documents
+so `blues lineage` maps a step to its documents exactly (blues_train/training/metrics.py documents
 the fields). A step whose loss exceeds --spike_factor x the running median of the last
 --spike_window steps is a spike: every rank scores its own windows of that step once more,
 in eval mode under the weights the step left (those a checkpoint of the step holds), and
@@ -59,16 +59,16 @@ from pathlib import Path
 import torch
 
 from blues_model import BluesConfig, BluesLM, flops_per_token
-from blues_train import checkpoint, metrics
 from blues_train.data import tokenizer
 from blues_train.io import storage
 from blues_train.io.errors import BluesError
 from blues_train.io.folder_lock import exclusive_writer
 from blues_train.mixture.loader import PackedSequenceDataset
 from blues_train.mixture.spec import read_mixture
-from blues_train.pipes_bridge import open_reporter
-from blues_train.remote_run import RemoteRun
-from blues_train.training_config import DEFAULT_SEQ_LEN, TrainingConfig, free_port, from_flags
+from blues_train.training import checkpoint, metrics
+from blues_train.training.config import DEFAULT_SEQ_LEN, TrainingConfig, free_port, from_flags
+from blues_train.training.pipes_bridge import open_reporter
+from blues_train.training.remote_run import RemoteRun
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 LR_SCHEDULERS = ("WarmupCosineLR", "WarmupDecayLR")  # those whose length --lr_schedule_steps sets
@@ -151,7 +151,7 @@ def read_ds_config(path: str) -> dict:
     ds_config = storage.read_json(path, "--deepspeed")
     if not isinstance(ds_config, dict) or not isinstance(ds_config.get("optimizer", {}).get("params"), dict):
         raise BluesError(f"--deepspeed {path}: needs a JSON object with an \"optimizer\" section "
-                         "holding \"params\" (see the shipped blues_train/ds_config.json)")
+                         "holding \"params\" (see the shipped blues_train/training/ds_config.json)")
     set_keys = [k for k in BATCH_KEYS if k in ds_config]
     if set_keys:
         raise BluesError(f"--deepspeed {path} sets {', '.join(set_keys)}: remove them; the batch "

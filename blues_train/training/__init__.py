@@ -1,0 +1,1 @@
+"""Mixture to checkpoints: the training configuration, train, checkpoints, metrics, run folders."""
