@@ -1,6 +1,6 @@
 """Decode throughput: Blues-01 greedy tokens/s at batch 1 and 32 (64-token prompts, 256 new
 tokens), Blues' eager loop and its CUDA-graph path (decode.py, both MoE dispatches), against
-Hugging Face `generate` on the exported model (blues_train/export.py) with its dynamic cache
+Hugging Face `generate` on the exported model (blues_train/serving/export.py) with its dynamic cache
 and with `cache_implementation="static"` (which transformers compiles, mode
 "reduce-overhead": its fastest path). bf16 weights, random init (seed 0), random prompts;
 generation never stops early (no end-of-text, `min_new_tokens` for HF). Each figure is
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     torch.manual_seed(0)
     model = BluesLM(config).eval()
-    from blues_train.export import write_export
+    from blues_train.serving.export import write_export
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "hf"

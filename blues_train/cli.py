@@ -16,9 +16,9 @@ COMMANDS = {
     "merge": ("blues_train.mixture.merge", "blend token stores into a mixture (merge_data.py)"),
     "verify": ("blues_train.mixture.verify", "check token stores and mixtures, print statistics"),
     "train": ("blues_train.training.train", "train a Blues model with DeepSpeed (train.py)"),
-    "generate": ("blues_train.generate", "sample text or measure perplexity (generate.py)"),
-    "export": ("blues_train.export", "write a checkpoint as a Hugging Face folder (transformers, vLLM)"),
-    "lineage": ("blues_train.lineage", "the documents of a training step, its spikes, a document's steps"),
+    "generate": ("blues_train.serving.generate", "sample text or measure perplexity (generate.py)"),
+    "export": ("blues_train.serving.export", "write a checkpoint as a Hugging Face folder (transformers, vLLM)"),
+    "lineage": ("blues_train.serving.lineage", "the documents of a training step, its spikes, a document's steps"),
     "sample-corpus": ("blues_train.data.sample_corpus", "write the offline sample corpus"),
 }
 

@@ -25,7 +25,13 @@ from blues_train.io.errors import BluesError
 from blues_train.mixture.loader import realized_shares
 from blues_train.mixture.merge import merge
 from blues_train.mixture.spec import read_mixture
-from blues_train.report import checkpoint_figures, evaluate_checkpoint, loss_curve_png, png_markdown, read_metrics
+from blues_train.serving.report import (
+    checkpoint_figures,
+    evaluate_checkpoint,
+    loss_curve_png,
+    png_markdown,
+    read_metrics,
+)
 from blues_train.training import checkpoint as checkpoints
 from pipelines.config import EvalConfig, MergeConfig, ProjectConfig, TrainConfig, with_overrides
 from pipelines.partitions import checkpoint_partitions, dataset_partitions
@@ -217,7 +223,7 @@ EXIT_CODE = re.compile(r"failed with code (-?\d+)")
 
 
 @versioned_asset(
-    runs=("blues_train.training.train", "blues_train.lineage", "blues_train.report"),
+    runs=("blues_train.training.train", "blues_train.serving.lineage", "blues_train.serving.report"),
     deps=[MERGED_DATASET],
     group_name="training",
     kinds={"pytorch", "deepspeed"},
@@ -263,7 +269,7 @@ def trained_model(
         metadata["model_checkpoint"] = checkpoint_key(context, saved[-1]["step"])
     # The loss spikes training recorded, each with its worst documents (from metrics.jsonl,
     # nothing recomputed) and the `blues lineage` command that lists all of the step's.
-    from blues_train.lineage import spike_rows
+    from blues_train.serving.lineage import spike_rows
 
     spikes = spike_rows(out, saved[-1]["path"] if saved else None)
     metadata["spike_count"] = len(spikes)
@@ -389,7 +395,7 @@ def _record_checkpoints(context: dg.AssetExecutionContext, reported: list[dict],
 
 
 @versioned_asset(
-    runs=("blues_train.report",),
+    runs=("blues_train.serving.report",),
     deps=[trained_model, dg.AssetDep(model_checkpoint, partition_mapping=dg.LastPartitionMapping())],
     group_name="training",
     kinds={"pytorch"},

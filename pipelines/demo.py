@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from blues_train.data.sample_corpus import write_sample_corpus
-from blues_train.report import read_metrics
+from blues_train.serving.report import read_metrics
 
 QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from blues_train.export import DEFAULT_DTYPE, DTYPES, export
 from blues_train.io.errors import BluesError
+from blues_train.serving.export import DEFAULT_DTYPE, DTYPES, export
 from pipelines.assets import _latest_checkpoint, trained_model
 from pipelines.versions import versioned_asset
 
@@ -37,7 +37,7 @@ def usage_markdown(path: str) -> str:
     ])
 
 
-@versioned_asset(runs=("blues_train.export",), deps=[trained_model], group_name="training",
+@versioned_asset(runs=("blues_train.serving.export",), deps=[trained_model], group_name="training",
                  kinds={"huggingface", "safetensors"})
 def hf_model(context: dg.AssetExecutionContext, config: HfExportConfig) -> dg.MaterializeResult:
     """The last trained model's checkpoint exported for transformers, vLLM and

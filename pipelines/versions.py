@@ -8,7 +8,7 @@
 
 So editing `blues_train/mixture/merge.py` gives `merged_dataset` a new code version (and the
 assets downstream of it show "upstream code version changed" in the UI), while editing
-`blues_train/generate.py`, which tokenization never imports, leaves `tokenized_dataset/*`
+`blues_train/serving/generate.py`, which tokenization never imports, leaves `tokenized_dataset/*`
 as it was. `versioned_asset` is `dg.asset` with such a version; `with_source_root` gives
 the same assets the versions they would have with their code under another folder (what
 an edited checkout would load).

@@ -18,7 +18,7 @@ import torch
 from training_runs import BIN, ROOT, TRAIN_ARGS, env
 
 from blues_train.io.errors import BluesError
-from blues_train.report import evaluate_checkpoint
+from blues_train.serving.report import evaluate_checkpoint
 from blues_train.training import checkpoint
 
 pytestmark = pytest.mark.slow

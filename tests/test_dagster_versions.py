@@ -53,7 +53,7 @@ def test_code_versions_follow_the_code_each_asset_runs(source_copy):
     before = shipped
     for module, assets_changed in [
         ("blues_train.mixture.merge", {"merged_dataset"}),
-        ("blues_train.export", {"hf_model"}),
+        ("blues_train.serving.export", {"hf_model"}),
         ("blues_train.data.prepare", set(TOKENIZED)),
         ("blues_model.moe", {"trained_model", "model_eval", "hf_model"}),  # the model is in all three
         ("blues_train.data.sample_corpus", set()),  # nothing the assets run imports it
@@ -79,7 +79,7 @@ def test_a_code_change_marks_the_asset_and_its_downstream_stale(tmp_path, source
                     for key in [*TOKENIZED, "merged_dataset"]}
 
         assert staleness(source_copy) == {key: ("FRESH", set()) for key in [*TOKENIZED, "merged_dataset"]}
-        edit(source_copy, "blues_train.generate")  # tokenization and merging never run it
+        edit(source_copy, "blues_train.serving.generate")  # tokenization and merging never run it
         assert staleness(source_copy) == {key: ("FRESH", set()) for key in [*TOKENIZED, "merged_dataset"]}
 
         # A reader only tokenization runs: tokenization is stale; the mixture is not (its inputs'

@@ -26,11 +26,11 @@ from safetensors.torch import save_file
 
 from blues_model import BluesConfig, BluesLM
 from blues_model.generation import generate
-from blues_train import export
 from blues_train.cli import main as blues_main
 from blues_train.data import tokenizer
 from blues_train.data.sources import SkipLog, discover_sources, iter_documents
 from blues_train.io.errors import BluesError
+from blues_train.serving import export
 from blues_train.training import checkpoint
 
 BLUES = str(Path(sys.executable).parent / "blues")

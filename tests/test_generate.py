@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from blues_train.generate import evaluate_perplexity, load_model, sample_text
 from blues_train.io.errors import BluesError
+from blues_train.serving.generate import evaluate_perplexity, load_model, sample_text
 
 ROOT = Path(__file__).resolve().parents[1]
 BLUES = str(Path(sys.executable).parent / "blues")
@@ -185,7 +185,7 @@ def test_bad_tensors_are_refused(tiny_checkpoint, tmp_path, capsys, change, mess
 LOAD_HUGE = """
 import resource, sys, time
 from blues_train.io.errors import BluesError
-from blues_train.generate import load_model
+from blues_train.serving.generate import load_model
 before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
 try:
     load_model(sys.argv[1], device="cpu")

@@ -24,7 +24,6 @@ import pytest
 from reference import take
 from training_runs import BIN, ROOT, TRAIN_ARGS, checked, env, free_port, losses, records
 
-from blues_train import lineage
 from blues_train.data.prepare import prepare_dataset
 from blues_train.data.store import read_manifest
 from blues_train.data.tokenizer import EOT_ID
@@ -32,6 +31,7 @@ from blues_train.io.errors import BluesError
 from blues_train.mixture.loader import PackedSequenceDataset, WindowPiece
 from blues_train.mixture.merge import merge
 from blues_train.mixture.spec import held_out
+from blues_train.serving import lineage
 from blues_train.training.metrics import SpikeDetector, document_losses
 
 SEQ_LEN = 32

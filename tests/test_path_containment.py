@@ -17,10 +17,10 @@ from s3_server import upload_tree
 from test_s3 import blues, one_line_error
 from training_runs import TRAIN_ARGS
 
-from blues_train import export
 from blues_train.io import storage
 from blues_train.io.chunk_files import ChunkFiles
 from blues_train.io.errors import BluesError
+from blues_train.serving import export
 from blues_train.training import remote_run
 
 ESCAPE = "../" * 40  # more parents than any test folder has: from there, a path from /

@@ -22,7 +22,7 @@ Lineage. The plan of a pass maps every packed position back to a document, so a 
 window number tells exactly which documents it holds (`window_pieces`: no I/O), and
 `document_ids` names them (raw file, sha256, index in the file) reading only the `source`
 and `index` columns of the chunks involved; `document_windows` answers the reverse
-question. `blues lineage` (blues_train/lineage.py) is built on these.
+question. `blues lineage` (blues_train/serving/lineage.py) is built on these.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Only rank 0 builds a `MetricsLog`. A record is a flat dict with at least `step` 
 `loss`; `time` is when the step ended (unix seconds); `experts` holds one entry per MoE
 layer (see `expert_utilization`).
 
-Lineage (train.py writes them, blues_train/lineage.py reads them):
+Lineage (train.py writes them, blues_train/serving/lineage.py reads them):
 - `windows`: [first, end), the global loader windows the step consumed; `layout`:
   {world_size, micro_batch, grad_accum}. Window g of the step went to rank (g - first) %
   world_size, as that rank's i-th window of the step, i = (g - first) // world_size: in

@@ -400,7 +400,7 @@ def main(argv=None) -> int:
         stream = open_stream(data, args.mixture)
         model = None
         if args.loss:
-            from blues_train.generate import checkpoint_folder, load_model
+            from blues_train.serving.generate import checkpoint_folder, load_model
 
             model = load_model(args.checkpoint, args.device)
         report = step_lineage(stream, record, model)

@@ -85,8 +85,8 @@ def evaluate_checkpoint(checkpoint, mixture_dir, *, seq_len: int, windows: int,
     expert utilization on them, and one sample per prompt."""
     import torch
 
-    from blues_train.generate import load_model, sample_text
     from blues_train.mixture.loader import PackedSequenceDataset
+    from blues_train.serving.generate import load_model, sample_text
 
     model = load_model(checkpoint)
     val = PackedSequenceDataset(mixture_dir, seq_len, seed=seed, split="val")

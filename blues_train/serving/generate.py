@@ -4,7 +4,7 @@
     blues generate --checkpoint runs/demo/checkpoints/step-000100 --eval_file notes.txt
 
 Python API:
-    from blues_train.generate import load_model, sample_text
+    from blues_train.serving.generate import load_model, sample_text
     model = load_model("runs/demo/checkpoints/step-000100")
     print(sample_text(model, prompt="Once", max_length=40, temperature=0.8, top_p=0.95, top_k=50))
 

@@ -52,7 +52,6 @@ from safetensors.torch import save_file
 
 from blues_model import BluesConfig, BluesLM
 from blues_train.data import tokenizer
-from blues_train.generate import checkpoint_folder, load_model
 from blues_train.io import command_line, storage
 from blues_train.io.atomic import (
     FILE_MODE,
@@ -66,7 +65,8 @@ from blues_train.io.atomic import (
 )
 from blues_train.io.errors import BluesError
 from blues_train.io.folder_lock import exclusive_writer
-from blues_train.model_card import model_card, training_lineage
+from blues_train.serving.generate import checkpoint_folder, load_model
+from blues_train.serving.model_card import model_card, training_lineage
 from blues_train.training import checkpoint, remote_run
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -1,0 +1,1 @@
+"""Checkpoints to answers: generate, export, report, lineage of a trained run."""
