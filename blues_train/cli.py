@@ -16,6 +16,7 @@ from blues_train.errors import BluesError
 
 COMMANDS = {
     "prepare": ("blues_train.prepare", "tokenize raw corpora into a token store (data.py)"),
+    "dedup": ("blues_train.dedup", "find exact and near-duplicate documents across token stores"),
     "merge": ("blues_train.merge", "blend token stores into a mixture (merge_data.py)"),
     "verify": ("blues_train.verify", "check token stores and mixtures, print statistics"),
     "train": ("blues_train.train", "train a Blues model with DeepSpeed (train.py)"),
