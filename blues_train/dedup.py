@@ -383,9 +383,9 @@ def summary(record: dict, out: Path) -> str:
 
 # Applying a result to a mixture: merge records it, the loader drops what it removed.
 
-def mixture_record(folder, fingerprints: list[str]) -> dict:
+def mixture_record(folder, fingerprints: list[str]) -> tuple[dict, dict]:
     """What `mixture.json` records of the dedup result in `folder` for sources of these
-    store fingerprints; BluesError if one was not an input of it."""
+    store fingerprints, and its dedup.json; BluesError if one was not an input of it."""
     record = read_result(folder)
     read_removals(folder, record)
     inputs = {entry["fingerprint"] for entry in record["inputs"]}
@@ -393,12 +393,15 @@ def mixture_record(folder, fingerprints: list[str]) -> dict:
         if fingerprint not in inputs:
             raise BluesError(f"--dedup {folder}: a dataset (fingerprint {fingerprint[:16]}) was not among its "
                              "--datasets, or changed since; run `blues dedup` again with every dataset")
-    return {"path": storage.display(folder), "fingerprint": record["fingerprint"]}
+    return {"path": storage.display(folder), "fingerprint": record["fingerprint"]}, record
 
 
-def removed_tokens(record: dict, fingerprint: str) -> int:
-    return sum(row["removed_tokens"] for row, entry in zip(record["counts"], record["inputs"])
-               if entry["fingerprint"] == fingerprint)
+def removal_counts(record: dict, fingerprint: str) -> dict:
+    """Documents and tokens the result removes from the store of `fingerprint`."""
+    for row, entry in zip(record["counts"], record["inputs"]):
+        if entry["fingerprint"] == fingerprint:
+            return {"docs": sum(row[reason] for reason in REASONS), "tokens": row["removed_tokens"]}
+    return {"docs": 0, "tokens": 0}
 
 
 def current_result(mixture: dict) -> dict:

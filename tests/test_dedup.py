@@ -179,3 +179,68 @@ def test_an_edited_result_is_refused(planted, result, tmp_path):
     (copy / "dedup.json").write_text(json.dumps(record))
     with pytest.raises(BluesError, match="edited after"):
         dedup.read_result(copy)
+
+
+@pytest.fixture(scope="module")
+def deduplicated_mixture(planted, result):
+    from blues_train.merge import merge
+
+    out = result.parent / "mixture"
+    merge([planted["stores"]["A"], planted["stores"]["B"]], out, strategy="proportional", val_fraction=0.2,
+          dedup=result)
+    return out
+
+
+def trained_documents(mixture_dir, split: str) -> set:
+    """(store letter, record index) of every document in one pass of the split."""
+    from blues_train.loader import PackedSequenceDataset
+
+    data = PackedSequenceDataset(mixture_dir, seq_len=64, split=split)
+    pieces = [p for w in range(data.num_windows(0)) for p in data.window_pieces(w)]
+    return {(d.dataset[-1], d.index) for d in data.document_ids(pieces)}
+
+
+def test_merge_records_the_result_and_shares_are_over_what_remains(planted, result, deduplicated_mixture):
+    from blues_train.mixture import read_mixture
+
+    mixture = read_mixture(deduplicated_mixture)
+    record = dedup.read_result(result)
+    assert mixture["dedup"] == {"path": str(result), "fingerprint": record["fingerprint"]}
+    for source, counts in zip(mixture["sources"], record["counts"]):
+        total = store.read_manifest(source["path"])["totals"]
+        assert source["docs"] == total["docs"] - counts["exact"] - counts["near"]
+    remaining = [store.read_manifest(s["path"])["totals"]["tokens"] - c["removed_tokens"]
+                 for s, c in zip(mixture["sources"], record["counts"])]
+    assert mixture["sources"][0]["weight"] == pytest.approx(remaining[0] / sum(remaining))
+
+
+def test_loader_never_yields_removed_documents(planted, deduplicated_mixture):
+    removed = set(planted["expected"])
+    seen = trained_documents(deduplicated_mixture, "train") | trained_documents(deduplicated_mixture, "val")
+    assert not seen & removed
+    everything = {(name, i) for name, path in planted["stores"].items() for i in documents(path)}
+    assert seen == everything - removed
+
+
+def test_verify_reports_a_result_changed_since_the_merge(planted, deduplicated_mixture, tmp_path):
+    import shutil
+
+    from blues_train.verify import verify_paths
+
+    assert verify_paths([deduplicated_mixture]).ok
+    moved = tmp_path / "m"
+    shutil.copytree(deduplicated_mixture, moved)
+    record = json.loads((moved / "mixture.json").read_text())
+    folder = tmp_path / "dedup_again"
+    dedup.dedup([planted["stores"]["A"], planted["stores"]["B"]], folder, near=False, say=lambda *_: None)
+    record["dedup"]["path"] = str(folder)  # a different result where the merged one was
+    (moved / "mixture.json").write_text(json.dumps(record))
+    report = verify_paths([moved])
+    assert any("dedup result changed after merging" in line for line in report.problem_lines())
+
+
+def test_merge_refuses_a_result_without_the_dataset(planted, code_store, result, tmp_path):
+    from blues_train.merge import merge
+
+    with pytest.raises(BluesError, match="was not among its --datasets"):
+        merge([planted["stores"]["A"], code_store], tmp_path / "m", dedup=result)
