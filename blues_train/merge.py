@@ -271,7 +271,8 @@ def flag_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help='config.json with {"datasets": {"paths", "weights", '
                         '"merge_strategy"}}; flags given here win (default: none)')
     parser.add_argument("--verify", action="store_true", help="verify the datasets first")
-    parser.add_argument("--dedup", help="a `blues dedup` result folder: its removed documents are left out")
+    parser.add_argument("--dedup", help="a `blues dedup` result folder: its removed documents are left out "
+                        "(default: none, every document)")
     return parser
 
 
