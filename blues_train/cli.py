@@ -13,6 +13,7 @@ from blues_train.io.command_line import run_command, underscored
 
 COMMANDS = {
     "prepare": ("blues_train.data.prepare", "tokenize raw corpora into a token store (data.py)"),
+    "dedup": ("blues_train.mixture.dedup", "find exact and near-duplicate documents across token stores"),
     "merge": ("blues_train.mixture.merge", "blend token stores into a mixture (merge_data.py)"),
     "verify": ("blues_train.mixture.verify", "check token stores and mixtures, print statistics"),
     "train": ("blues_train.training.train", "train a Blues model with DeepSpeed (train.py)"),

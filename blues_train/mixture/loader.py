@@ -232,10 +232,23 @@ def load_sources(mixture: dict, split: str, files: ChunkFiles | None = None):
             n_tokens.append(chunk["n_tokens"])
         chunk_ids, starts, lengths, rows = (np.concatenate(p) for p in zip(*parts))
         sources.append(Source(chunk_ids, starts, lengths, rows, per_pass=entry["tokens"]))
+    if mixture.get("dedup"):
+        drop_deduplicated(sources, mixture, np.cumsum([0] + [len(m["chunks"]) for m in manifests]).tolist())
     if split == "val":  # every held-out document once, of the sources the mixture trains on
         for source, entry in zip(sources, mixture["sources"]):
             source.per_pass = source.tokens if entry["tokens"] > 0 else 0
     return sources, paths, n_tokens, chunks
+
+
+def drop_deduplicated(sources: list[Source], mixture: dict, first_chunks: list[int]) -> None:
+    """Leave out of each source's table the documents the mixture's dedup result removed
+    (`first_chunks`: each source's first index in the mixture's chunk list)."""
+    from blues_train.mixture import dedup
+
+    for source, first, removed in zip(sources, first_chunks, dedup.removed_rows(mixture)):
+        keep = dedup.keep_mask(source.chunk - first, source.row, removed)
+        source.chunk, source.start, source.length, source.row = (
+            column[keep] for column in (source.chunk, source.start, source.length, source.row))
 
 
 def chunk_documents(path, manifest: dict, chunk_id: int, fraction: float, split: str):

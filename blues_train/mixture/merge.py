@@ -48,6 +48,7 @@ def merge(
     seed=0,
     val_fraction=DEFAULT_VAL_FRACTION,
     verify=False,
+    dedup=None,
     log: logging.Logger = LOG,
     progress: bool = False,
 ) -> dict:
@@ -55,12 +56,15 @@ def merge(
 
     No weights and no strategy means `equal`; weights means `weighted`; `proportional`
     weighs by token counts. Every check runs before anything is written. `progress`: a bar
-    of the verification on a terminal's stderr.
+    of the verification on a terminal's stderr. `dedup`: a `blues dedup` result folder whose
+    removed documents the mixture leaves out (shares are over what remains).
     """
     strategy = resolve_strategy(strategy, weights)
     paths = [storage.path(d) for d in datasets]
     manifests = read_sources(paths)
     check_options(num_tokens, val_fraction, seed, storage.path(out_dir))
+    if dedup is not None:
+        manifests = deduplicated(manifests, dedup)
     shares = target_shares(strategy, weights, manifests, paths, log)
     if verify:
         verify_sources(paths, progress)
@@ -92,8 +96,25 @@ def mixture_manifest(strategy, weights, shares, paths, manifests, num_tokens, se
         "validation": {"fraction": float(val_fraction), "rule": VALIDATION_RULE},
         "tokenizer": manifests[0]["tokenizer"],
     }
+    if "dedup" in manifests[0]:
+        manifest["dedup"] = manifests[0]["dedup"]
     manifest["fingerprint"] = mixture_fingerprint(manifest)
     return manifest
+
+
+def deduplicated(manifests: list[dict], folder) -> list[dict]:
+    """The store manifests as a dedup result leaves them: totals of the remaining documents,
+    and the result's record (`dedup`) for mixture.json."""
+    from blues_train.mixture import dedup  # only a merge with --dedup reads Parquet
+
+    entry, result = dedup.mixture_record(folder, [m["fingerprint"] for m in manifests])
+    out = []
+    for manifest in manifests:
+        counts = dedup.removal_counts(result, manifest["fingerprint"])
+        totals = {"docs": manifest["totals"]["docs"] - counts["docs"],
+                  "tokens": manifest["totals"]["tokens"] - counts["tokens"]}
+        out.append({**manifest, "totals": totals, "dedup": entry})
+    return out
 
 
 def resolve_strategy(strategy, weights) -> str:
@@ -257,6 +278,8 @@ def flag_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help='config.json with {"datasets": {"paths", "weights", '
                         '"merge_strategy"}}; flags given here win (default: none)')
     parser.add_argument("--verify", action="store_true", help="verify the datasets first")
+    parser.add_argument("--dedup", help="a `blues dedup` result folder: its removed documents are left out "
+                        "(default: none, every document)")
     return parser
 
 
@@ -301,6 +324,7 @@ def main(argv: list[str]) -> int:
             seed=args.seed,
             val_fraction=args.val_fraction,
             verify=args.verify,
+            dedup=args.dedup,
             log=log,
             progress=True,
         )

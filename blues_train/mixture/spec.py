@@ -90,6 +90,13 @@ class ValidationSplit(Settings):
     rule: str
 
 
+class DedupRecord(Settings):
+    """The dedup result (`blues dedup`) whose removed documents the loader drops."""
+
+    path: str = Field(min_length=1)
+    fingerprint: store.Sha256
+
+
 class MixtureFile(Settings):
     """Every field of `mixture.json` (`blues_train.mixture.merge.mixture_manifest` writes it)."""
 
@@ -103,6 +110,7 @@ class MixtureFile(Settings):
     total_tokens: int = Field(gt=0)
     validation: ValidationSplit
     tokenizer: store.TokenizerRecord
+    dedup: DedupRecord | None = None
     fingerprint: store.Sha256
 
 
@@ -114,6 +122,8 @@ def mixture_fingerprint(manifest: dict) -> str:
         "seed": manifest["seed"],
         "validation": manifest["validation"],
     }
+    if manifest.get("dedup"):  # a mixture without one keeps the identity it always had
+        identity["dedup"] = manifest["dedup"]["fingerprint"]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

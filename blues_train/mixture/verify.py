@@ -223,6 +223,8 @@ def verify_mixture(path: Path, report: VerifyReport, verified: set[Path], progre
     check_shares(mixture, mixture_file, report)
     for entry in mixture["sources"]:
         check_source(entry, mixture_file, report, verified, progress)
+    if mixture.get("dedup"):
+        check_dedup(mixture, mixture_file, report)
     stats = {"path": str(path), "fingerprint": mixture["fingerprint"],
              "strategy": mixture["strategy"], "total_tokens": mixture["total_tokens"],
              "sources": []}
@@ -259,6 +261,18 @@ def check_source(entry: dict, mixture_file: Path, report: VerifyReport, verified
         problem = Problem(str(manifest_file), str(exc).removeprefix(f"{manifest_file}: "))
         if problem not in report.problems:  # an unreadable manifest, which verify_store reported
             report.problems.append(problem)
+
+
+def check_dedup(mixture: dict, mixture_file: Path, report: VerifyReport) -> None:
+    """The dedup result the mixture was merged with is still the one it recorded, whole,
+    and was computed from these stores."""
+    from blues_train.mixture import dedup
+
+    try:
+        dedup.current_result(mixture)
+        dedup.mixture_record(mixture["dedup"]["path"], [s["fingerprint"] for s in mixture["sources"]])
+    except BluesError as exc:
+        report.add(mixture_file, f"dedup: {exc}")
 
 
 def check_realized_shares(mixture: dict, mixture_file: Path, report: VerifyReport) -> list[dict]:
