@@ -20,6 +20,8 @@ COMMANDS = {
     "train": ("blues_train.train", "train a Blues model with DeepSpeed (train.py)"),
     "generate": ("blues_train.generate", "sample text or measure perplexity (generate.py)"),
     "export": ("blues_train.export", "write a checkpoint as a Hugging Face folder (transformers, vLLM)"),
+    "eval": ("blues_train.evaluation", "score a checkpoint on lm-evaluation-harness tasks"),
+    "eval-tasks": ("blues_train.eval_tasks", "write offline harness tasks from a mixture's held-out documents"),
     "lineage": ("blues_train.lineage", "the documents of a training step, its spikes, a document's steps"),
     "sample-corpus": ("blues_train.sample_corpus", "write the offline sample corpus"),
 }

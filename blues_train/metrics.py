@@ -90,15 +90,9 @@ def token_losses(model, input_ids, labels):
     so no logits of the whole batch are ever held."""
     import torch
 
-    hidden = []
-    handle = model.norm.register_forward_hook(lambda module, args, out: hidden.append(out))
-    try:
-        with torch.no_grad():
-            model(input_ids, last_only=True)
-    finally:
-        handle.remove()
+    hidden = final_hidden(model, input_ids)
     with torch.no_grad():
-        h_ND, target_N = hidden[0].flatten(0, 1), labels.flatten()
+        h_ND, target_N = hidden.flatten(0, 1), labels.flatten()
         weight, vocab = model.embed.weight, model.config.vocab_size
         chunk = model.options.loss_chunk_tokens
         losses = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
@@ -107,6 +101,21 @@ def token_losses(model, input_ids, labels):
             target = logits.gather(1, target_N[s:s + chunk, None]).squeeze(1)
             losses[s:s + chunk] = logits.logsumexp(-1) - target
     return losses.view(labels.shape)
+
+
+def final_hidden(model, input_ids):
+    """[B, T, d_model]: the model's final-norm outputs (what its head reads) for `input_ids`,
+    taken from its own forward by a hook, without logits of the whole batch; no gradients."""
+    import torch
+
+    hidden = []
+    handle = model.norm.register_forward_hook(lambda module, args, out: hidden.append(out))
+    try:
+        with torch.no_grad():
+            model(input_ids, last_only=True)
+    finally:
+        handle.remove()
+    return hidden[0]
 
 
 def document_losses(windows) -> list[dict]:
