@@ -177,18 +177,23 @@ class MetricsLog:
             self.jsonl.flush()
         except OSError as exc:  # a torn last line is dropped on resume (keep_until)
             raise os_error(exc, self.out_dir / METRICS_FILE) from None
-        step = record["step"]
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(key, value, step)
-        for layer in record.get("experts", []):
-            for key in ("entropy", "max_load", "min_load"):
-                self.tensorboard.add_scalar(f"experts/layer{layer['layer']}/{key}", layer[key], step)
+        for key, value in scalars(record).items():
+            self.tensorboard.add_scalar(key, value, record["step"])
         print(format_line(record), flush=True)
 
     def close(self) -> None:
         self.jsonl.close()
         self.tensorboard.close()
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The plotted figures of a step record: its numbers (not the step) and each MoE layer's
+    `experts/layer<N>/entropy`, `max_load` and `min_load` (TensorBoard and MLflow alike)."""
+    figures = {key: value for key, value in record.items() if key != "step" and isinstance(value, (int, float))}
+    for layer in record.get("experts", []):
+        for key in ("entropy", "max_load", "min_load"):
+            figures[f"experts/layer{layer['layer']}/{key}"] = layer[key]
+    return figures
 
 
 def format_line(record: dict) -> str:

@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 
 from blues_model import BluesConfig, BluesLM, flops_per_token
-from blues_train import checkpoint, metrics, storage, tokenizer
+from blues_train import checkpoint, metrics, storage, tokenizer, tracking
 from blues_train.errors import BluesError
 from blues_train.folder_lock import exclusive_writer
 from blues_train.loader import PackedSequenceDataset
@@ -248,6 +248,7 @@ class Run:
     start_step: int
     spike_history: tuple = ()  # the losses before start_step that spike detection continues from
     mirror: RemoteRun | None = None  # a remote --out: where each checkpoint is uploaded (rank 0)
+    tracker: tracking.Off = tracking.Off()  # where rank 0 also logs steps and checkpoints (--tracking)
 
     def __post_init__(self):
         self.stream = iter(self.train_data)
@@ -361,6 +362,7 @@ def train(cfg: TrainingConfig, mirror: RemoteRun | None = None) -> int:
     run = start(cfg)
     run.mirror = mirror
     cfg = run.cfg  # with seq_len resolved
+    run.tracker = tracking.tracker(cfg, run.mixture, run.start_step, run.rank)
     log = None
     if run.rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
@@ -386,6 +388,7 @@ def train(cfg: TrainingConfig, mirror: RemoteRun | None = None) -> int:
                 record["val_perplexity"] = math.exp(record["val_loss"])
             if log:
                 log.write(record)
+                run.tracker.log_step(record)
                 reporter.log(metrics.format_line(record))
             if step % cfg.save_interval == 0 or step == cfg.max_steps:
                 save(run, step, record, reporter)
@@ -396,6 +399,7 @@ def train(cfg: TrainingConfig, mirror: RemoteRun | None = None) -> int:
                              "steps": cfg.max_steps, "last_checkpoint": last_saved})
     if log:
         log.close()
+    run.tracker.finish()
     if mirror is not None:
         mirror.push_logs()
     return 0
@@ -507,6 +511,7 @@ def save(run: Run, step: int, record: dict, reporter) -> None:
                             meta=run.checkpoint_meta(step, record), keep_last=run.cfg.keep_last)
     if saved:
         print(f"checkpoint {saved}", flush=True)
+        run.tracker.log_checkpoint(saved, checkpoint.read_meta(saved)["files"][checkpoint.MODEL_FILE])
         if run.mirror is not None:  # uploaded after the local atomic save, meta.json last
             run.mirror.push_checkpoint(saved, run.cfg.keep_last)
             print(f"uploaded {run.mirror.checkpoints / saved.name}", flush=True)
