@@ -10,7 +10,7 @@ Every document the mixture holds out for validation (never trained on) can becom
                          or one from another held-out document (acc, acc_norm)
 OUT gets one task YAML and one JSON-lines data file per task (`dataset_path: json`, the
 data file by its absolute path), so the harness reads them with --include_path and no
-network. Items are drawn with --seed; the same mixture and seed give the same files.
+network. A task the held-out documents are too few for is skipped (and said so). Items are drawn with --seed; the same mixture and seed give the same files.
 """
 
 from __future__ import annotations
@@ -105,13 +105,13 @@ def task_yaml(name: str, data_file: Path) -> str:
 
 
 def write_tasks(mixture_dir, out, seed: int = 0) -> dict[str, int]:
-    """Write the tasks into folder `out`; {task name: items}."""
+    """Write into folder `out` every task the held-out documents give items for; {task name: items}."""
     texts = held_out_texts(mixture_dir)
     tasks = {CLOZE: cloze_items(texts), NEXT_PASSAGE: next_passage_items(texts, np.random.default_rng(seed))}
-    empty = [name for name, items in tasks.items() if not items]
-    if empty:
-        raise BluesError(f"--mixture {mixture_dir}: its {len(texts)} held-out documents give no items for "
-                         f"{', '.join(empty)}; merge with a larger --val_fraction")
+    tasks = {name: items for name, items in tasks.items() if items}
+    if not tasks:
+        raise BluesError(f"--mixture {mixture_dir}: its {len(texts)} held-out documents give no task items; "
+                         "merge with a larger --val_fraction")
     out = Path(out).resolve()
     for name, items in tasks.items():
         data_file = out / f"{name}.jsonl"
@@ -133,8 +133,12 @@ def main(argv=None) -> int:
     if storage.is_remote(args.out):
         raise BluesError(f"--out {args.out}: task folders are local (the harness reads them from disk)")
     check_output_folder(args.out, "--out")
-    for name, count in write_tasks(args.mixture, args.out, args.seed).items():
-        print(f"{name}: {count} items -> {Path(args.out) / (name + '.yaml')}")
+    written = write_tasks(args.mixture, args.out, args.seed)
+    for name in (CLOZE, NEXT_PASSAGE):
+        if name in written:
+            print(f"{name}: {written[name]} items -> {Path(args.out) / (name + '.yaml')}")
+        else:
+            print(f"{name}: skipped, too few held-out documents (merge with a larger --val_fraction)")
     return 0
 
 
