@@ -8,7 +8,7 @@ One invocation trains the same tiny run (the sample corpus' mixture, one CPU ran
 (b) the time the tracking hook itself takes on the step path (`MlflowRun.log_step`: the
     metrics handed to MLflow's asynchronous queue) per step, against the mean step time.
 
-    .venv/bin/python benchmarks/tracking_overhead.py [--steps 40] [--rounds 3]
+    .venv/bin/python benchmarks/tracking_overhead.py [--steps 20] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def one_run(mixture: Path, out: Path, steps: int, mode: str) -> LoopClock:
     clock = LoopClock()
     clock.install()
     args = ["--data_cache_dir", str(mixture), "--out", str(out), "--model", "tiny", "--max_steps", str(steps),
-            "--seq_len", "64", "--global_batch_tokens", "512", "--micro_batch", "8", "--eval_interval", "1000",
+            "--seq_len", "32", "--global_batch_tokens", "256", "--micro_batch", "8", "--eval_interval", "1000",
             "--save_interval", "100000", "--tracking", mode]
     train.main(args)
     clock.last = time.perf_counter()
@@ -97,8 +97,8 @@ def one_run(mixture: Path, out: Path, steps: int, mode: str) -> LoopClock:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
