@@ -19,6 +19,8 @@ COMMANDS = {
     "train": ("blues_train.training.train", "train a Blues model with DeepSpeed (train.py)"),
     "generate": ("blues_train.serving.generate", "sample text or measure perplexity (generate.py)"),
     "export": ("blues_train.serving.export", "write a checkpoint as a Hugging Face folder (transformers, vLLM)"),
+    "eval": ("blues_train.serving.evaluation", "score a checkpoint on lm-evaluation-harness tasks"),
+    "eval-tasks": ("blues_train.serving.eval_tasks", "write offline harness tasks from a mixture's held-out documents"),
     "lineage": ("blues_train.serving.lineage", "the documents of a training step, its spikes, a document's steps"),
     "sample-corpus": ("blues_train.data.sample_corpus", "write the offline sample corpus"),
 }

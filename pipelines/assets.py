@@ -33,6 +33,7 @@ from blues_train.serving.report import (
     read_metrics,
 )
 from blues_train.training import checkpoint as checkpoints
+from blues_train.training.tracking import run_link
 from pipelines.config import EvalConfig, MergeConfig, ProjectConfig, TrainConfig, with_overrides
 from pipelines.partitions import checkpoint_partitions, dataset_partitions
 from pipelines.resources import BluesProject, dagster_failure
@@ -264,6 +265,9 @@ def trained_model(
         "loss_curve": dg.MetadataValue.md(png_markdown(loss_curve_png(out), "training loss")),
         "mixture_fingerprint": lineage["mixture_fingerprint"],
     }
+    link = run_link(out)  # the MLflow run of `--tracking mlflow`
+    if link:
+        metadata["mlflow_run"] = dg.MetadataValue.url(link) if link.startswith("http") else link
     if saved:
         metadata["checkpoint"] = dg.MetadataValue.path(saved[-1]["path"])
         metadata["model_checkpoint"] = checkpoint_key(context, saved[-1]["step"])
@@ -395,7 +399,7 @@ def _record_checkpoints(context: dg.AssetExecutionContext, reported: list[dict],
 
 
 @versioned_asset(
-    runs=("blues_train.serving.report",),
+    runs=("blues_train.serving.report", "blues_train.serving.evaluation"),
     deps=[trained_model, dg.AssetDep(model_checkpoint, partition_mapping=dg.LastPartitionMapping())],
     group_name="training",
     kinds={"pytorch"},
@@ -417,8 +421,11 @@ def model_eval(
         top_k=ev.top_k,
     )
     samples = "\n\n".join(f"**{s['prompt']!r}** →\n```\n{s['text']}\n```" for s in report["samples"])
+    with dagster_failure():
+        harness = harness_scores(checkpoint, ev, cfg.path.parent) if ev.tasks else {}
     return dg.MaterializeResult(
         metadata={
+            **harness,
             "perplexity": dg.MetadataValue.float(report["perplexity"]),
             "val_loss": dg.MetadataValue.float(report["val_loss"]),
             "val_tokens": dg.MetadataValue.int(report["val_tokens"]),
@@ -433,6 +440,17 @@ def model_eval(
             "weights_sha256": meta.get("files", {}).get(checkpoints.MODEL_FILE, ""),
         }
     )
+
+
+def harness_scores(checkpoint: Path, ev, root: Path) -> dict:
+    """`blues eval` of `evaluation.tasks` on the checkpoint: each score as numeric metadata
+    `lm_eval/<task>/<metric>` (plotted across checkpoints), and the results file."""
+    from blues_train.serving import evaluation
+
+    include_path = str(root / ev.include_path) if ev.include_path else None
+    results = evaluation.evaluate(checkpoint, list(ev.tasks), include_path, ev.limit)
+    scores = {f"lm_eval/{name}": dg.MetadataValue.float(value) for name, value in evaluation.scores(results).items()}
+    return {**scores, "lm_eval_results": dg.MetadataValue.path(str(evaluation.write_results(results)))}
 
 
 def chosen_checkpoint(context: dg.AssetExecutionContext, key: str | None) -> tuple[str, Path]:

@@ -11,7 +11,8 @@ The file keeps the original `config.json` shape and extends it:
      "training": {"model": "tiny", "out": "runs", "launcher": "python", "num_gpus": 1,
                   "max_steps": 60, ...},  # any `blues train` setting (TrainingConfig)
      "evaluation": {"prompts": ["def "], "max_length": 40, "temperature": 0.8,
-                    "top_k": 40, "val_windows": 8},
+                    "top_k": 40, "val_windows": 8,
+                    "tasks": [], "include_path": null, "limit": null},  # blues eval tasks
      "schedule": {"retrain_cron": "0 3 * * 0"}}
 
 `datasets` stays exactly the original section, so `blues merge --config` reads the same
@@ -89,6 +90,9 @@ class EvaluationSection(Settings):
     temperature: float = Field(0.8, ge=0, allow_inf_nan=False)
     top_k: int = Field(40, ge=0)
     val_windows: int = Field(8, ge=1)
+    tasks: list[str] = []  # lm-evaluation-harness tasks model_eval also scores (blues eval); none by default
+    include_path: str | None = None  # folder of task YAMLs (blues eval-tasks --out), relative to this file
+    limit: int | None = Field(None, ge=1)  # examples per task
 
 
 class ScheduleSection(Settings):
@@ -218,6 +222,9 @@ class EvalConfig(dg.Config):
     temperature: float | None = None
     top_k: int | None = None
     val_windows: int | None = None
+    tasks: list[str] | None = None
+    include_path: str | None = None
+    limit: int | None = None
 
 
 def default_config_path() -> Path:

@@ -57,11 +57,13 @@ def sample_value(action: argparse.Action) -> list[str]:
         return []
     if action.choices:
         return [str(list(action.choices)[-1])]
-    if action.type is int:
-        return ["3"]
-    if action.type is float:
-        return ["0.5"]
-    return ["some_value"]
+    for candidate in ("3", "0.5", "some_value"):  # the first the option's type takes
+        try:
+            (action.type or str)(candidate)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            continue
+        return [candidate]
+    raise AssertionError(f"no sample value for {action.option_strings[0]}")
 
 
 def required_args(parser: argparse.ArgumentParser) -> list[str]:

@@ -4,6 +4,7 @@ the tiny model, a corrupt chunk stopping training, the schedule and the sensor."
 import json
 import math
 from datetime import datetime, timezone
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -12,6 +13,7 @@ from blues_project import write_project
 from blues_train.data.prepare import prepare_dataset
 from blues_train.io.errors import BluesError
 from blues_train.mixture.merge import merge
+from blues_train.serving.eval_tasks import write_tasks
 from blues_train.mixture.verify import verify_paths
 from blues_train.training.checkpoint import read_meta
 from pipelines import assets, checks, definitions
@@ -177,14 +179,21 @@ def test_whole_graph_materializes(project):
         assert "def " in evaluation["samples"]
         assert evaluation["model_checkpoint"] == checkpoints[-1] and evaluation["weights_sha256"] == weights[-1]
 
-        # An older checkpoint, chosen in the run config (the UI's launchpad: ops.model_eval.config.checkpoint).
+        # An older checkpoint, chosen in the run config (the UI's launchpad: ops.model_eval.config.checkpoint),
+        # also scored on lm-evaluation-harness tasks (blues eval-tasks of the project's mixture).
+        tasks = project.parent / "eval_tasks"
+        write_tasks(load_project_config(project).mixture.output, tasks)
         older = dg.materialize(EVERYTHING, selection=[assets.model_eval], instance=instance,
                                resources=resources(project),
-                               run_config=dg.RunConfig({"model_eval": EvalConfig(checkpoint=checkpoints[0])}))
+                               run_config=dg.RunConfig({"model_eval": EvalConfig(
+                                   checkpoint=checkpoints[0], tasks=["blues_cloze"], include_path=str(tasks), limit=2)}))
         assert older.success
         evaluation = metadata(older, "model_eval")
         assert (evaluation["model_checkpoint"], evaluation["step"]) == (checkpoints[0], 1)
         assert evaluation["weights_sha256"] == weights[0]
+        assert 0 <= evaluation["lm_eval/blues_cloze/acc"] <= 1 and evaluation["lm_eval/blues_cloze/perplexity"] > 1
+        results = json.loads(Path(evaluation["lm_eval_results"]).read_text())
+        assert results["results"]["blues_cloze"]["acc,none"] == evaluation["lm_eval/blues_cloze/acc"]
         unknown = dg.materialize(EVERYTHING, selection=[assets.model_eval], instance=instance,
                                  resources=resources(project), raise_on_error=False,
                                  run_config=dg.RunConfig({"model_eval": EvalConfig(checkpoint="run-x-step-000009")}))

@@ -84,6 +84,9 @@ class TrainingConfig(Settings):
     chunk_cache_dir: str | None = Field(None, description="local folder of chunk copies when the mixture "
                                         "is on object storage (default $BLUES_CACHE_DIR/chunks or "
                                         "~/.cache/blues/chunks)")
+    tracking: Literal["auto", "mlflow", "off"] = Field("auto", description="log the run to MLflow "
+                                                      "(blues_train/training/tracking.py); auto = when MLFLOW_TRACKING_URI "
+                                                      "is set")
     chunk_cache_gb: float = Field(16.0, gt=0, allow_inf_nan=False,
                                   description="disk the chunk copies may take (least recently used go first)")
 

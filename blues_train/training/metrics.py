@@ -92,15 +92,9 @@ def token_losses(model, input_ids, labels):
     so no logits of the whole batch are ever held."""
     import torch
 
-    hidden = []
-    handle = model.norm.register_forward_hook(lambda module, args, out: hidden.append(out))
-    try:
-        with torch.no_grad():
-            model(input_ids, last_only=True)
-    finally:
-        handle.remove()
+    hidden = final_hidden(model, input_ids)
     with torch.no_grad():
-        h_ND, target_N = hidden[0].flatten(0, 1), labels.flatten()
+        h_ND, target_N = hidden.flatten(0, 1), labels.flatten()
         weight, vocab = model.embed.weight, model.config.vocab_size
         chunk = model.options.loss_chunk_tokens
         losses = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
@@ -109,6 +103,21 @@ def token_losses(model, input_ids, labels):
             target = logits.gather(1, target_N[s:s + chunk, None]).squeeze(1)
             losses[s:s + chunk] = logits.logsumexp(-1) - target
     return losses.view(labels.shape)
+
+
+def final_hidden(model, input_ids):
+    """[B, T, d_model]: the model's final-norm outputs (what its head reads) for `input_ids`,
+    taken from its own forward by a hook, without logits of the whole batch; no gradients."""
+    import torch
+
+    hidden = []
+    handle = model.norm.register_forward_hook(lambda module, args, out: hidden.append(out))
+    try:
+        with torch.no_grad():
+            model(input_ids, last_only=True)
+    finally:
+        handle.remove()
+    return hidden[0]
 
 
 def document_losses(windows) -> list[dict]:
@@ -181,13 +190,8 @@ class MetricsLog:
             self.jsonl.flush()
         except OSError as exc:  # a torn last line is dropped on resume (keep_until)
             raise os_error(exc, self.out_dir / METRICS_FILE) from None
-        step = record["step"]
-        for key, value in record.items():
-            if key not in ("step", "time") and isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(key, value, step)
-        for layer in record.get("experts", []):
-            for key in ("entropy", "max_load", "min_load"):
-                self.tensorboard.add_scalar(f"experts/layer{layer['layer']}/{key}", layer[key], step)
+        for key, value in scalars(record).items():
+            self.tensorboard.add_scalar(key, value, record["step"])
         line = format_line(record, self.max_steps, self.eta(record))
         print(line, flush=True)
         return line
@@ -202,6 +206,18 @@ class MetricsLog:
     def close(self) -> None:
         self.jsonl.close()
         self.tensorboard.close()
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The plotted figures of a step record: its numbers (not the step or the wall-clock time)
+    and each MoE layer's `experts/layer<N>/entropy`, `max_load` and `min_load` (TensorBoard and
+    MLflow alike)."""
+    figures = {key: value for key, value in record.items()
+               if key not in ("step", "time") and isinstance(value, (int, float))}
+    for layer in record.get("experts", []):
+        for key in ("entropy", "max_load", "min_load"):
+            figures[f"experts/layer{layer['layer']}/{key}"] = layer[key]
+    return figures
 
 
 def format_line(record: dict, max_steps: int | None = None, eta: float | None = None) -> str:

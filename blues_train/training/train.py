@@ -65,7 +65,7 @@ from blues_train.io.errors import BluesError
 from blues_train.io.folder_lock import exclusive_writer
 from blues_train.mixture.loader import PackedSequenceDataset
 from blues_train.mixture.spec import read_mixture
-from blues_train.training import checkpoint, metrics
+from blues_train.training import checkpoint, metrics, tracking
 from blues_train.training.config import DEFAULT_SEQ_LEN, TrainingConfig, free_port, from_flags
 from blues_train.training.pipes_bridge import open_reporter
 from blues_train.training.remote_run import RemoteRun
@@ -328,6 +328,7 @@ class Run:
     spike_history: tuple = ()  # the losses before start_step that spike detection continues from
     mirror: RemoteRun | None = None  # a remote --out: where each checkpoint is uploaded (rank 0)
     set_aside: Path | None = None  # where the resume moved the checkpoints it replaces (rank 0)
+    tracker: tracking.Off = tracking.Off()  # where rank 0 also logs steps and checkpoints (--tracking)
 
     def __post_init__(self):
         self.stream = iter(self.train_data)
@@ -457,6 +458,7 @@ def train(cfg: TrainingConfig, mirror: RemoteRun | None = None) -> int:
     run = start(cfg)
     run.mirror = mirror
     cfg = run.cfg  # with seq_len resolved
+    run.tracker = tracking.tracker(cfg, run.mixture, run.start_step, run.rank)
     log = None
     if run.rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
@@ -483,7 +485,9 @@ def train(cfg: TrainingConfig, mirror: RemoteRun | None = None) -> int:
                 record["val_loss"] = run.evaluate()
                 record["val_perplexity"] = math.exp(record["val_loss"])
             if log:
-                reporter.log(log.write(record))
+                line = log.write(record)
+                run.tracker.log_step(record)
+                reporter.log(line)
             if step % cfg.save_interval == 0 or step == cfg.max_steps:
                 save(run, step, record, reporter)
                 last_saved = step
@@ -493,6 +497,7 @@ def train(cfg: TrainingConfig, mirror: RemoteRun | None = None) -> int:
                              "steps": cfg.max_steps, "last_checkpoint": last_saved})
     if log:
         log.close()
+    run.tracker.finish()
     if mirror is not None:
         mirror.push_logs()
     return 0
@@ -610,6 +615,7 @@ def save(run: Run, step: int, record: dict, reporter) -> None:
                             meta=run.checkpoint_meta(step, record), keep_last=run.cfg.keep_last)
     if saved:
         print(f"checkpoint {saved}", flush=True)
+        run.tracker.log_checkpoint(saved, checkpoint.read_meta(saved)["files"][checkpoint.MODEL_FILE])
         if run.mirror is not None:  # uploaded after the local atomic save, meta.json last
             run.mirror.push_checkpoint(saved, run.cfg.keep_last)
             print(f"uploaded {run.mirror.checkpoints / saved.name}", flush=True)
