@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from blues_train import storage, store
+from blues_train.data import doc_index
 from blues_train.errors import BluesError
 from blues_train.mixture import MIXTURE_FILE, mixture_fingerprint, read_mixture, source_manifest
 from blues_train.tokenizer import N_VOCAB, tokenizer_mismatch
@@ -97,7 +98,7 @@ def verify_store(path: Path, report: VerifyReport) -> None:
     if store.store_fingerprint(manifest) != manifest["fingerprint"]:
         report.add(manifest_file, "fingerprint does not match the tokenizer and chunk hashes")
     check_chunk_files(path, manifest, report)
-    labels = {source["path"] for source in manifest["sources"]}
+    labels = [source["path"] for source in manifest["sources"]]
     lengths = []
     for number, chunk in enumerate(manifest["chunks"]):
         lengths.append(verify_chunk(path, number, chunk, labels, report))
@@ -115,7 +116,7 @@ def check_chunk_files(path: Path, manifest: dict, report: VerifyReport) -> None:
         report.add(path / name, "stray chunk: on disk but not listed in manifest.json")
 
 
-def verify_chunk(path: Path, number: int, chunk: dict, labels: set, report: VerifyReport):
+def verify_chunk(path: Path, number: int, chunk: dict, labels: list[str], report: VerifyReport):
     """Check one chunk against its manifest entry; its document lengths (empty if unreadable)."""
     file = store.chunk_path(path, chunk)
     empty = np.zeros(0, dtype=np.int64)
@@ -150,7 +151,10 @@ def verify_chunk(path: Path, number: int, chunk: dict, labels: set, report: Veri
     lengths = store.doc_lengths(table).astype(np.int64)
     check_counts(path / store.MANIFEST, number, chunk, file, table.num_rows, lengths, report)
     check_token_ids(file, table, lengths, report)
-    check_labels(file, table, labels, report)
+    if check_labels(file, table, set(labels), report):
+        index_problem = doc_index.verify_index(path, chunk, table, labels)
+        if index_problem:
+            report.add(*index_problem)
     return lengths
 
 
@@ -170,12 +174,14 @@ def check_token_ids(file: Path, table, lengths: np.ndarray, report: VerifyReport
                    f"({len(bad)} such ids in this chunk)", row=row)
 
 
-def check_labels(file: Path, table, labels: set, report: VerifyReport) -> None:
+def check_labels(file: Path, table, labels: set, report: VerifyReport) -> bool:
+    """Whether every row's source is in the manifest (else the first one that is not is reported)."""
     sources = table.column("source").to_pylist()
     for row, label in enumerate(sources):
         if label not in labels:
             report.add(file, f"source {label!r} is not in manifest.json sources", row=row)
-            return
+            return False
+    return True
 
 
 def check_totals(manifest: dict, manifest_file: Path, report: VerifyReport) -> None:
