@@ -89,7 +89,7 @@ class PlanCache:
             sync_dir(self.folder)
         except OSError as exc:
             temp.unlink(missing_ok=True)
-            raise os_error(exc, path) from None
+            raise os_error(exc, path, "writing the loader's index cache (--index_cache_dir)") from None
 
     def _lock(self, name: str):
         return FileLock(self.folder / f".{name}.lock")
@@ -106,7 +106,7 @@ class FileLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise os_error(exc, self.path.parent, "creating the loader's index cache in") from None
+            raise os_error(exc, self.path.parent, "creating the loader's index cache (--index_cache_dir)") from None
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 

@@ -3,7 +3,9 @@
 A token store: every chunk's sha256, no missing and no stray chunk file, the Arrow schema,
 documents and tokens per chunk and in total against the manifest, token ids below n_vocab,
 the tokenizer hash. A mixture: its sources (each verified as a store) still have the
-fingerprints it recorded, its shares are consistent, and the loader realizes them.
+fingerprints it recorded, its shares are consistent, and the loader realizes them (read
+from the stores' document index, one chunk at a time: no loader is built). A store's chunks
+are checked on a thread per core.
 One line per problem naming the file (and row), then a statistics table.
 """
 
@@ -12,8 +14,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +33,7 @@ from blues_train.mixture import MIXTURE_FILE, mixture_fingerprint, read_mixture,
 from blues_train.tokenizer import N_VOCAB, tokenizer_mismatch
 
 SHARE_TOLERANCE = 0.01
+MAX_VERIFY_THREADS = 16
 
 
 @dataclass
@@ -99,12 +105,33 @@ def verify_store(path: Path, report: VerifyReport) -> None:
         report.add(manifest_file, "fingerprint does not match the tokenizer and chunk hashes")
     check_chunk_files(path, manifest, report)
     labels = [source["path"] for source in manifest["sources"]]
-    lengths = []
-    for number, chunk in enumerate(manifest["chunks"]):
-        lengths.append(verify_chunk(path, number, chunk, labels, report))
-    lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    lengths = Counter()  # tokens -> documents: bounded by the longest document, not by their number
+    for problems, chunk_lengths in map_chunks(partial(verify_chunk_alone, path, labels), manifest["chunks"]):
+        report.problems.extend(problems)
+        lengths.update(chunk_lengths.tolist())
     check_totals(manifest, manifest_file, report)
     report.datasets.append(dataset_stats(path, manifest, lengths))
+
+
+def map_chunks(check, chunks: list[dict]):
+    """`check(number, chunk)` of every chunk, on a thread per core (hashing, decompressing and
+    Arrow's validation release the GIL), in chunk order; at most a few chunks ahead in flight."""
+    workers = max(1, min(os.cpu_count() or 1, MAX_VERIFY_THREADS))
+    with ThreadPoolExecutor(workers, "blues-verify") as pool:
+        pending = deque()
+        for number, chunk in enumerate(chunks):
+            pending.append(pool.submit(check, number, chunk))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def verify_chunk_alone(path, labels: list[str], number: int, chunk: dict) -> tuple[list[Problem], np.ndarray]:
+    """`verify_chunk` into a report of its own: (its problems, its document lengths)."""
+    report = VerifyReport()
+    lengths = verify_chunk(path, number, chunk, labels, report)
+    return report.problems, lengths
 
 
 def check_chunk_files(path: Path, manifest: dict, report: VerifyReport) -> None:
@@ -193,16 +220,17 @@ def check_totals(manifest: dict, manifest_file: Path, report: VerifyReport) -> N
                        f"its chunks list {listed}")
 
 
-def dataset_stats(path: Path, manifest: dict, lengths: np.ndarray) -> dict:
-    tokens = int(lengths.sum())
+def dataset_stats(path: Path, manifest: dict, lengths: Counter) -> dict:
+    """`lengths`: documents by their tokens, {tokens: documents}."""
+    tokens = sum(length * count for length, count in lengths.items())
     return {
         "path": str(path),
         "fingerprint": manifest["fingerprint"],
-        "docs": len(lengths),
+        "docs": sum(lengths.values()),
         "tokens": tokens,
         "stored_bytes_per_token": round(manifest["totals"].get("stored_bytes", 0) / max(tokens, 1), 4),
         "input_bytes_per_token": round(manifest["totals"].get("input_bytes", 0) / max(tokens, 1), 4),
-        "doc_tokens_percentiles": store.percentiles(Counter(lengths.tolist())),
+        "doc_tokens_percentiles": store.percentiles(lengths),
     }
 
 
