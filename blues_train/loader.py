@@ -34,8 +34,9 @@ built on a background thread; each rank packs only its own windows.
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -418,8 +419,8 @@ class PackedSequenceDataset(IterableDataset):
         self.seeds = stream_seeds(self.mixture, seed, split)
         self._plans: OrderedDict[int, Pass] = OrderedDict()
         self._n_windows: dict[int, int] = {}
-        self._ahead: dict[int, Future] = {}  # pass plans being built on the background thread
-        self._builder, self._builder_pid = None, os.getpid()
+        self._ahead: dict[int, Future] = {}  # pass plans being built on background threads
+        self._pending_pid = os.getpid()
         self._start, self._start_windows = (0, 0), 0  # where this run began (or resumed)
         self._taken = 0  # windows this rank's own iterator handed out since then
         self._lookup_cache: ChunkCache | None = None  # lineage lookups (window_tokens)
@@ -454,19 +455,27 @@ class PackedSequenceDataset(IterableDataset):
                                    lambda: build_pass(self.sources, self.seeds, epoch), valid)
 
     def _plan_ahead(self, epoch: int) -> None:
-        """Start building pass `epoch`'s plan on the background thread, unless it is there."""
+        """Start building pass `epoch`'s plan on a background thread, unless it is there. The
+        thread is a daemon: a run that ends mid-build is not held up (its temporary file is
+        never read)."""
         pending = self._pending()
         if epoch in self._plans or epoch in pending:
             return
-        if self._builder is None:
-            self._builder = ThreadPoolExecutor(1, "blues-plans")
-        pending[epoch] = self._builder.submit(self._plan_records, epoch)
+        future = pending[epoch] = Future()
+
+        def build() -> None:
+            try:
+                future.set_result(self._plan_records(epoch))
+            except BaseException as exc:  # raised where the plan is needed
+                future.set_exception(exc)
+
+        threading.Thread(target=build, name="blues-plan-ahead", daemon=True).start()
 
     def _pending(self) -> dict[int, Future]:
         """This process's plans being built; a forked DataLoader worker starts with none (the
-        parent's thread is not in it)."""
-        if self._builder_pid != os.getpid():
-            self._builder, self._builder_pid, self._ahead = None, os.getpid(), {}
+        parent's threads are not in it)."""
+        if self._pending_pid != os.getpid():
+            self._ahead, self._pending_pid = {}, os.getpid()
         return self._ahead
 
     def num_windows(self, epoch: int = 0) -> int:
