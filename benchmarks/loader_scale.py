@@ -10,7 +10,8 @@ validation hold-out. For each size, in this one invocation and on the same store
 
 Every measurement runs in a fresh process (so RSS is that process's own), rank 0 of 8,
 seq_len 2048: start-up = construct + first window, for each split; RSS added = VmRSS after
-the first window minus before construction (and the peak, ru_maxrss, minus the same);
+the first window minus before construction (and the peak, ru_maxrss, minus the same; and
+the private part, RssAnon: mapped cache files are shared page cache);
 pass stall = the longest wait between two windows over the end of pass 0, the consumer
 taking STEP_S per window (a training step) from PASS_TAIL windows before the end;
 windows/s of rank 0 at world sizes 1, 8 and 64 (warm, for RATE_S after its first window); lineage: what
@@ -51,9 +52,10 @@ MIN_RATE_WINDOWS = 64
 STEP_WINDOWS = 8
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory (VmRSS), or its private part (RssAnon), in MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -122,14 +124,15 @@ def measure(task: str, impl: str, mixture: str, cache: str | None, arg: str) -> 
 
     import blues_train.loader  # noqa: F401
 
-    before = rss_mb()
+    before, private_before = rss_mb(), rss_mb("RssAnon")
     t0 = time.perf_counter()
     if task == "start":
         dataset = loader(impl, mixture, split=arg, cache=cache)
         next(iter(dataset))
         seconds = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"seconds": seconds, "rss_added_mb": rss_mb() - before, "peak_added_mb": peak - before}
+        return {"seconds": seconds, "rss_added_mb": rss_mb() - before, "peak_added_mb": peak - before,
+                "private_added_mb": rss_mb("RssAnon") - private_before}
     if task == "rate":
         dataset = loader(impl, mixture, world=int(arg), cache=cache)
         it, taken = iter(dataset), 0

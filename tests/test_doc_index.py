@@ -31,7 +31,6 @@ def test_prepare_writes_the_index_the_chunks_describe(code_store):
     for number, chunk in enumerate(manifest["chunks"]):
         records = doc_index.chunk_index(code_store, manifest, number)
         table = store.read_chunk(code_store / chunk["file"])
-        assert isinstance(records, np.memmap)
         assert records["length"].tolist() == store.doc_lengths(table).tolist()
         assert [labels[s] for s in records["source"]] == table.column("source").to_pylist()
         assert records["index"].tolist() == table.column("index").to_pylist()
@@ -99,6 +98,10 @@ def test_next_pass_is_planned_while_this_one_is_read(tmp_path, mixture_dir):
     next_plan = dataset.plan_cache.folder / "plan-train-seed0-pass1.npy"
     assert not next_plan.exists()
     take(dataset, 1)
+    assert not next_plan.exists()  # not while the first half of the pass is read
+    resumed = PackedSequenceDataset(mixture_dir, 64, index_cache_dir=tmp_path)
+    resumed.load_state_dict({**dataset.state_dict(), "window": dataset.num_windows(0) // 2})
+    take(resumed, 1)
     deadline = time.monotonic() + 30
     while not next_plan.exists() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -62,13 +62,10 @@ def derive_index(table, labels: list[str], where) -> bytes:
 
 
 def decode_index(data, where, chunk: dict) -> np.ndarray:
-    """An index file's records (`data`: a path to memory-map, or bytes); BluesError unless it
-    holds the documents and tokens its chunk's manifest entry counts."""
+    """An index file's records (`data`: a local path, read whole, or bytes); BluesError unless
+    it holds the documents and tokens its chunk's manifest entry counts."""
     try:
-        if isinstance(data, (bytes, bytearray)):
-            records = np.load(io.BytesIO(data), allow_pickle=False)
-        else:
-            records = np.load(data, mmap_mode="r", allow_pickle=False)
+        records = np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False)
     except OSError as exc:
         raise os_error(exc, where, "reading") from None
     except ValueError as exc:
@@ -81,7 +78,7 @@ def decode_index(data, where, chunk: dict) -> np.ndarray:
 
 
 def chunk_index(store_dir, manifest: dict, number: int, local_chunk=None) -> np.ndarray:
-    """Chunk `number`'s index records (memory-mapped when local). `local_chunk()`: where the
+    """Chunk `number`'s index records (one small read: 16 bytes per document). `local_chunk()`: where the
     chunk itself is read from when the index must be derived (default: its path)."""
     chunk = manifest["chunks"][number]
     entry = chunk.get("index")
@@ -92,8 +89,8 @@ def chunk_index(store_dir, manifest: dict, number: int, local_chunk=None) -> np.
 
 
 def written_index(store_dir, chunk: dict, entry: dict) -> np.ndarray:
-    """The index file prepare wrote: memory-mapped (size checked) or, remote, read in one request
-    and checked against its sha256."""
+    """The index file prepare wrote: read (its size checked) or, remote, read in one request and
+    checked against its sha256."""
     name = entry.get("file") if isinstance(entry, dict) else None
     if not store.is_plain_name(name):
         raise BluesError(f"{storage.path(store_dir) / store.MANIFEST}: chunk {chunk['file']}: index.file "
