@@ -119,11 +119,14 @@ def loader(impl: str, mixture, split="train", rank=0, world=WORLD, cache=None):
 
 
 def measure(task: str, impl: str, mixture: str, cache: str | None, arg: str) -> dict:
-    """One measurement, in this (fresh) process (imports done before: they are not timed)."""
+    """One measurement, in this (fresh) process. Imports, pyarrow's lazy ones included, are
+    done before: they are not timed (reading one chunk does them)."""
     import reference_loader  # noqa: F401
 
-    import blues_train.loader  # noqa: F401
+    from blues_train.loader import chunk_tokens
 
+    first_store = json.loads((Path(mixture) / "mixture.json").read_text())["sources"][0]["path"]
+    chunk_tokens(store.read_chunk(Path(first_store) / store.chunk_name(0)))
     before, private_before = rss_mb(), rss_mb("RssAnon")
     t0 = time.perf_counter()
     if task == "start":
