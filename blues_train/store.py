@@ -68,12 +68,15 @@ def read_manifest(store_dir) -> dict:
     if not isinstance(manifest["chunks"], list):
         raise BluesError(f"{path}: field chunks must be a list; prepare the dataset again")
     for number, chunk in enumerate(manifest["chunks"]):
-        name = chunk.get("file") if isinstance(chunk, dict) else None
-        if not is_plain_name(name):
-            raise BluesError(
-                f"{path}: chunks[{number}].file {name!r} is not a file name inside the store "
-                "folder (no path separators, not '.' or '..'); prepare the dataset again"
-            )
+        named = [("file", chunk.get("file") if isinstance(chunk, dict) else None)]
+        if isinstance(chunk, dict) and "index" in chunk:  # the document index (optional)
+            named.append(("index.file", chunk["index"].get("file") if isinstance(chunk["index"], dict) else None))
+        for key, name in named:
+            if not is_plain_name(name):
+                raise BluesError(
+                    f"{path}: chunks[{number}].{key} {name!r} is not a file name inside the store "
+                    "folder (no path separators, not '.' or '..'); prepare the dataset again"
+                )
     return manifest
 
 

@@ -91,11 +91,7 @@ def chunk_index(store_dir, manifest: dict, number: int, local_chunk=None) -> np.
 def written_index(store_dir, chunk: dict, entry: dict) -> np.ndarray:
     """The index file prepare wrote: read (its size checked) or, remote, read in one request and
     checked against its sha256."""
-    name = entry.get("file") if isinstance(entry, dict) else None
-    if not store.is_plain_name(name):
-        raise BluesError(f"{storage.path(store_dir) / store.MANIFEST}: chunk {chunk['file']}: index.file "
-                         f"{name!r} is not a file name inside the store folder; prepare the dataset again")
-    path = storage.path(store_dir) / name
+    path = storage.path(store_dir) / entry["file"]  # a plain name: store.read_manifest checked it
     if isinstance(path, storage.RemotePath):
         with storage.user_errors(path, "reading"):
             data = path.read_bytes()
