@@ -55,9 +55,10 @@ from blues_train.tokenizer import EOT_ID
 SPLITS = ("train", "val")
 STATE_VERSION = 1
 BLOCK_TOKENS = 1 << 20  # windows are cut from the packed stream about this many at a time
-DOCUMENT = np.dtype([("chunk", "<i4"), ("row", "<i4"), ("start", "<i8"), ("length", "<i8")])
-PIECE = np.dtype([("chunk", "<i4"), ("source", "<i4"), ("start", "<i8"), ("length", "<i8"),
-                  ("packed_start", "<i8"), ("doc", "<i8")])
+# The document table and pass plans are int64 tables stored column-major, so that each column
+# is contiguous in the mapped file (np.searchsorted on a strided column would copy it whole).
+DOCUMENT = {"chunk": 0, "row": 1, "start": 2, "length": 3}
+PIECE = {"chunk": 0, "source": 1, "start": 2, "length": 3, "packed_start": 4, "doc": 5}
 PLANS_KEPT = 3  # pass plans a loader keeps mapped
 
 
@@ -138,10 +139,10 @@ class Pass:
 
     @classmethod
     def of(cls, plan: np.ndarray, seq_len: int) -> "Pass":
-        """The pass whose pieces are `plan` (PIECE records), cut into windows of seq_len."""
-        packed_end = int(plan["packed_start"][-1] + plan["length"][-1] + 1)
-        return cls(plan["chunk"], plan["start"], plan["length"], plan["source"], plan["packed_start"],
-                   plan["doc"], n_windows=max(packed_end - 1, 0) // seq_len)
+        """The pass whose pieces are `plan` (a PIECE table), cut into windows of seq_len."""
+        chunk, source, start, length, packed_start, doc = plan.T
+        packed_end = int(packed_start[-1] + length[-1] + 1)
+        return cls(chunk, start, length, source, packed_start, doc, n_windows=max(packed_end - 1, 0) // seq_len)
 
 
 class ChunkCache:
@@ -238,33 +239,36 @@ def chunk_index(mixture: dict, chunks: MixtureChunks, files: ChunkFiles | None, 
                                  lambda: chunk_file(chunks.paths, files, chunks.meta, number))
 
 
+def is_table(array: np.ndarray, columns: dict) -> bool:
+    """Whether a mapped array is a table of these int64 columns, stored column-major."""
+    return (array.dtype == np.int64 and array.ndim == 2 and array.shape[1] == len(columns)
+            and array.flags.f_contiguous)
+
+
 def split_documents(mixture: dict, chunks: MixtureChunks, files: ChunkFiles | None, split: str) -> np.ndarray:
-    """The split's non-empty documents, every source's in chunk and row order (DOCUMENT records)."""
+    """The split's non-empty documents, every source's in chunk and row order (a DOCUMENT table)."""
     fraction = mixture["validation"]["fraction"]
     bases = [np.array([source_base(s["sha256"]) for s in manifest["sources"]], dtype=np.uint64)
              for manifest in chunks.manifests]
     parts = [chunk_documents(chunk_index(mixture, chunks, files, number), bases[chunks.owner[number][0]],
                              number, fraction, split) for number in range(len(chunks.paths))]
-    return np.concatenate(parts) if parts else np.zeros(0, DOCUMENT)
+    return np.asfortranarray(np.concatenate(parts) if parts else np.zeros((0, len(DOCUMENT)), np.int64))
 
 
 def chunk_documents(records: np.ndarray, bases: np.ndarray, chunk_id: int, fraction: float,
                     split: str) -> np.ndarray:
-    """The non-empty documents of `split` in a chunk, given its index records (DOCUMENT records)."""
+    """The non-empty documents of `split` in a chunk, given its index records (a DOCUMENT table)."""
     lengths = records["length"].astype(np.int64)
     held = held_out_by_base(bases[records["source"]], records["index"], fraction)
     keep = np.flatnonzero((lengths > 0) & (held == (split == "val")))
-    documents = np.empty(len(keep), DOCUMENT)
-    documents["chunk"], documents["row"] = chunk_id, keep
-    documents["start"] = (np.cumsum(lengths) - lengths)[keep]
-    documents["length"] = lengths[keep]
-    return documents
+    return np.stack([np.full(len(keep), chunk_id), keep, (np.cumsum(lengths) - lengths)[keep], lengths[keep]], axis=1)
 
 
 def source_totals(documents: np.ndarray, chunks: MixtureChunks) -> np.ndarray:
     """(documents, tokens) of each source in a split's document table: int64, shape (sources, 2)."""
-    bounds = np.searchsorted(documents["chunk"], chunks.source_bounds()).tolist()
-    totals = [[hi - lo, int(documents["length"][lo:hi].sum())] for lo, hi in zip(bounds, bounds[1:])]
+    chunk, length = documents[:, DOCUMENT["chunk"]], documents[:, DOCUMENT["length"]]
+    bounds = np.searchsorted(chunk, chunks.source_bounds()).tolist()
+    totals = [[hi - lo, int(length[lo:hi].sum())] for lo, hi in zip(bounds, bounds[1:])]
     return np.array(totals, dtype=np.int64).reshape(-1, 2)
 
 
@@ -272,8 +276,8 @@ def table_sources(documents: np.ndarray, totals: np.ndarray, mixture: dict, spli
     """Each source's view of the split's document table."""
     sources, first = [], 0
     for (count, tokens), entry in zip(totals.tolist(), mixture["sources"]):
-        view = documents[first: first + count]
-        sources.append(Source(view["chunk"], view["start"], view["length"], view["row"],
+        chunk, row, start, length = documents[first: first + count].T
+        sources.append(Source(chunk, start, length, row,
                               pass_tokens(entry, tokens, split), tokens, first))
         first += count
     return sources
@@ -297,7 +301,7 @@ def split_tokens(mixture: dict, split: str) -> list[int]:
     for number, (source, _) in enumerate(chunks.owner):
         bases = np.array([source_base(s["sha256"]) for s in chunks.manifests[source]["sources"]], dtype=np.uint64)
         documents = chunk_documents(chunk_index(mixture, chunks, files, number), bases, number, fraction, split)
-        tokens[source] += int(documents["length"].sum())
+        tokens[source] += int(documents[:, DOCUMENT["length"]].sum())
     return tokens
 
 
@@ -336,23 +340,21 @@ def source_pieces(source: Source, seeds: list[int], first: int, end: int):
 
 
 def build_pass(sources: list[Source], seeds: list[int], epoch: int) -> np.ndarray:
-    """Pass `epoch` (PIECE records): every source's share, interleaved by progress."""
+    """Pass `epoch` (a PIECE table): every source's share, interleaved by progress."""
     parts, progress = [], []
     for i, source in enumerate(sources):
         if source.per_pass == 0:
             continue
         first = epoch * source.per_pass
         docs, offsets, lengths = source_pieces(source, [*seeds, i], first, first + source.per_pass)
-        part = np.empty(len(docs), PIECE)
-        part["chunk"], part["start"], part["length"] = source.chunk[docs], source.start[docs] + offsets, lengths
-        part["source"], part["doc"] = i, source.first + docs
-        parts.append(part)
+        parts.append(np.stack([source.chunk[docs], np.full(len(docs), i), source.start[docs] + offsets, lengths,
+                               np.zeros(len(docs), np.int64), source.first + docs], axis=1))
         position = np.cumsum(lengths) - lengths
         progress.append((position + lengths / 2) / source.per_pass)
     plan = np.concatenate(parts)[np.argsort(np.concatenate(progress), kind="stable")]
-    packed_end = np.cumsum(plan["length"] + 1)
-    plan["packed_start"] = packed_end - (plan["length"] + 1)
-    return plan
+    length = plan[:, PIECE["length"]]
+    plan[:, PIECE["packed_start"]] = np.cumsum(length + 1) - (length + 1)
+    return np.asfortranarray(plan)
 
 
 def realized_shares(mixture: dict, split: str = "train") -> tuple[list[float], list[int]]:
@@ -414,7 +416,7 @@ class PackedSequenceDataset(IterableDataset):
         self.chunk_paths, self.chunk_sizes, self.chunk_meta = self.chunks.paths, self.chunks.n_tokens, self.chunks.meta
         self.plan_cache = PlanCache(cache_folder(mixture_dir, self.mixture["fingerprint"], index_cache_dir))
         self.documents = self.plan_cache.get(f"documents-{split}.npy", self._split_documents,
-                                             lambda table: table.dtype == DOCUMENT and table.ndim == 1)
+                                             lambda table: is_table(table, DOCUMENT))
         totals = self.plan_cache.get(f"sources-{split}.npy", lambda: source_totals(self.documents, self.chunks),
                                      lambda t: t.shape == (len(self.mixture["sources"]), 2)
                                      and int(t[:, 0].sum()) == len(self.documents))
@@ -454,8 +456,8 @@ class PackedSequenceDataset(IterableDataset):
         pass_tokens_total = sum(source.per_pass for source in self.sources)
 
         def valid(plan: np.ndarray) -> bool:  # a whole plan ends where the pass's tokens and EOTs do
-            return (plan.dtype == PIECE and plan.ndim == 1 and len(plan) > 0 and
-                    int(plan["packed_start"][-1] + plan["length"][-1]) == pass_tokens_total + len(plan) - 1)
+            return (is_table(plan, PIECE) and len(plan) > 0 and int(plan[-1, PIECE["packed_start"]] + plan[-1, PIECE[
+                "length"]]) == pass_tokens_total + len(plan) - 1)
 
         return self.plan_cache.get(f"plan-{self.split}-seed{self.seed}-pass{epoch}.npy",
                                    lambda: build_pass(self.sources, self.seeds, epoch), valid)
@@ -658,7 +660,7 @@ class PackedSequenceDataset(IterableDataset):
         """Tokens of `document` (a (source, chunk, row) key), or None when it is not in this
         split (held out by the validation rule, or empty)."""
         doc = self._document(document)
-        return None if doc is None else int(self.documents["length"][doc])
+        return None if doc is None else int(self.documents[doc, DOCUMENT["length"]])
 
     def document_windows(self, document: tuple[int, int, int], end_window: int) -> list[DocumentWindow]:
         """Every global window before `end_window` that holds part of `document` (a (source,
@@ -666,7 +668,7 @@ class PackedSequenceDataset(IterableDataset):
         doc = self._document(document)
         if doc is None:
             return []
-        doc_start = int(self.documents["start"][doc])
+        doc_start = int(self.documents[doc, DOCUMENT["start"]])
         hits, epoch, offset, L = [], 0, 0, self.seq_len
         while offset < end_window:
             plan, n = self.pass_plan(epoch), self.num_windows(epoch)
@@ -686,10 +688,10 @@ class PackedSequenceDataset(IterableDataset):
 
     def _piece(self, plan: Pass, k: int, skip: int, stop: int, window_start: int) -> WindowPiece:
         """Piece k of the plan, its tokens [skip, stop) (of the piece) at `window_start`."""
-        doc = self.documents[int(plan.doc[k])]
-        offset = int(plan.start[k]) - int(doc["start"])
-        return WindowPiece(int(plan.source[k]), int(plan.chunk[k]), int(doc["row"]), offset + skip, offset + stop,
-                           int(doc["length"]), window_start, window_start + stop - skip)
+        _, row, start, length = self.documents[int(plan.doc[k])].tolist()
+        offset = int(plan.start[k]) - start
+        return WindowPiece(int(plan.source[k]), int(plan.chunk[k]), row, offset + skip, offset + stop,
+                           length, window_start, window_start + stop - skip)
 
 
 def check_arguments(seq_len, rank, world_size, split, batch_size) -> None:
