@@ -147,11 +147,18 @@ def test_manifest_chunk_file_must_be_a_plain_name(tmp_path, capsys, code_store):
     edit_chunk_file(good, "../x.arrow")
     with pytest.raises(BluesError, match=r"chunks\[0\].file"):
         PackedSequenceDataset(tmp_path / "mix", 64)
+    edit_chunk_file(good, first, index="../x.idx")
+    with pytest.raises(BluesError, match=r"chunks\[0\].index.file: not a file name .*'../x.idx'"):
+        PackedSequenceDataset(tmp_path / "mix", 64, index_cache_dir=tmp_path / "plans")
+    code, out, _ = blues(capsys, "verify", good)
+    assert code == 1 and "chunks[0].index.file" in out, out
 
 
-def edit_chunk_file(store_dir: Path, name: str) -> None:
+def edit_chunk_file(store_dir: Path, name: str, index: str | None = None) -> None:
     manifest = json.loads((store_dir / "manifest.json").read_text())
     manifest["chunks"][0]["file"] = name
+    if index is not None:
+        manifest["chunks"][0]["index"]["file"] = index
     (store_dir / "manifest.json").write_text(json.dumps(manifest))
 
 

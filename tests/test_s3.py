@@ -116,7 +116,8 @@ def test_merge_and_verify_on_s3(s3_stores):
 
 def test_loader_reads_s3_mixture_through_a_bounded_cache(s3_stores, mixture_dir, tmp_path):
     """The same windows as from local files; the cache never holds more than its bound (plus
-    the chunk being read), and a second loader on a warm cache downloads nothing."""
+    the chunk being read); start-up reads only index objects, chunks come as windows need
+    them, and a second loader on a warm cache downloads nothing."""
     from blues_train.mixture.loader import PackedSequenceDataset
     from blues_train.mixture.merge import merge
 
@@ -131,12 +132,14 @@ def test_loader_reads_s3_mixture_through_a_bounded_cache(s3_stores, mixture_dir,
     for a, b in zip(iter(local), [w for w, _ in zip(iter(remote), range(n))]):
         assert (a == b).all()
     assert sum(p.stat().st_size for p in (tmp_path / "cache").glob("*.arrow")) <= 3 * largest
-    warm = ChunkFiles(tmp_path / "warm", max_bytes=1 << 30)
-    PackedSequenceDataset("s3://data/loader-mixture", 64, chunk_files=warm)
-    before = warm.downloads
+    cold = ChunkFiles(tmp_path / "warm", max_bytes=1 << 30)
+    started = PackedSequenceDataset("s3://data/loader-mixture", 64, chunk_files=cold, index_cache_dir=tmp_path / "plans")
+    assert cold.downloads == 0
+    next(iter(started))
+    assert cold.downloads > 0
     again = PackedSequenceDataset("s3://data/loader-mixture", 64, chunk_files=ChunkFiles(tmp_path / "warm"))
     next(iter(again))
-    assert before > 0 and again.chunk_files.downloads == 0
+    assert again.chunk_files.downloads == 0
 
 
 def test_corrupted_chunk_object_is_named_by_verify_and_refused_by_the_loader(s3, s3_stores, tmp_path):

@@ -127,7 +127,8 @@ def test_changed_settings_rebuild(tmp_path, sample_corpus_inputs):
     small = prepare_dataset(inputs, tmp_path / "s", chunk_tokens=CHUNK, workers=1, progress=False)
     large = prepare_dataset(inputs, tmp_path / "s", chunk_tokens=10**9, workers=1, progress=False)
     assert len(large["chunks"]) == 1 < len(small["chunks"])
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["chunk-00000.arrow", "manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["chunk-00000.arrow", "chunk-00000.idx",
+                                                                   "manifest.json"]
 
 
 class Killed(Exception):
@@ -157,7 +158,8 @@ def test_killed_run_is_invisible_then_resumed_without_redoing_chunks(tmp_path, s
     assert "resuming after 2 finished chunk(s)" in capsys.readouterr().out
     assert {name: (out / name).stat().st_mtime_ns for name in finished} == finished
     assert resumed == clean
-    assert sorted(p.name for p in out.iterdir()) == sorted([c["file"] for c in clean["chunks"]] + ["manifest.json"])
+    files = [name for c in clean["chunks"] for name in (c["file"], c["index"]["file"])]
+    assert sorted(p.name for p in out.iterdir()) == sorted(files + ["manifest.json"])
 
 
 def test_damaged_finished_chunk_is_redone(tmp_path, sample_corpus_inputs, monkeypatch):

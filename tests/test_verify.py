@@ -72,6 +72,8 @@ def test_clean_store_and_mixture(copies, capsys):
     (lambda c: truncate(c / "chunk-00002.arrow"), "chunk-00002.arrow", "sha256"),
     (lambda c: (c / "chunk-00000.arrow").unlink(), "chunk-00000.arrow", "missing"),
     (lambda c: shutil.copy(c / "chunk-00000.arrow", c / "chunk-00099.arrow"), "chunk-00099.arrow", "stray"),
+    (lambda c: flip_byte(c / "chunk-00001.idx"), "chunk-00001.idx", "sha256"),
+    (lambda c: (c / "chunk-00002.idx").unlink(), "chunk-00002.idx", "missing"),
     (lambda c: edit_manifest(c, lambda m: m["chunks"][1].update(n_tokens=m["chunks"][1]["n_tokens"] + 1)),
      "manifest.json", "chunks[1].n_tokens"),
 ])
@@ -112,6 +114,7 @@ def test_token_id_out_of_vocabulary_names_the_row(copies):
     def point_at_new_chunk(manifest):
         manifest["chunks"][0].update(sha256=hashlib.sha256(data).hexdigest(),
                                      n_docs=2, n_tokens=5, bytes=len(data))
+        del manifest["chunks"][0]["index"]  # as a store prepared before the document index
         manifest["totals"]["docs"] = sum(c["n_docs"] for c in manifest["chunks"])
         manifest["totals"]["tokens"] = sum(c["n_tokens"] for c in manifest["chunks"])
         manifest["fingerprint"] = store.store_fingerprint(manifest)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from blues_train.data import encoding_engine, spot_check, store, tokenizer
+from blues_train.data import doc_index, encoding_engine, spot_check, store, tokenizer
 from blues_train.data.encoding_workers import default_workers, encode_batches
 from blues_train.data.sources import DEFAULT_GLOB, FORMATS, SkipLog, discover_sources, iter_documents, repair_text
 from blues_train.io import command_line, storage
@@ -103,7 +103,8 @@ def write_store(out: Path, sources, described: list[dict], settings: dict, worke
     docs = iter_documents(sources, settings["text_field"], skips)
     docs = itertools.islice(docs, tally.docs, None)  # read again, not tokenized again
     batches = ((batch, batch.texts) for batch in _batches(docs))
-    with Meter(progress) as meter, ChunkBuilder(out, journal, tally, settings["chunk_tokens"], engine) as builder:
+    with Meter(progress) as meter, ChunkBuilder(out, journal, tally, settings["chunk_tokens"], engine,
+                                                 [d["path"] for d in described]) as builder:
         for batch, ids in encode_batches(batches, engine, workers):
             builder.add(batch, ids)
             meter.update(sum(batch.sizes), sum(map(len, ids)))
@@ -229,7 +230,7 @@ class Tally:
 
     def add(self, record: dict, lengths) -> None:
         """`record`: a chunk's journal record."""
-        self.chunks.append({k: record[k] for k in ("file", "sha256", "n_docs", "n_tokens", "bytes")})
+        self.chunks.append({k: record[k] for k in ("file", "sha256", "n_docs", "n_tokens", "bytes", "index")})
         self.docs += record["n_docs"]
         self.tokens += record["n_tokens"]
         self.input_bytes += record["input_bytes"]
@@ -298,7 +299,8 @@ class Journal:
         self.claim()
         self.handle.close()
         keep = {c["file"] for c in manifest["chunks"]}
-        for stale in [*self.out.glob("chunk-*.arrow"), *self.out.glob(".*.tmp")]:
+        keep |= {c["index"]["file"] for c in manifest["chunks"]}
+        for stale in [*self.out.glob("chunk-*.arrow"), *self.out.glob("chunk-*.idx"), *self.out.glob(".*.tmp")]:
             if stale.name not in keep:
                 stale.unlink()
         check_held(self.out)
@@ -308,7 +310,12 @@ class Journal:
 
 
 def _has_hash(path, record: dict) -> bool:
-    return path.is_file() and store.file_sha256(path) == record.get("sha256")
+    """Whether the chunk at `path` and its index are the ones `record` describes."""
+    index = record.get("index")
+    if not isinstance(index, dict) or not storage.is_plain_name(index.get("file")):
+        return False
+    files = ((path, record), (path.parent / index["file"], index))
+    return all(file.is_file() and store.file_sha256(file) == entry.get("sha256") for file, entry in files)
 
 
 class RemoteJournal:
@@ -364,8 +371,8 @@ class RemoteJournal:
     def finish(self, manifest: dict) -> None:
         """Remove chunks of an older, larger store, commit the manifest, drop the journal."""
         self.claim()
-        keep = {c["file"] for c in manifest["chunks"]}
-        for stale in self.out.glob("chunk-*.arrow"):
+        keep = {c["file"] for c in manifest["chunks"]} | {c["index"]["file"] for c in manifest["chunks"]}
+        for stale in [*self.out.glob("chunk-*.arrow"), *self.out.glob("chunk-*.idx")]:
             if stale.name not in keep:
                 stale.unlink(missing_ok=True)
         check_held(self.out)
@@ -382,8 +389,9 @@ class ChunkBuilder:
     the `with` block waits for the last write.
     """
 
-    def __init__(self, out: Path, journal: Journal, tally: Tally, chunk_tokens: int, engine):
+    def __init__(self, out: Path, journal: Journal, tally: Tally, chunk_tokens: int, engine, labels: list[str]):
         self.out, self.journal, self.tally, self.chunk_tokens = out, journal, tally, chunk_tokens
+        self.position = {label: number for number, label in enumerate(labels)}  # a source's place in the manifest
         self.engine = engine
         self.reference = None if engine.is_reference else encoding_engine.load_engine("tiktoken")
         self.writer = ThreadPoolExecutor(1)
@@ -440,10 +448,13 @@ class ChunkBuilder:
                                              tokens, lengths)
         data = store.encode_chunk(tokens, lengths, sources, indices)
         name = store.chunk_name(len(self.tally.chunks))
+        index = doc_index.encode_index(lengths, [self.position[s] for s in sources], indices)
         self.journal.claim()
+        storage.write_bytes(self.out / doc_index.index_name(name), index)
         storage.write_bytes(self.out / name, data)
         record = {"file": name, "sha256": hashlib.sha256(data).hexdigest(),
                   "n_docs": len(lengths), "n_tokens": len(tokens), "bytes": len(data),
+                  "index": doc_index.index_entry(doc_index.index_name(name), index),
                   "input_bytes": input_bytes, "repaired": repaired,
                   "spot_checked_docs": checked[0], "spot_checked_tokens": checked[1]}
         self.journal.record(record)

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import AfterValidator, ConfigDict, Field
 
 from blues_train.io import storage
 from blues_train.io.errors import BluesError
@@ -66,6 +66,9 @@ def read_manifest(store_dir) -> dict:
     validated(StoreManifest, manifest, f"{path}: ", advice="; prepare the dataset again")
     for number, chunk in enumerate(manifest["chunks"]):  # and no symbolic link leads out of the store
         storage.inside(store_dir, chunk["file"], f"{path}: chunks[{number}].file", "prepare the dataset again")
+        if "index" in chunk:
+            storage.inside(store_dir, chunk["index"]["file"], f"{path}: chunks[{number}].index.file",
+                           "prepare the dataset again")
     return manifest
 
 
@@ -92,19 +95,27 @@ class SourceRecord(ManifestPart):
     sha256: Sha256
 
 
+def plain_file_name(name: str) -> str:
+    if not storage.is_plain_name(name):
+        raise ValueError("not a file name inside the store folder (no path separators, not '.' or '..')")
+    return name
+
+
+class IndexRecord(ManifestPart):
+    """The chunk's document index (`blues_train.data.doc_index`), optional."""
+
+    file: Annotated[str, AfterValidator(plain_file_name)]
+    sha256: Sha256
+    bytes: Count
+
+
 class ChunkRecord(ManifestPart):
-    file: str
+    file: Annotated[str, AfterValidator(plain_file_name)]
     sha256: Sha256
     n_docs: Count
     n_tokens: Count
     bytes: Count
-
-    @field_validator("file")
-    @classmethod
-    def _inside_the_store(cls, name):
-        if not storage.is_plain_name(name):
-            raise ValueError("not a file name inside the store folder (no path separators, not '.' or '..')")
-        return name
+    index: IndexRecord | None = None
 
 
 class Totals(ManifestPart):

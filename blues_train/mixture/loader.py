@@ -20,14 +20,23 @@ pass), valid for any world size: a run saved on N ranks resumes on M.
 
 Lineage. The plan of a pass maps every packed position back to a document, so a global
 window number tells exactly which documents it holds (`window_pieces`: no I/O), and
-`document_ids` names them (raw file, sha256, index in the file) reading only the `source`
-and `index` columns of the chunks involved; `document_windows` answers the reverse
-question. `blues lineage` (blues_train/serving/lineage.py) is built on these.
+`document_ids` names them (raw file, sha256, index in the file) from the stores' document
+index; `document_windows` answers the reverse question. `blues lineage`
+(blues_train/serving/lineage.py) is built on these.
+
+Start-up reads no tokens. Each store's document index (blues_train/data/doc_index.py) gives
+every document's length and identity; the split's document table and each pass plan are
+built from it once per machine and memory-mapped (blues_train/mixture/plan_cache.py), keyed on the
+mixture fingerprint, seed, split and pass. From the middle of a pass on, the next one's plan
+is built on a background thread; each rank packs only its own windows.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,32 +44,36 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from blues_train.data import store
+from blues_train.data import doc_index, store
 from blues_train.data.tokenizer import EOT_ID
 from blues_train.io import storage
 from blues_train.io.chunk_files import ChunkFiles
 from blues_train.io.errors import BluesError
-from blues_train.mixture.spec import held_out, read_mixture, source_manifest
+from blues_train.mixture.plan_cache import PlanCache, cache_folder
+from blues_train.mixture.spec import held_out_by_base, read_mixture, source_base, source_manifest
 
 SPLITS = ("train", "val")
 STATE_VERSION = 1
 BLOCK_TOKENS = 1 << 20  # windows are cut from the packed stream about this many at a time
-IDENTITY_CHUNKS = 64  # chunks whose source and index columns lineage lookups keep
+# The document table and pass plans are int64 tables stored column-major, so that each column
+# is contiguous in the mapped file (np.searchsorted on a strided column would copy it whole).
+DOCUMENT = {"chunk": 0, "row": 1, "start": 2, "length": 3}
+PIECE = {"chunk": 0, "source": 1, "start": 2, "length": 3, "packed_start": 4, "doc": 5}
+PLANS_KEPT = 3  # pass plans a loader keeps mapped
 
 
 @dataclass
 class Source:
-    """One source's documents of the split: where each one's tokens are, and how many."""
+    """One source's documents of the split: where each one's tokens are, and how many (views
+    of the split's document table, from document `first` on)."""
 
     chunk: np.ndarray  # int32: index into the mixture's chunk list
     start: np.ndarray  # int64: offset of the document's first token in its chunk
     length: np.ndarray  # int64: tokens (> 0)
     row: np.ndarray  # int32: the document's row in its chunk
     per_pass: int  # tokens this source contributes to each pass
-
-    @property
-    def tokens(self) -> int:
-        return int(self.length.sum())
+    tokens: int  # tokens of all its documents in the split
+    first: int  # its first document's number in the split's document table
 
 
 @dataclass(frozen=True)
@@ -114,14 +127,22 @@ class DocumentWindow:
 
 @dataclass
 class Pass:
-    """One pass of the mixture as pieces of documents, in stream order."""
+    """One pass of the mixture as pieces of documents, in stream order (views of its plan)."""
 
     chunk: np.ndarray
     start: np.ndarray
     length: np.ndarray
     source: np.ndarray
     packed_start: np.ndarray  # position of each piece in the packed stream (EOTs included)
+    doc: np.ndarray  # the piece's document: its number in the split's document table
     n_windows: int
+
+    @classmethod
+    def of(cls, plan: np.ndarray, seq_len: int) -> "Pass":
+        """The pass whose pieces are `plan` (a PIECE table), cut into windows of seq_len."""
+        chunk, source, start, length, packed_start, doc = plan.T
+        packed_end = int(packed_start[-1] + length[-1] + 1)
+        return cls(chunk, start, length, source, packed_start, doc, n_windows=max(packed_end - 1, 0) // seq_len)
 
 
 class ChunkCache:
@@ -185,94 +206,130 @@ def chunk_tokens(table: pa.Table) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def chunk_offsets(table: pa.Table) -> np.ndarray:
-    """Start of each document in `chunk_tokens(table)`, plus the end: int64, len n_docs+1."""
-    ends = np.cumsum(store.doc_lengths(table), dtype=np.int64)
-    return np.concatenate([[0], ends])
+@dataclass
+class MixtureChunks:
+    """The chunks of a mixture's stores, numbered in order: their paths, sizes in tokens,
+    (sha256, bytes), and each one's store (mixture source) and number within it."""
+
+    manifests: list[dict]
+    paths: list
+    n_tokens: list[int]
+    meta: list[tuple[str, int]]
+    owner: list[tuple[int, int]]
+
+    @classmethod
+    def of(cls, mixture: dict) -> "MixtureChunks":
+        manifests = [source_manifest(entry) for entry in mixture["sources"]]
+        listed = [(i, k, store.chunk_path(entry["path"], chunk), chunk)
+                  for i, (entry, manifest) in enumerate(zip(mixture["sources"], manifests))
+                  for k, chunk in enumerate(manifest["chunks"])]
+        return cls(manifests, [path for _, _, path, _ in listed], [c["n_tokens"] for *_, c in listed],
+                   [(c["sha256"], c["bytes"]) for *_, c in listed], [(i, k) for i, k, _, _ in listed])
+
+    def source_bounds(self) -> np.ndarray:
+        """Source i's chunks are numbers [bounds[i], bounds[i + 1])."""
+        return np.cumsum([0] + [len(manifest["chunks"]) for manifest in self.manifests])
 
 
-def chunk_identity(path) -> tuple[list[str], np.ndarray]:
-    """The `source` and `index` columns of a chunk (one entry per row), reading nothing else."""
-    try:
-        with pa.memory_map(str(path)) as file:
-            schema = pa.ipc.open_file(file).schema
-            fields = [schema.get_field_index(name) for name in ("source", "index")]
-            if min(fields) < 0:
-                raise BluesError(f"{path}: has no source and index columns; run `blues verify`")
-            options = pa.ipc.IpcReadOptions(included_fields=fields)
-            table = pa.ipc.open_file(file, options=options).read_all()
-    except (pa.ArrowException, OSError) as exc:
-        raise BluesError(f"{path}: not a readable Arrow chunk ({exc}); run `blues verify`") from None
-    return table.column("source").to_pylist(), table.column("index").to_numpy()
+def chunk_index(mixture: dict, chunks: MixtureChunks, files: ChunkFiles | None, number: int) -> np.ndarray:
+    """Chunk `number`'s document index records (doc_index), its chunk fetched only when a store
+    without a written index needs it derived."""
+    source, local = chunks.owner[number]
+    return doc_index.chunk_index(mixture["sources"][source]["path"], chunks.manifests[source], local,
+                                 lambda: chunk_file(chunks.paths, files, chunks.meta, number))
 
 
-def load_sources(mixture: dict, split: str, files: ChunkFiles | None = None):
-    """The split's documents of every source, and the mixture's chunk paths, sizes in tokens
-    and (sha256, bytes). Remote chunks are read through `files` (default: a ChunkFiles in
-    the default cache folder), fetched a few ahead in parallel."""
+def is_table(array: np.ndarray, columns: dict) -> bool:
+    """Whether a mapped array is a table of these int64 columns, stored column-major."""
+    return (array.dtype == np.int64 and array.ndim == 2 and array.shape[1] == len(columns)
+            and array.flags.f_contiguous)
+
+
+def split_documents(mixture: dict, chunks: MixtureChunks, files: ChunkFiles | None, split: str) -> np.ndarray:
+    """The split's non-empty documents, every source's in chunk and row order (a DOCUMENT table),
+    without those the mixture's dedup result removed."""
     fraction = mixture["validation"]["fraction"]
-    manifests = [source_manifest(entry) for entry in mixture["sources"]]
-    listed = [(store.chunk_path(entry["path"], chunk), chunk)
-              for entry, manifest in zip(mixture["sources"], manifests) for chunk in manifest["chunks"]]
-    paths = [path for path, _ in listed]
-    chunks = [(chunk["sha256"], chunk["bytes"]) for _, chunk in listed]
-    if files is None and any(isinstance(p, storage.RemotePath) for p in paths):
-        files = ChunkFiles()
-    ahead = 2 * (files.threads if files is not None else 0)
-    sources, n_tokens = [], []
-    for entry, manifest in zip(mixture["sources"], manifests):
-        parts = []
-        for chunk in manifest["chunks"]:
-            number = len(n_tokens)
-            if files is not None:  # the next few download while this one is read
-                files.prefetch((paths[c], *chunks[c]) for c in range(number, min(number + ahead, len(paths)))
-                               if isinstance(paths[c], storage.RemotePath))
-            path = chunk_file(paths, files, chunks, number)
-            parts.append(chunk_documents(path, manifest, number, fraction, split))
-            n_tokens.append(chunk["n_tokens"])
-        chunk_ids, starts, lengths, rows = (np.concatenate(p) for p in zip(*parts))
-        sources.append(Source(chunk_ids, starts, lengths, rows, per_pass=entry["tokens"]))
-    if mixture.get("dedup"):
-        drop_deduplicated(sources, mixture, np.cumsum([0] + [len(m["chunks"]) for m in manifests]).tolist())
-    if split == "val":  # every held-out document once, of the sources the mixture trains on
-        for source, entry in zip(sources, mixture["sources"]):
-            source.per_pass = source.tokens if entry["tokens"] > 0 else 0
-    return sources, paths, n_tokens, chunks
+    bases = [np.array([source_base(s["sha256"]) for s in manifest["sources"]], dtype=np.uint64)
+             for manifest in chunks.manifests]
+    removed = removed_rows(mixture)
+    parts = [without_removed(chunk_documents(chunk_index(mixture, chunks, files, number),
+                                             bases[chunks.owner[number][0]], number, fraction, split),
+                             chunks, removed)
+             for number in range(len(chunks.paths))]
+    return np.asfortranarray(np.concatenate(parts) if parts else np.zeros((0, len(DOCUMENT)), np.int64))
 
 
-def drop_deduplicated(sources: list[Source], mixture: dict, first_chunks: list[int]) -> None:
-    """Leave out of each source's table the documents the mixture's dedup result removed
-    (`first_chunks`: each source's first index in the mixture's chunk list)."""
+def removed_rows(mixture: dict) -> list[dict[int, np.ndarray]] | None:
+    """Per mixture source, {chunk number in its store: rows a dedup result removed}; None without one."""
+    if not mixture.get("dedup"):
+        return None
+    from blues_train.mixture import dedup  # only a deduplicated mixture reads Parquet
+
+    return dedup.removed_rows(mixture)
+
+
+def without_removed(documents: np.ndarray, chunks: MixtureChunks, removed) -> np.ndarray:
+    """A chunk's DOCUMENT table without the rows `removed` (removed_rows) lists."""
+    if removed is None or not len(documents):
+        return documents
     from blues_train.mixture import dedup
 
-    for source, first, removed in zip(sources, first_chunks, dedup.removed_rows(mixture)):
-        keep = dedup.keep_mask(source.chunk - first, source.row, removed)
-        source.chunk, source.start, source.length, source.row = (
-            column[keep] for column in (source.chunk, source.start, source.length, source.row))
+    number = int(documents[0, DOCUMENT["chunk"]])
+    source, local = chunks.owner[number]
+    keep = dedup.keep_mask(np.full(len(documents), local), documents[:, DOCUMENT["row"]], removed[source])
+    return documents[keep]
 
 
-def chunk_documents(path, manifest: dict, chunk_id: int, fraction: float, split: str):
-    """(chunk ids, token offsets, lengths, rows) of the non-empty documents of `split` in a chunk."""
-    table = store.read_chunk(path)
-    offsets = chunk_offsets(table)
-    lengths = np.diff(offsets)
-    keep = (lengths > 0) & (validation_mask(table, manifest, fraction) == (split == "val"))
-    starts = offsets[:-1][keep]
-    rows = np.flatnonzero(keep).astype(np.int32)
-    return np.full(len(starts), chunk_id, dtype=np.int32), starts, lengths[keep], rows
+def chunk_documents(records: np.ndarray, bases: np.ndarray, chunk_id: int, fraction: float,
+                    split: str) -> np.ndarray:
+    """The non-empty documents of `split` in a chunk, given its index records (a DOCUMENT table)."""
+    lengths = records["length"].astype(np.int64)
+    held = held_out_by_base(bases[records["source"]], records["index"], fraction)
+    keep = np.flatnonzero((lengths > 0) & (held == (split == "val")))
+    return np.stack([np.full(len(keep), chunk_id), keep, (np.cumsum(lengths) - lengths)[keep], lengths[keep]], axis=1)
 
 
-def validation_mask(table: pa.Table, manifest: dict, fraction: float) -> np.ndarray:
-    """Which rows of a chunk the mixture's validation rule holds out."""
-    sha_by_label = {s["path"]: s["sha256"] for s in manifest["sources"]}
-    labels = table.column("source").combine_chunks().dictionary_encode()
-    indices = table.column("index").to_numpy()
-    mask = np.zeros(len(indices), dtype=bool)
-    codes = labels.indices.to_numpy(zero_copy_only=False)
-    for code, label in enumerate(labels.dictionary.to_pylist()):
-        rows = codes == code
-        mask[rows] = held_out(sha_by_label[label], indices[rows], fraction)
-    return mask
+def source_totals(documents: np.ndarray, chunks: MixtureChunks) -> np.ndarray:
+    """(documents, tokens) of each source in a split's document table: int64, shape (sources, 2)."""
+    chunk, length = documents[:, DOCUMENT["chunk"]], documents[:, DOCUMENT["length"]]
+    bounds = np.searchsorted(chunk, chunks.source_bounds()).tolist()
+    totals = [[hi - lo, int(length[lo:hi].sum())] for lo, hi in zip(bounds, bounds[1:])]
+    return np.array(totals, dtype=np.int64).reshape(-1, 2)
+
+
+def table_sources(documents: np.ndarray, totals: np.ndarray, mixture: dict, split: str) -> list[Source]:
+    """Each source's view of the split's document table."""
+    sources, first = [], 0
+    for (count, tokens), entry in zip(totals.tolist(), mixture["sources"]):
+        chunk, row, start, length = documents[first: first + count].T
+        sources.append(Source(chunk, start, length, row,
+                              pass_tokens(entry, tokens, split), tokens, first))
+        first += count
+    return sources
+
+
+def pass_tokens(entry: dict, tokens: int, split: str) -> int:
+    """Tokens a source (its mixture entry; `tokens` in the split) gives each pass: its share in
+    train; in val every held-out document once, of the sources the mixture trains on."""
+    if split == "train":
+        return entry["tokens"]
+    return tokens if entry["tokens"] > 0 else 0
+
+
+def split_tokens(mixture: dict, split: str) -> list[int]:
+    """Each source's tokens in `split`, from the document index one chunk at a time (memory does
+    not grow with documents)."""
+    chunks = MixtureChunks.of(mixture)
+    files = ChunkFiles() if any(isinstance(p, storage.RemotePath) for p in chunks.paths) else None
+    tokens = [0] * len(mixture["sources"])
+    fraction = mixture["validation"]["fraction"]
+    removed = removed_rows(mixture)
+    for number, (source, _) in enumerate(chunks.owner):
+        bases = np.array([source_base(s["sha256"]) for s in chunks.manifests[source]["sources"]], dtype=np.uint64)
+        documents = without_removed(chunk_documents(chunk_index(mixture, chunks, files, number), bases, number,
+                                                    fraction, split), chunks, removed)
+        tokens[source] += int(documents[:, DOCUMENT["length"]].sum())
+    return tokens
 
 
 def stream_seeds(mixture: dict, seed: int, split: str) -> list[int]:
@@ -281,10 +338,16 @@ def stream_seeds(mixture: dict, seed: int, split: str) -> list[int]:
 
 
 def epoch_order(source: Source, rng: np.random.Generator) -> np.ndarray:
-    """A permutation of the source's documents: chunks shuffled, documents within each."""
-    chunk_ids, local = np.unique(source.chunk, return_inverse=True)
-    chunk_rank = rng.permutation(len(chunk_ids))
-    return np.lexsort((rng.random(len(source.chunk)), chunk_rank[local]))
+    """A permutation of the source's documents: chunks shuffled, documents within each, by
+    random keys (ties by position). The documents of a chunk are consecutive, so each chunk's
+    are sorted alone: the order of `np.lexsort((keys, chunk_rank[chunk]))`, at a fraction of
+    its cost."""
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(source.chunk)) + 1, [len(source.chunk)]])
+    chunk_rank = rng.permutation(len(bounds) - 1)
+    keys = rng.random(len(source.chunk))
+    runs = [np.argsort(keys[lo:hi], kind="stable") + lo
+            for lo, hi in (bounds[i: i + 2] for i in np.argsort(chunk_rank).tolist())]
+    return np.concatenate(runs) if runs else np.zeros(0, dtype=np.int64)
 
 
 def source_pieces(source: Source, seeds: list[int], first: int, end: int):
@@ -303,41 +366,33 @@ def source_pieces(source: Source, seeds: list[int], first: int, end: int):
     return np.concatenate(docs), np.concatenate(offsets), np.concatenate(lengths)
 
 
-def build_pass(sources: list[Source], seeds: list[int], epoch: int, seq_len: int) -> Pass:
-    """Pass `epoch`: every source's share, interleaved by progress, cut into windows."""
-    chunk, start, length, source_id, progress = [], [], [], [], []
+def build_pass(sources: list[Source], seeds: list[int], epoch: int) -> np.ndarray:
+    """Pass `epoch` (a PIECE table): every source's share, interleaved by progress."""
+    parts, progress = [], []
     for i, source in enumerate(sources):
         if source.per_pass == 0:
             continue
         first = epoch * source.per_pass
         docs, offsets, lengths = source_pieces(source, [*seeds, i], first, first + source.per_pass)
-        chunk.append(source.chunk[docs])
-        start.append(source.start[docs] + offsets)
-        length.append(lengths)
-        source_id.append(np.full(len(docs), i, dtype=np.int16))
+        parts.append(np.stack([source.chunk[docs], np.full(len(docs), i), source.start[docs] + offsets, lengths,
+                               np.zeros(len(docs), np.int64), source.first + docs], axis=1))
         position = np.cumsum(lengths) - lengths
         progress.append((position + lengths / 2) / source.per_pass)
-    order = np.argsort(np.concatenate(progress), kind="stable")
-    length = np.concatenate(length)[order]
-    packed_end = np.cumsum(length + 1)
-    return Pass(
-        chunk=np.concatenate(chunk)[order],
-        start=np.concatenate(start)[order],
-        length=length,
-        source=np.concatenate(source_id)[order],
-        packed_start=packed_end - (length + 1),
-        n_windows=max(int(packed_end[-1]) - 1, 0) // seq_len,
-    )
+    plan = np.concatenate(parts)[np.argsort(np.concatenate(progress), kind="stable")]
+    length = plan[:, PIECE["length"]]
+    plan[:, PIECE["packed_start"]] = np.cumsum(length + 1) - (length + 1)
+    return np.asfortranarray(plan)
 
 
 def realized_shares(mixture: dict, split: str = "train") -> tuple[list[float], list[int]]:
     """Each source's share of the tokens of pass 0 as this loader builds it, and each
-    source's tokens in `split` (what `blues verify` and the merged_dataset asset report)."""
-    sources, *_ = load_sources(mixture, split)
-    check_sources(sources, mixture, split)
-    plan = build_pass(sources, stream_seeds(mixture, 0, split), 0, seq_len=1)
-    realized = np.bincount(plan.source, weights=plan.length, minlength=len(sources))
-    return (realized / realized.sum()).tolist(), [source.tokens for source in sources]
+    source's tokens in `split` (what `blues verify` and the merged_dataset asset report).
+    A pass takes exactly each source's tokens per pass, so these need only the document
+    index, read one chunk at a time: no plan, memory not growing with documents."""
+    tokens = split_tokens(mixture, split)
+    per_pass = [pass_tokens(entry, count, split) for entry, count in zip(mixture["sources"], tokens)]
+    check_sources(per_pass, tokens, mixture, split)
+    return (np.array(per_pass) / sum(per_pass)).tolist(), tokens
 
 
 def pack(plan: Pass, first: int, out: np.ndarray, cache: ChunkCache) -> None:
@@ -374,7 +429,7 @@ class PackedSequenceDataset(IterableDataset):
     def __init__(self, mixture_dir, seq_len: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, split: str = "train", batch_size: int = 1,
                  cache_chunks: int | None = None, chunk_cache_dir=None, chunk_cache_bytes: int | None = None,
-                 chunk_files: ChunkFiles | None = None):
+                 chunk_files: ChunkFiles | None = None, index_cache_dir=None):
         check_arguments(seq_len, rank, world_size, split, batch_size)
         self.mixture = read_mixture(mixture_dir)
         if split == "val" and self.mixture["validation"]["fraction"] == 0:
@@ -384,33 +439,79 @@ class PackedSequenceDataset(IterableDataset):
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         remote = storage.is_remote(mixture_dir) or any(storage.is_remote(s["path"]) for s in self.mixture["sources"])
         self.chunk_files = chunk_files or (ChunkFiles(chunk_cache_dir, chunk_cache_bytes) if remote else None)
-        self.sources, self.chunk_paths, self.chunk_sizes, self.chunk_meta = load_sources(
-            self.mixture, split, self.chunk_files)
-        check_sources(self.sources, self.mixture, split)
+        self.chunks = MixtureChunks.of(self.mixture)
+        self.chunk_paths, self.chunk_sizes, self.chunk_meta = self.chunks.paths, self.chunks.n_tokens, self.chunks.meta
+        self.plan_cache = PlanCache(cache_folder(mixture_dir, self.mixture["fingerprint"], index_cache_dir))
+        self.documents = self.plan_cache.get(f"documents-{split}.npy", self._split_documents,
+                                             lambda table: is_table(table, DOCUMENT))
+        totals = self.plan_cache.get(f"sources-{split}.npy", lambda: source_totals(self.documents, self.chunks),
+                                     lambda t: t.shape == (len(self.mixture["sources"]), 2)
+                                     and int(t[:, 0].sum()) == len(self.documents))
+        self.sources = table_sources(self.documents, totals, self.mixture, split)
+        check_sources([s.per_pass for s in self.sources], [s.tokens for s in self.sources], self.mixture, split)
         self.cache_chunks = cache_chunks or 2 * len(self.sources) + 2
         self.block_windows = max(1, BLOCK_TOKENS // seq_len)
         self.seeds = stream_seeds(self.mixture, seed, split)
         self._plans: OrderedDict[int, Pass] = OrderedDict()
         self._n_windows: dict[int, int] = {}
+        self._ahead: dict[int, Future] = {}  # pass plans being built on background threads
+        self._pending_pid = os.getpid()
         self._start, self._start_windows = (0, 0), 0  # where this run began (or resumed)
         self._taken = 0  # windows this rank's own iterator handed out since then
         self._lookup_cache: ChunkCache | None = None  # lineage lookups (window_tokens)
-        self._identity: OrderedDict[int, tuple[list[str], np.ndarray]] = OrderedDict()  # chunk -> columns
-        self._source_sha: dict[int, dict[str, str]] = {}  # mixture source -> raw file label -> sha256
         if self.num_windows(0) == 0:
             raise BluesError(f"{mixture_dir}: one pass of the {split} split is shorter than "
                              f"one window of seq_len + 1 = {seq_len + 1} tokens")
 
+    def _split_documents(self) -> np.ndarray:
+        return split_documents(self.mixture, self.chunks, self.chunk_files, self.split)
+
     def pass_plan(self, epoch: int) -> Pass:
-        """Pass `epoch`'s plan; the two most recently used are kept."""
+        """Pass `epoch`'s plan (mapped from the plan cache); the few most recently used are kept."""
         if epoch in self._plans:
             self._plans.move_to_end(epoch)
         else:
-            self._plans[epoch] = build_pass(self.sources, self.seeds, epoch, self.seq_len)
+            future = self._pending().pop(epoch, None)
+            records = future.result() if future is not None else self._plan_records(epoch)
+            self._plans[epoch] = Pass.of(records, self.seq_len)
             self._n_windows[epoch] = self._plans[epoch].n_windows
-            while len(self._plans) > 2:
+            while len(self._plans) > PLANS_KEPT:
                 self._plans.popitem(last=False)
         return self._plans[epoch]
+
+    def _plan_records(self, epoch: int) -> np.ndarray:
+        pass_tokens_total = sum(source.per_pass for source in self.sources)
+
+        def valid(plan: np.ndarray) -> bool:  # a whole plan ends where the pass's tokens and EOTs do
+            return (is_table(plan, PIECE) and len(plan) > 0 and int(plan[-1, PIECE["packed_start"]] + plan[-1, PIECE[
+                "length"]]) == pass_tokens_total + len(plan) - 1)
+
+        return self.plan_cache.get(f"plan-{self.split}-seed{self.seed}-pass{epoch}.npy",
+                                   lambda: build_pass(self.sources, self.seeds, epoch), valid)
+
+    def _plan_ahead(self, epoch: int) -> None:
+        """Start building pass `epoch`'s plan on a background thread, unless it is there. The
+        thread is a daemon: a run that ends mid-build is not held up (its temporary file is
+        never read)."""
+        pending = self._pending()
+        if epoch in self._plans or epoch in pending:
+            return
+        future = pending[epoch] = Future()
+
+        def build() -> None:
+            try:
+                future.set_result(self._plan_records(epoch))
+            except BaseException as exc:  # raised where the plan is needed
+                future.set_exception(exc)
+
+        threading.Thread(target=build, name="blues-plan-ahead", daemon=True).start()
+
+    def _pending(self) -> dict[int, Future]:
+        """This process's plans being built; a forked DataLoader worker starts with none (the
+        parent's threads are not in it)."""
+        if self._pending_pid != os.getpid():
+            self._ahead, self._pending_pid = {}, os.getpid()
+        return self._ahead
 
     def num_windows(self, epoch: int = 0) -> int:
         """Windows in pass `epoch`, all ranks together (one validation pass, for example)."""
@@ -438,12 +539,13 @@ class PackedSequenceDataset(IterableDataset):
             if cache.files is not None:  # this block's chunks, then the next block's, in the background
                 self._prefetch(cache, epoch, window, stop - window)
                 self._prefetch(cache, *self.advance((epoch, window), stop - window), self.block_windows)
+            if window >= self.num_windows(epoch) // 2:  # half a pass to build the next one in
+                self._plan_ahead(epoch + 1)
             mine = np.flatnonzero(self._is_mine(offset + np.arange(stop - window), worker_id, n_workers))
-            if len(mine):
-                first = (window + mine[0]) * self.seq_len
-                span = (mine[-1] - mine[0]) * self.seq_len + self.seq_len + 1
-                pack(self.pass_plan(epoch), first, stream[:span], cache)
-                for row in (mine - mine[0]).tolist():
+            for run in np.split(mine, np.flatnonzero(np.diff(mine) > 1) + 1) if len(mine) else []:
+                span = (len(run) - 1) * self.seq_len + self.seq_len + 1  # this rank's consecutive windows
+                pack(self.pass_plan(epoch), (window + run[0]) * self.seq_len, stream[:span], cache)
+                for row in range(len(run)):
                     self._taken += 1
                     start = row * self.seq_len
                     yield torch.from_numpy(stream[start: start + self.seq_len + 1].astype(np.int64))
@@ -531,78 +633,73 @@ class PackedSequenceDataset(IterableDataset):
         return out
 
     def document_ids(self, documents) -> list[DocumentId]:
-        """Who the documents are, given as (source, chunk, row) keys (or WindowPieces): reads
-        the `source` and `index` columns of their chunks only (each chunk once)."""
+        """Who the documents are, given as (source, chunk, row) keys (or WindowPieces), from
+        their chunks' document index."""
         ids = []
         for key in documents:
             source, chunk, row = key.document if isinstance(key, WindowPiece) else key
-            if chunk not in self._identity:
-                self._identity[chunk] = chunk_identity(self._chunk_file(chunk))
-                while len(self._identity) > IDENTITY_CHUNKS:
-                    self._identity.popitem(last=False)
-            self._identity.move_to_end(chunk)
-            labels, indices = self._identity[chunk]
-            entry = self.mixture["sources"][source]
-            if source not in self._source_sha:
-                manifest = store.read_manifest(entry["path"])
-                self._source_sha[source] = {s["path"]: s["sha256"] for s in manifest["sources"]}
-            label = labels[row]
-            ids.append(DocumentId(str(entry["path"]), label, self._source_sha[source].get(label, ""),
-                                  int(indices[row])))
+            record = self._chunk_index(chunk)[row]
+            raw_file = self.chunks.manifests[source]["sources"][int(record["source"])]
+            ids.append(DocumentId(str(self.mixture["sources"][source]["path"]), raw_file["path"],
+                                  raw_file["sha256"], int(record["index"])))
         return ids
+
+    def _chunk_index(self, chunk: int) -> np.ndarray:
+        return chunk_index(self.mixture, self.chunks, self.chunk_files, chunk)
 
     def find_document(self, source_file: str, index: int) -> tuple[int, int, int]:
         """The (source, chunk, row) key of record `index` of raw file `source_file` (its label in
-        a store manifest, or its sha256 or a prefix of 8+ hex digits of it), reading only the
-        `source` and `index` columns of that store's chunks. BluesError when no store of the
-        mixture has such a document, or the name fits raw files of several stores."""
+        a store manifest, or its sha256 or a prefix of 8+ hex digits of it), from the document
+        index of that store's chunks. BluesError when no store of the mixture has such a
+        document, or the name fits raw files of several stores."""
         matches = []
-        for i, entry in enumerate(self.mixture["sources"]):
-            for s in store.read_manifest(entry["path"])["sources"]:
+        for i, manifest in enumerate(self.chunks.manifests):
+            for position, s in enumerate(manifest["sources"]):
                 by_hash = len(source_file) >= 8 and s["sha256"].startswith(source_file.lower())
                 if s["path"] == source_file or by_hash:
-                    matches.append((i, s["path"]))
+                    matches.append((i, position, s["path"]))
         if not matches:
             raise BluesError(f"{source_file}: no raw file of that name (or sha256) in the mixture's "
                              "stores; give the path as `blues verify` or manifest.json sources[].path lists it")
         if len(matches) > 1:
-            named = ", ".join(f"{self.mixture['sources'][i]['path']}: {label}" for i, label in matches[:3])
+            named = ", ".join(f"{self.mixture['sources'][i]['path']}: {label}" for i, _, label in matches[:3])
             raise BluesError(f"{source_file}: fits {len(matches)} raw files ({named}); give more of the sha256")
-        source, label = matches[0]
-        entry = self.mixture["sources"][source]
-        manifest = store.read_manifest(entry["path"])
-        first_chunk = self.chunk_paths.index(store.chunk_path(entry["path"], manifest["chunks"][0]))
-        for number in range(len(manifest["chunks"])):
-            labels, indices = chunk_identity(self._chunk_file(first_chunk + number))
-            rows = np.flatnonzero((indices == index) & (np.asarray(labels, dtype=object) == label))
+        source, position, label = matches[0]
+        bounds = self.chunks.source_bounds()
+        for chunk in range(bounds[source], bounds[source + 1]):
+            records = self._chunk_index(chunk)
+            rows = np.flatnonzero((records["index"] == index) & (records["source"] == position))
             if len(rows):
-                return source, first_chunk + number, int(rows[0])
-        raise BluesError(f"{label}:{index}: {entry['path']} holds no record {index} of {label} "
-                         "(it was skipped when prepared, or the file has fewer records)")
+                return source, chunk, int(rows[0])
+        raise BluesError(f"{label}:{index}: {self.mixture['sources'][source]['path']} holds no record {index} "
+                         f"of {label} (it was skipped when prepared, or the file has fewer records)")
+
+    def _document(self, document: tuple[int, int, int]) -> int | None:
+        """The number of `document` (a (source, chunk, row) key) in the split's document table,
+        or None when it is not in this split (held out by the validation rule, or empty)."""
+        source, chunk, row = document
+        src = self.sources[source]
+        lo, hi = np.searchsorted(src.chunk, chunk, side="left"), np.searchsorted(src.chunk, chunk, side="right")
+        found = int(lo + np.searchsorted(src.row[lo:hi], row))
+        return src.first + found if found < hi and int(src.row[found]) == row else None
 
     def document_length(self, document: tuple[int, int, int]) -> int | None:
         """Tokens of `document` (a (source, chunk, row) key), or None when it is not in this
         split (held out by the validation rule, or empty)."""
-        source, chunk, row = document
-        src = self.sources[source]
-        found = np.flatnonzero((src.chunk == chunk) & (src.row == row))
-        return int(src.length[found[0]]) if len(found) else None
+        doc = self._document(document)
+        return None if doc is None else int(self.documents[doc, DOCUMENT["length"]])
 
     def document_windows(self, document: tuple[int, int, int], end_window: int) -> list[DocumentWindow]:
         """Every global window before `end_window` that holds part of `document` (a (source,
         chunk, row) key), with the tokens it holds, in window order."""
-        source, chunk, row = document
-        src = self.sources[source]
-        found = np.flatnonzero((src.chunk == chunk) & (src.row == row))
-        if not len(found):
+        doc = self._document(document)
+        if doc is None:
             return []
-        doc_start, doc_length = int(src.start[found[0]]), int(src.length[found[0]])
+        doc_start = int(self.documents[doc, DOCUMENT["start"]])
         hits, epoch, offset, L = [], 0, 0, self.seq_len
         while offset < end_window:
             plan, n = self.pass_plan(epoch), self.num_windows(epoch)
-            mine = np.flatnonzero((plan.source == source) & (plan.chunk == chunk) & (plan.start >= doc_start)
-                                  & (plan.start < doc_start + doc_length))
-            for k in mine.tolist():
+            for k in np.flatnonzero(plan.doc == doc).tolist():
                 packed, length = int(plan.packed_start[k]), int(plan.length[k])
                 skip = int(plan.start[k]) - doc_start
                 # window w holds packed positions [w L, w L + L]
@@ -618,13 +715,10 @@ class PackedSequenceDataset(IterableDataset):
 
     def _piece(self, plan: Pass, k: int, skip: int, stop: int, window_start: int) -> WindowPiece:
         """Piece k of the plan, its tokens [skip, stop) (of the piece) at `window_start`."""
-        source, chunk, start = int(plan.source[k]), int(plan.chunk[k]), int(plan.start[k])
-        src = self.sources[source]
-        lo, hi = np.searchsorted(src.chunk, chunk, side="left"), np.searchsorted(src.chunk, chunk, side="right")
-        doc = int(lo + np.searchsorted(src.start[lo:hi], start, side="right") - 1)
-        offset = start - int(src.start[doc])
-        return WindowPiece(source, chunk, int(src.row[doc]), offset + skip, offset + stop, int(src.length[doc]),
-                           window_start, window_start + stop - skip)
+        _, row, start, length = self.documents[int(plan.doc[k])].tolist()
+        offset = int(plan.start[k]) - start
+        return WindowPiece(int(plan.source[k]), int(plan.chunk[k]), row, offset + skip, offset + stop,
+                           length, window_start, window_start + stop - skip)
 
 
 def check_arguments(seq_len, rank, world_size, split, batch_size) -> None:
@@ -636,11 +730,11 @@ def check_arguments(seq_len, rank, world_size, split, batch_size) -> None:
         raise BluesError(f"rank {rank} is outside world_size {world_size}")
 
 
-def check_sources(sources: list[Source], mixture: dict, split: str) -> None:
+def check_sources(per_pass: list[int], tokens: list[int], mixture: dict, split: str) -> None:
     """Every source with a share must have documents in the split to give it."""
-    for source, entry in zip(sources, mixture["sources"]):
-        if source.per_pass > 0 and source.tokens == 0:
+    for share, count, entry in zip(per_pass, tokens, mixture["sources"]):
+        if share > 0 and count == 0:
             raise BluesError(f"{entry['path']}: no documents in the {split} split to give "
                              f"its share of the mixture; lower --val_fraction and merge again")
-    if sum(s.per_pass for s in sources) == 0:
+    if sum(per_pass) == 0:
         raise BluesError(f"the mixture's {split} split holds no documents")

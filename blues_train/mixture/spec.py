@@ -48,9 +48,19 @@ def held_out(source_sha256: str, indices: np.ndarray, fraction: float) -> np.nda
     The rule depends only on the document's identity, not on the store, chunking, seed
     or mixture, so the same document is held out in every mixture that contains it.
     """
-    base = np.uint64(int(source_sha256[:16], 16))
+    return held_out_by_base(np.uint64(source_base(source_sha256)), indices, fraction)
+
+
+def source_base(source_sha256: str) -> int:
+    """What the validation rule adds a document's index to: its raw file's sha256, first 64 bits."""
+    return int(source_sha256[:16], 16)
+
+
+def held_out_by_base(bases, indices, fraction: float) -> np.ndarray:
+    """`held_out` for documents of many raw files at once: `bases[i]` is document i's
+    `source_base` (uint64), `indices[i]` its index in that file."""
     with np.errstate(over="ignore"):
-        hashed = splitmix64(base + np.asarray(indices, dtype=np.uint64))
+        hashed = splitmix64(np.asarray(bases, dtype=np.uint64) + np.asarray(indices, dtype=np.uint64))
     threshold = min(int(fraction * 2.0**64), MASK64)
     return hashed < np.uint64(threshold)
 

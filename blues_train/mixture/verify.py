@@ -3,7 +3,9 @@
 A token store: every chunk's sha256, no missing and no stray chunk file, the Arrow schema,
 documents and tokens per chunk and in total against the manifest, token ids below n_vocab,
 the tokenizer hash. A mixture: its sources (each verified as a store) still have the
-fingerprints it recorded, its shares are consistent, and the loader realizes them.
+fingerprints it recorded, its shares are consistent, and the loader realizes them (read
+from the stores' document index, one chunk at a time: no loader is built). A store's chunks
+are checked on a thread per core.
 One line per problem naming the file (and row), then a statistics table.
 """
 
@@ -12,8 +14,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,13 +26,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from blues_train.data import store
+from blues_train.data import doc_index, store
 from blues_train.data.tokenizer import N_VOCAB, tokenizer_mismatch
 from blues_train.io import command_line, storage
 from blues_train.io.errors import BluesError
 from blues_train.mixture.spec import MIXTURE_FILE, mixture_fingerprint, read_mixture, source_manifest
 
 SHARE_TOLERANCE = 0.01
+MAX_VERIFY_THREADS = 16
 
 
 @dataclass
@@ -102,15 +108,36 @@ def verify_store(path: Path, report: VerifyReport, progress: bool = False) -> No
     if store.journal_path(path).exists():
         report.add(store.journal_path(path), "journal of a prepare run killed after writing manifest.json: "
                    "run the same `blues prepare` again to remove it")
-    labels = {source["path"] for source in manifest["sources"]}
-    lengths = []
-    chunks = command_line.progress(enumerate(manifest["chunks"]), f"verify {path.name}", progress,
-                          total=len(manifest["chunks"]), unit="chunk")
-    for number, chunk in chunks:
-        lengths.append(verify_chunk(path, number, chunk, labels, report))
-    lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    labels = [source["path"] for source in manifest["sources"]]
+    lengths = Counter()  # tokens -> documents: bounded by the longest document, not by their number
+    checked = map_chunks(partial(verify_chunk_alone, path, labels), manifest["chunks"])
+    for problems, chunk_lengths in command_line.progress(checked, f"verify {path.name}", progress,
+                                                         total=len(manifest["chunks"]), unit="chunk"):
+        report.problems.extend(problems)
+        lengths.update(chunk_lengths.tolist())
     check_totals(manifest, manifest_file, report)
     report.datasets.append(dataset_stats(path, manifest, lengths))
+
+
+def map_chunks(check, chunks: list[dict]):
+    """`check(number, chunk)` of every chunk, on a thread per core (hashing, decompressing and
+    Arrow's validation release the GIL), in chunk order; at most a few chunks ahead in flight."""
+    workers = max(1, min(os.cpu_count() or 1, MAX_VERIFY_THREADS))
+    with ThreadPoolExecutor(workers, "blues-verify") as pool:
+        pending = deque()
+        for number, chunk in enumerate(chunks):
+            pending.append(pool.submit(check, number, chunk))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def verify_chunk_alone(path, labels: list[str], number: int, chunk: dict) -> tuple[list[Problem], np.ndarray]:
+    """`verify_chunk` into a report of its own: (its problems, its document lengths)."""
+    report = VerifyReport()
+    lengths = verify_chunk(path, number, chunk, labels, report)
+    return report.problems, lengths
 
 
 def check_chunk_files(path: Path, manifest: dict, report: VerifyReport) -> None:
@@ -122,7 +149,7 @@ def check_chunk_files(path: Path, manifest: dict, report: VerifyReport) -> None:
         report.add(path / name, "stray chunk: on disk but not listed in manifest.json")
 
 
-def verify_chunk(path: Path, number: int, chunk: dict, labels: set, report: VerifyReport):
+def verify_chunk(path: Path, number: int, chunk: dict, labels: list[str], report: VerifyReport):
     """Check one chunk against its manifest entry; its document lengths (empty if unreadable)."""
     file = store.chunk_path(path, chunk)
     empty = np.zeros(0, dtype=np.int64)
@@ -157,7 +184,10 @@ def verify_chunk(path: Path, number: int, chunk: dict, labels: set, report: Veri
     lengths = store.doc_lengths(table).astype(np.int64)
     check_counts(path / store.MANIFEST, number, chunk, file, table.num_rows, lengths, report)
     check_token_ids(file, table, lengths, report)
-    check_labels(file, table, labels, report)
+    if check_labels(file, table, set(labels), report):
+        index_problem = doc_index.verify_index(path, chunk, table, labels)
+        if index_problem:
+            report.add(*index_problem)
     return lengths
 
 
@@ -177,12 +207,14 @@ def check_token_ids(file: Path, table, lengths: np.ndarray, report: VerifyReport
                    f"({len(bad)} such ids in this chunk)", row=row)
 
 
-def check_labels(file: Path, table, labels: set, report: VerifyReport) -> None:
+def check_labels(file: Path, table, labels: set, report: VerifyReport) -> bool:
+    """Whether every row's source is in the manifest (else the first one that is not is reported)."""
     sources = table.column("source").to_pylist()
     for row, label in enumerate(sources):
         if label not in labels:
             report.add(file, f"source {label!r} is not in manifest.json sources", row=row)
-            return
+            return False
+    return True
 
 
 def check_totals(manifest: dict, manifest_file: Path, report: VerifyReport) -> None:
@@ -194,16 +226,17 @@ def check_totals(manifest: dict, manifest_file: Path, report: VerifyReport) -> N
                        f"its chunks list {listed}")
 
 
-def dataset_stats(path: Path, manifest: dict, lengths: np.ndarray) -> dict:
-    tokens = int(lengths.sum())
+def dataset_stats(path: Path, manifest: dict, lengths: Counter) -> dict:
+    """`lengths`: documents by their tokens, {tokens: documents}."""
+    tokens = sum(length * count for length, count in lengths.items())
     return {
         "path": str(path),
         "fingerprint": manifest["fingerprint"],
-        "docs": len(lengths),
+        "docs": sum(lengths.values()),
         "tokens": tokens,
         "stored_bytes_per_token": round(manifest["totals"].get("stored_bytes", 0) / max(tokens, 1), 4),
         "input_bytes_per_token": round(manifest["totals"].get("input_bytes", 0) / max(tokens, 1), 4),
-        "doc_tokens_percentiles": store.percentiles(Counter(lengths.tolist())),
+        "doc_tokens_percentiles": store.percentiles(lengths),
     }
 
 

@@ -27,7 +27,7 @@ from blues_train.data import store, tokenizer
 from blues_train.io import command_line, storage
 from blues_train.io.atomic import check_output_folder, write_atomic
 from blues_train.io.errors import BluesError
-from blues_train.mixture.loader import chunk_tokens, load_sources
+from blues_train.mixture.loader import DOCUMENT, MixtureChunks, chunk_tokens, split_documents
 from blues_train.mixture.spec import read_mixture
 
 CLOZE = "blues_cloze"
@@ -38,16 +38,16 @@ LAST_WORD = re.compile(r"^(.*\S)\s+(\w+)\W*$", re.S)  # a passage, then its last
 
 
 def held_out_texts(mixture_dir) -> list[str]:
-    """The text of every held-out document of the mixture, in store and chunk order."""
+    """The text of every held-out document of the mixture, in store, chunk and row order."""
     mixture = read_mixture(mixture_dir)
-    sources, paths, _, _ = load_sources(mixture, "val")
+    chunks = MixtureChunks.of(mixture)
+    documents = split_documents(mixture, chunks, None, "val")
     texts = []
-    for chunk in sorted({int(c) for source in sources for c in source.chunk}):
-        tokens = chunk_tokens(store.read_chunk(paths[chunk]))
-        for source in sources:
-            mine = source.chunk == chunk
-            texts += [tokenizer.decode(tokens[start:start + length].tolist())
-                      for start, length in zip(source.start[mine], source.length[mine])]
+    for chunk in np.unique(documents[:, DOCUMENT["chunk"]]).tolist():
+        tokens = chunk_tokens(store.read_chunk(chunks.paths[chunk]))
+        mine = documents[documents[:, DOCUMENT["chunk"]] == chunk]
+        texts += [tokenizer.decode(tokens[start:start + length].tolist())
+                  for start, length in zip(mine[:, DOCUMENT["start"]], mine[:, DOCUMENT["length"]])]
     return texts
 
 

@@ -89,6 +89,9 @@ class TrainingConfig(Settings):
                                                       "is set")
     chunk_cache_gb: float = Field(16.0, gt=0, allow_inf_nan=False,
                                   description="disk the chunk copies may take (least recently used go first)")
+    index_cache_dir: str | None = Field(None, description="folder of the loader's document tables and pass "
+                                        "plans, built once and memory-mapped by every rank (default: MIXTURE/"
+                                        ".blues-index, or $BLUES_CACHE_DIR/index for a mixture on object storage)")
 
     def run_options(self) -> RunOptions:
         return RunOptions(attn_backend=self.attn_backend, gradient_checkpointing=self.gradient_checkpointing,

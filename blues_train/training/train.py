@@ -547,7 +547,8 @@ def start(cfg: TrainingConfig) -> Run:
 
     loaders = [PackedSequenceDataset(cfg.data_cache_dir, cfg.seq_len, seed=cfg.seed, rank=rank,
                                      world_size=world_size, split=split, chunk_cache_dir=cfg.chunk_cache_dir,
-                                     chunk_cache_bytes=int(cfg.chunk_cache_gb * 2**30))
+                                     chunk_cache_bytes=int(cfg.chunk_cache_gb * 2**30),
+                                     index_cache_dir=cfg.index_cache_dir)
                for split in ("train", "val")]
     if resume_from:
         checkpoint.load(engine, load_dir)

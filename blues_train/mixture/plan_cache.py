@@ -1,0 +1,114 @@
+"""The loader's derived tables, built once per machine and memory-mapped by every reader.
+
+A mixture's per-split document table and each pass plan (blues_train/mixture/loader.py) depend only
+on the mixture (its fingerprint), the loader seed, the split and the pass number, never on
+seq_len, rank or world size. They are written as NumPy `.npy` files in one folder per
+mixture fingerprint and format version:
+
+    <index_cache_dir or MIXTURE/.blues-index>/v1-<fingerprint[:32]>/documents-train.npy
+                                                                 /plan-train-seed0-pass0.npy
+
+and opened with `np.load(mmap_mode="r")`, so ranks and DataLoader workers of one machine
+share one copy in the page cache and private memory does not grow with documents. A table
+is built under an exclusive lock on its own lock file (`.NAME.lock`), so ranks that start
+together build it once: the others wait, then map what the first wrote. Files are written
+to a temporary name and renamed (a reader sees a whole file or none); a file that does not
+parse, or fails its caller's check (its length, the tokens it covers), is built again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from blues_train.io import storage
+from blues_train.io.atomic import os_error, sync_dir
+from blues_train.io.errors import BluesError
+
+FORMAT_VERSION = 1
+FOLDER = ".blues-index"
+
+
+def cache_folder(mixture_dir, fingerprint: str, index_cache_dir=None) -> Path:
+    """Where a mixture's tables live: under `index_cache_dir`, else beside a local mixture,
+    else (a mixture on object storage) under the local cache root."""
+    if index_cache_dir is not None:
+        base = Path(index_cache_dir)
+    elif storage.is_remote(mixture_dir):
+        base = storage.cache_root() / "index"
+    else:
+        base = Path(mixture_dir) / FOLDER
+    return base / f"v{FORMAT_VERSION}-{fingerprint[:32]}"
+
+
+class PlanCache:
+    """Named arrays in one folder: `get` maps a valid one, or builds, writes and maps it."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def get(self, name: str, build: Callable[[], np.ndarray], valid: Callable[[np.ndarray], bool]) -> np.ndarray:
+        """Array `name`: mapped from the folder when present and `valid`, else `build()` (once
+        across processes sharing the folder), written, and mapped."""
+        found = self._load(name, valid)
+        if found is not None:
+            return found
+        with self._lock(name):
+            found = self._load(name, valid)  # another process may have built it meanwhile
+            if found is None:
+                self._save(name, build())
+                found = self._load(name, valid)
+        if found is None:
+            raise BluesError(f"{self.folder / name}: written but unreadable; check the disk, or give "
+                             "another --index_cache_dir")
+        return found
+
+    def _load(self, name: str, valid) -> np.ndarray | None:
+        path = self.folder / name
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError, EOFError):
+            return None  # truncated or damaged: built again
+        return array if valid(array) else None
+
+    def _save(self, name: str, array: np.ndarray) -> None:
+        path = self.folder / name
+        temp = self.folder / f".{name}.{os.getpid()}.tmp"
+        try:
+            with open(temp, "wb") as fh:
+                np.save(fh, array, allow_pickle=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(temp, path)
+            sync_dir(self.folder)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise os_error(exc, path, "writing the loader's index cache (--index_cache_dir)") from None
+
+    def _lock(self, name: str):
+        return FileLock(self.folder / f".{name}.lock")
+
+
+class FileLock:
+    """An exclusive flock on a lock file, waited for (the kernel drops it if the holder dies)."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = path, None
+
+    def __enter__(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise os_error(exc, self.path.parent, "creating the loader's index cache (--index_cache_dir)") from None
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)

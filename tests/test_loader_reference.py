@@ -1,0 +1,61 @@
+"""The indexed loader against today's loader, frozen in tests/reference_loader.py: the same
+windows byte for byte, the same lineage answers, on the sample-corpus mixture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference_loader
+from reference import take
+
+from blues_train.mixture.loader import PackedSequenceDataset
+
+
+def windows(dataset, n: int) -> np.ndarray:
+    return np.stack([w.numpy() for w in take(dataset, n)])
+
+
+@pytest.mark.parametrize("seed, seq_len, world_size, split", [
+    (0, 512, 1, "train"), (5, 32, 3, "train"), (2, 100, 2, "val"), (0, 64, 1, "val")])
+def test_windows_are_todays_across_a_pass_boundary(mixture_dir, tmp_path, seed, seq_len, world_size, split):
+    options = dict(seed=seed, world_size=world_size, split=split)
+    old = [reference_loader.PackedSequenceDataset(mixture_dir, seq_len, rank=r, **options) for r in range(world_size)]
+    new = [PackedSequenceDataset(mixture_dir, seq_len, rank=r, index_cache_dir=tmp_path, **options)
+           for r in range(world_size)]
+    per_pass = old[0].num_windows(0)
+    assert [new[0].num_windows(e) for e in range(3)] == [old[0].num_windows(e) for e in range(3)]
+    n = -(-(per_pass + 5) // world_size)  # past the end of pass 0
+    for a, b in zip(old, new):
+        assert np.array_equal(windows(a, n), windows(b, n))
+
+
+def test_resumed_windows_are_todays(mixture_dir, tmp_path):
+    old = reference_loader.PackedSequenceDataset(mixture_dir, 64)
+    take(old, old.num_windows(0) - 3)
+    state = old.state_dict()
+    for world_size in (1, 2):
+        resumed_old = reference_loader.PackedSequenceDataset(mixture_dir, 64, rank=1 % world_size, world_size=world_size)
+        resumed_new = PackedSequenceDataset(mixture_dir, 64, rank=1 % world_size, world_size=world_size,
+                                            index_cache_dir=tmp_path)
+        resumed_old.load_state_dict(state)
+        resumed_new.load_state_dict(state)
+        assert np.array_equal(windows(resumed_old, 8), windows(resumed_new, 8))
+        assert resumed_new.state_dict(consumed=8) == resumed_old.state_dict(consumed=8)
+
+
+def test_lineage_answers_are_todays(mixture_dir, tmp_path):
+    old = reference_loader.PackedSequenceDataset(mixture_dir, 128)
+    new = PackedSequenceDataset(mixture_dir, 128, index_cache_dir=tmp_path)
+    n = old.num_windows(0)
+    for g in (0, 7, n - 1, n, n + 1):
+        pieces = new.window_pieces(g)
+        assert [vars(p) for p in pieces] == [vars(p) for p in old.window_pieces(g)]
+        assert [d.to_dict() for d in new.document_ids(pieces)] == [
+            d.to_dict() for d in old.document_ids(old.window_pieces(g))]
+        assert np.array_equal(new.window_tokens(g), old.window_tokens(g))
+    document = old.window_pieces(n)[0].document
+    assert [vars(h) for h in new.document_windows(document, n + 40)] == [
+        vars(h) for h in old.document_windows(document, n + 40)]
+    assert new.document_length(document) == old.document_length(document)
+    name = old.document_ids([document])[0]
+    assert new.find_document(name.source, name.index) == old.find_document(name.source, name.index)
