@@ -190,11 +190,12 @@ def build_dedup_result(tokenized: list[dg.AssetsDefinition]) -> dg.AssetsDefinit
         record = dedup([d.token_store for d in cfg.datasets], settings.output, exact=settings.exact,
                        near=settings.near, threshold=settings.threshold, say=context.log.info)
         names = [d.name for d in cfg.datasets]
+        counts = list(zip(names, record["counts"]))
         return dg.MaterializeResult(
             metadata={
                 "removed_documents": record["removals"]["rows"],
-                **{f"removed_documents/{name}": row["exact"] + row["near"] for name, row in zip(names, record["counts"])},
-                **{f"removed_tokens/{name}": row["removed_tokens"] for name, row in zip(names, record["counts"])},
+                **{f"removed_documents/{name}": row["exact"] + row["near"] for name, row in counts},
+                **{f"removed_tokens/{name}": row["removed_tokens"] for name, row in counts},
                 "removals": removal_table(names, record),
                 "removed_pairs": dg.MetadataValue.text(removed_pairs_text(settings.output, record)),
                 "fingerprint": record["fingerprint"],

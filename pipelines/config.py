@@ -22,9 +22,9 @@ defaults are that class's), except that `out` is the folder of the runs (each ru
 `out/run-<id>`) and the mixture is `mixture.output`; plus how to launch (`launcher`,
 `num_gpus`), `deepspeed_config` (the `--deepspeed` file) and `args` (more `blues train`
 flags). With a `dedup` section the graph runs `blues dedup` on every dataset into `output`
-and merges with `--dedup`; without one, nothing is deduplicated. Relative paths are relative to the file's folder, and the inputs and model files
-named must exist. An error names the file and the key, and for an unknown key the nearest
-valid one. Run config (`MergeConfig`, `TrainConfig`, `EvalConfig`) overrides single fields
+and merges with `--dedup`; without one, nothing is deduplicated. Relative paths are
+relative to the file's folder, and the inputs and model files named must exist. An error
+names the file and the key, and for an unknown key the nearest valid one. Run config (`MergeConfig`, `TrainConfig`, `EvalConfig`) overrides single fields
 for one run and goes through the same validation.
 """
 
