@@ -1,10 +1,11 @@
 """The asset graph: raw_corpus (a partition per dataset) -> tokenized_dataset/<dataset>
--> merged_dataset -> trained_model -> model_checkpoint, model_eval. Each body calls one
-blues_train function and turns its result into the metadata people look at.
+-> [dedup_result, when configured] -> merged_dataset -> trained_model -> model_checkpoint,
+model_eval. Each body calls one blues_train function and turns its result into the
+metadata people look at.
 
-The per-dataset assets and `merged_dataset`, which depends on them, are built from the
-project configuration by `build_data_assets` when the definitions load (definitions.py);
-nothing here reads the configuration at import.
+The per-dataset assets, and `dedup_result` and `merged_dataset`, which depend on them, are
+built from the project configuration by `build_data_assets` when the definitions load
+(definitions.py); nothing here reads the configuration at import.
 
 Versions (pipelines/versions.py, docs/interfaces.md): every asset's code version is derived
 from the code it runs; data versions are content hashes: a token store's fingerprint, the
@@ -22,6 +23,7 @@ from blues_train.data.store import read_manifest
 from blues_train.io import storage
 from blues_train.io.atomic import write_json_atomic
 from blues_train.io.errors import BluesError
+from blues_train.mixture.dedup import dedup, removal_sample
 from blues_train.mixture.loader import realized_shares
 from blues_train.mixture.merge import merge
 from blues_train.mixture.spec import read_mixture
@@ -156,24 +158,88 @@ def raw_corpus_observation(dataset: str, files: list[dict], event=dg.AssetObserv
 
 
 MERGED_DATASET = dg.AssetKey("merged_dataset")
+DEDUP_RESULT = dg.AssetKey("dedup_result")
+# Rebuilt by the retrain job with the mixture: a dataset tokenized again since the last
+# dedup would make `blues merge --dedup` refuse the stale result.
+RETRAIN_TAG = ("blues/retrain", "with_mixture")
 
 
-def build_data_assets(config: ProjectConfig) -> tuple[list[dg.AssetsDefinition], dg.AssetsDefinition]:
+def build_data_assets(config: ProjectConfig) -> tuple[list[dg.AssetsDefinition], list[dg.AssetsDefinition]]:
     """One tokenized_dataset asset per dataset of the configuration, fixed when the code
     location loads (the raw_corpus_sensor says when the file has more: reload then), and
-    the merged_dataset that depends on them all."""
+    what depends on them all: dedup_result (only with a `dedup` section), merged_dataset."""
     tokenized = [build_tokenized_dataset(source.name) for source in config.datasets]
-    return tokenized, build_merged_dataset(tokenized)
+    if config.dedup is None:
+        return tokenized, [build_merged_dataset(tokenized)]
+    deduplicated = build_dedup_result(tokenized)
+    return tokenized, [deduplicated, build_merged_dataset(tokenized, deduplicated)]
 
 
-def build_merged_dataset(tokenized: list[dg.AssetsDefinition]) -> dg.AssetsDefinition:
+def build_dedup_result(tokenized: list[dg.AssetsDefinition]) -> dg.AssetsDefinition:
+    @versioned_asset(runs=("blues_train.mixture.dedup",), key=DEDUP_RESULT, deps=tokenized, group_name="data",
+                     kinds={"parquet"}, tags=dict([RETRAIN_TAG]))
+    def dedup_result(context: dg.AssetExecutionContext, project: BluesProject) -> dg.MaterializeResult:
+        """Exact and near-duplicate documents across every dataset (`blues dedup`, the
+        configuration's `dedup` section): per-dataset removal counts, and a sample of removed
+        documents beside the ones they copy. Chunk signatures are kept, so a re-run hashes
+        only new chunks. merged_dataset leaves the removed documents out."""
+        cfg = project.load()
+        settings = cfg.dedup
+        if settings is None:
+            raise dg.Failure(f"{cfg.path}: has no dedup section any more; reload the code location",
+                             allow_retries=False)
+        record = dedup([d.token_store for d in cfg.datasets], settings.output, exact=settings.exact,
+                       near=settings.near, threshold=settings.threshold, say=context.log.info)
+        names = [d.name for d in cfg.datasets]
+        counts = list(zip(names, record["counts"]))
+        return dg.MaterializeResult(
+            metadata={
+                "removed_documents": record["removals"]["rows"],
+                **{f"removed_documents/{name}": row["exact"] + row["near"] for name, row in counts},
+                **{f"removed_tokens/{name}": row["removed_tokens"] for name, row in counts},
+                "removals": removal_table(names, record),
+                "removed_pairs": dg.MetadataValue.text(removed_pairs_text(settings.output, record)),
+                "fingerprint": record["fingerprint"],
+                "path": dg.MetadataValue.path(str(settings.output)),
+            },
+            data_version=dg.DataVersion(record["fingerprint"]),
+        )
+
+    return dedup_result
+
+
+def removal_table(names: list[str], record: dict) -> dg.TableMetadataValue:
+    columns = {"dataset": "string", "documents": "int", "exact": "int", "near": "int", "removed_tokens": "int"}
+    return dg.MetadataValue.table(
+        [dg.TableRecord({"dataset": name, "documents": entry["docs"], "exact": row["exact"], "near": row["near"],
+                         "removed_tokens": row["removed_tokens"]})
+         for name, entry, row in zip(names, record["inputs"], record["counts"])],
+        schema=dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in columns.items()]))
+
+
+def removed_pairs_text(folder, record: dict) -> str:
+    """A few removals as text: the removed document's opening beside the kept one's."""
+    blocks = [f"{row['reason']} copy (estimated Jaccard {row['jaccard']:.2f})\n"
+              f"  removed {row['source']}:{row['index']} of {row['dataset']}\n    {row['text']!r}\n"
+              f"  kept    {row['kept_source']}:{row['kept_index']} of {row['kept_dataset']}\n    {row['kept_text']!r}"
+              for row in removal_sample(folder, record)]
+    return "\n\n".join(blocks) or "no document removed"
+
+
+def build_merged_dataset(tokenized: list[dg.AssetsDefinition],
+                         deduplicated: dg.AssetsDefinition | None = None) -> dg.AssetsDefinition:
+    """merged_dataset on the tokenized datasets, without the documents of `deduplicated`
+    (the dedup_result asset) when given."""
+
     @versioned_asset(runs=("blues_train.mixture.merge", "blues_train.mixture.loader"),
-                     key=MERGED_DATASET, deps=tokenized, group_name="data", kinds={"json"})
+                     key=MERGED_DATASET, deps=[*tokenized, *([deduplicated] if deduplicated else [])],
+                     group_name="data", kinds={"json"})
     def merged_dataset(context: dg.AssetExecutionContext, config: MergeConfig,
                        project: BluesProject) -> dg.MaterializeResult:
         """The training mixture: every dataset of the configuration blended by token share
-        (`blues merge`). A manifest, not a copy of the tokens. The realized shares are those of
-        the loader's first pass, as `blues verify` reports them."""
+        (`blues merge`), less the documents dedup_result removed when the configuration has
+        a `dedup` section (`--dedup`). A manifest, not a copy of the tokens. The realized
+        shares are those of the loader's first pass, as `blues verify` reports them."""
         cfg = with_overrides(project.load(), "mixture", config)
         mix = cfg.mixture
         manifest = merge(
@@ -181,6 +247,7 @@ def build_merged_dataset(tokenized: list[dg.AssetsDefinition]) -> dg.AssetsDefin
             weights=list(mix.weights) if mix.strategy == "weighted" else None,
             strategy=mix.strategy, num_tokens=mix.num_tokens, seed=mix.seed,
             val_fraction=mix.val_fraction, log=context.log,
+            dedup=cfg.dedup.output if deduplicated and cfg.dedup else None,
         )
         total = manifest["total_tokens"]
         try:

@@ -13,16 +13,19 @@ The file keeps the original `config.json` shape and extends it:
      "evaluation": {"prompts": ["def "], "max_length": 40, "temperature": 0.8,
                     "top_k": 40, "val_windows": 8,
                     "tasks": [], "include_path": null, "limit": null},  # blues eval tasks
-     "schedule": {"retrain_cron": "0 3 * * 0"}}
+     "schedule": {"retrain_cron": "0 3 * * 0"},
+     "dedup": {"output": "data_cache/dedup", "exact": true, "near": true,
+               "threshold": 0.8}}  # optional: `blues dedup` before the merge
 
 `datasets` stays exactly the original section, so `blues merge --config` reads the same
 file. `training` holds the fields of `blues_train.training.config.TrainingConfig` (their
 defaults are that class's), except that `out` is the folder of the runs (each run gets
 `out/run-<id>`) and the mixture is `mixture.output`; plus how to launch (`launcher`,
 `num_gpus`), `deepspeed_config` (the `--deepspeed` file) and `args` (more `blues train`
-flags). Relative paths are relative to the file's folder, and the inputs and model files
-named must exist. An error names the file and the key, and for an unknown key the nearest
-valid one. Run config (`MergeConfig`, `TrainConfig`, `EvalConfig`) overrides single fields
+flags). With a `dedup` section the graph runs `blues dedup` on every dataset into `output`
+and merges with `--dedup`; without one, nothing is deduplicated. Relative paths are
+relative to the file's folder, and the inputs and model files named must exist. An error
+names the file and the key, and for an unknown key the nearest valid one. Run config (`MergeConfig`, `TrainConfig`, `EvalConfig`) overrides single fields
 for one run and goes through the same validation.
 """
 
@@ -42,6 +45,7 @@ from blues_train.data.sources import DEFAULT_GLOB, FORMATS
 from blues_train.io import storage
 from blues_train.io.errors import BluesError
 from blues_train.io.settings import Settings, validated
+from blues_train.mixture.dedup import DEFAULT_THRESHOLD
 from blues_train.mixture.merge import DEFAULT_OUTPUT, DatasetsSection, resolve_strategy
 from blues_train.mixture.spec import DEFAULT_VAL_FRACTION
 from blues_train.training.config import TrainingConfig, flag_parser, free_port
@@ -108,6 +112,13 @@ class ScheduleSection(Settings):
         return cron
 
 
+class DedupSection(Settings):
+    output: str
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(DEFAULT_THRESHOLD, gt=0, le=1)
+
+
 class ProjectFile(Settings):
     datasets: DatasetsSection
     sources: list[SourceSection] = Field(min_length=1)
@@ -115,6 +126,7 @@ class ProjectFile(Settings):
     training: TrainingSection = TrainingSection()
     evaluation: EvaluationSection = EvaluationSection()
     schedule: ScheduleSection = ScheduleSection()
+    dedup: DedupSection | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,6 +147,14 @@ class MixtureSettings:
     num_tokens: int | None
     seed: int
     val_fraction: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class DedupSettings:
+    output: Path
+    exact: bool
+    near: bool
+    threshold: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +197,7 @@ class ProjectConfig:
     training: TrainingSettings
     evaluation: EvaluationSection
     retrain_cron: str
+    dedup: DedupSettings | None  # None: the graph deduplicates nothing
 
     def dataset(self, name: str) -> DatasetSource:
         for source in self.datasets:
@@ -300,6 +321,11 @@ def parse_project_config(raw: object, path: Path, where: str | None = None) -> P
         model = str(base / model)
         if not Path(model).is_file():
             fail("training.model", f"{model} does not exist; name a preset (blues-01, tiny) or a BluesConfig JSON file")
+    dedup = file.dedup
+    if dedup is not None and not (dedup.exact or dedup.near):
+        fail("dedup", "finds nothing with exact and near both false; set one true, or remove the section")
+    if dedup is not None and storage.is_remote(dedup.output):
+        fail("dedup.output", f"{dedup.output}: dedup results are written to a local folder; use a local path")
     updates = {"model": model}
     if training.deepspeed is not None:
         updates["deepspeed"] = str(base / training.deepspeed)
@@ -318,4 +344,6 @@ def parse_project_config(raw: object, path: Path, where: str | None = None) -> P
         training=TrainingSettings(section=training.model_copy(update=updates), out=base / training.out),
         evaluation=file.evaluation,
         retrain_cron=file.schedule.retrain_cron,
+        dedup=None if dedup is None else DedupSettings(output=base / dedup.output, exact=dedup.exact,
+                                                       near=dedup.near, threshold=dedup.threshold),
     )

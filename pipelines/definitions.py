@@ -22,9 +22,9 @@ def defs() -> dg.Definitions:
 
 
 def build_definitions(config: ProjectConfig) -> dg.Definitions:
-    tokenized, merged = assets.build_data_assets(config)
+    tokenized, combined = assets.build_data_assets(config)
     return dg.Definitions(
-        assets=[assets.raw_corpus, *tokenized, merged, assets.trained_model, assets.model_checkpoint,
+        assets=[assets.raw_corpus, *tokenized, *combined, assets.trained_model, assets.model_checkpoint,
                 assets.model_eval, export_assets.hf_model],
         asset_checks=[checks.build_token_store_integrity(tokenized), checks.mixture_integrity,
                       checks.tokenizer_consistency],

@@ -1,15 +1,18 @@
-"""Retraining on a schedule: mixture, model and evaluation, at the configured cron."""
+"""Retraining on a schedule: dedup (when configured), mixture, model and evaluation, at the
+configured cron."""
 
 import dagster as dg
 
-from pipelines.assets import MERGED_DATASET, model_eval, trained_model
+from pipelines.assets import MERGED_DATASET, RETRAIN_TAG, model_eval, trained_model
 from pipelines.config import ProjectConfig
 
 retrain_job = dg.define_asset_job(
     "retrain_job",
-    selection=dg.AssetSelection.assets(MERGED_DATASET, trained_model, model_eval),
-    description="Merge the tokenized datasets, train a model on the mixture, evaluate it. "
-    "Blocking checks stop the run before training on data that fails them.",
+    selection=dg.AssetSelection.assets(MERGED_DATASET, trained_model, model_eval)
+    | dg.AssetSelection.tag(*RETRAIN_TAG),
+    description="Deduplicate (with a `dedup` section) and merge the tokenized datasets, train a "
+    "model on the mixture, evaluate it. Blocking checks stop the run before training on data "
+    "that fails them.",
 )
 
 

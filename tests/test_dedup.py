@@ -245,3 +245,23 @@ def test_merge_refuses_a_result_without_the_dataset(planted, code_store, result,
 
     with pytest.raises(BluesError, match="was not among its --datasets"):
         merge([planted["stores"]["A"], code_store], tmp_path / "m", dedup=result)
+
+
+def test_lineage_says_which_document_a_removed_one_copies(planted, result, deduplicated_mixture):
+    from blues_train.mixture.loader import PackedSequenceDataset
+    from blues_train.serving import lineage
+
+    stream = PackedSequenceDataset(deduplicated_mixture, 64)
+    [a_file], [b_file] = ([s["path"] for s in store.read_manifest(planted["stores"][name])["sources"]]
+                          for name in "AB")
+    reports = {index: lineage.document_lineage(stream, [], {}, b_file, index) for index in (40, 41)}
+    exact, near = reports[40]["removed"], reports[41]["removed"]  # copies of A:0 and A:2 (planted)
+    assert (exact["reason"], exact["jaccard"]) == ("exact", 1.0)
+    assert (exact["kept"]["source"], exact["kept"]["index"]) == (a_file, 0)
+    assert (near["reason"], near["kept"]["index"]) == ("near", 2) and 0.8 <= near["jaccard"] < 1
+    assert exact["dedup"] == near["dedup"] == str(result.resolve())
+    shown = lineage.format_document(reports[41], "runs/r")
+    assert f"removed by the dedup result {result.resolve()}: near duplicate of {a_file}:2 of " in shown
+    assert f"(estimated Jaccard {near['jaccard']:.2f}); in no step of runs/r" in shown
+    kept = lineage.document_lineage(stream, [], {}, a_file, 2)
+    assert kept.get("removed") is None and "removed by" not in lineage.format_document(kept, "runs/r")

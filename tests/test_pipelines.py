@@ -91,6 +91,8 @@ def test_definitions_load(defs):
     (lambda c: c["training"].update(launcher="slurm"), "training.launcher"),
     (lambda c: c["training"].update(max_steps=0), "training.max_steps"),
     (lambda c: c["schedule"].update(retrain_cron="every sunday"), "schedule.retrain_cron"),
+    (lambda c: c.update(dedup={"output": "d", "threshold": 1.5}), "dedup.threshold"),
+    (lambda c: c.update(dedup={"output": "d", "exact": False, "near": False}), "dedup finds nothing"),
 ])
 def test_config_errors_name_the_field(project, edit, field):
     raw = json.loads(project.read_text())
@@ -331,3 +333,44 @@ def test_dagster_home_template(tmp_path, monkeypatch):
         assert type(instance.run_storage).__name__ == "SqliteRunStorage"
         assert not instance.telemetry_enabled
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 1  # the gpu pool
+
+
+def test_dedup_result_sits_between_the_datasets_and_the_mixture(tmp_path):
+    """With a `dedup` section: dedup_result reads every tokenized dataset, reports removals
+    per dataset and sample pairs as text, and merged_dataset merges with its result."""
+    project = write_project(tmp_path, corpus_mb=0.05)
+    texts = tmp_path / "corpus" / "prose" / "texts"
+    credits = (texts / "idlelib" / "CREDITS.txt").read_text()
+    (texts / "zz_credits_copy.txt").write_text(credits)
+    extend = (texts / "idlelib" / "extend.txt").read_text()
+    (texts / "zz_extend_edited.txt").write_text("Retrieved on 2024-05-01.\n" + extend)
+    raw = json.loads(project.read_text())
+    raw["dedup"] = {"output": "stores/dedup", "threshold": 0.8}
+    project.write_text(json.dumps(raw))
+    config = load_project_config(project)
+    defs = definitions.build_definitions(config)
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string() for k in graph.get(assets.DEDUP_RESULT).parent_keys} == set(TOKENIZED)
+    assert assets.DEDUP_RESULT in graph.get(assets.MERGED_DATASET).parent_keys
+    assert assets.DEDUP_RESULT in retrain_job.selection.resolve(graph)
+    for source in config.datasets:
+        prepare_dataset([source.input], source.token_store, glob=source.glob, progress=False)
+    tokenized, combined = assets.build_data_assets(config)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([assets.raw_corpus, *tokenized, *combined, *CHECKS[1:]], selection=combined,
+                                instance=instance, resources=resources(project))
+    assert result.success
+    assert {e.check_name: e.passed for e in result.get_asset_check_evaluations()} == {
+        "mixture_integrity": True, "tokenizer_consistency": True}
+    shown = metadata(result, "dedup_result")
+    removed = {r.data["dataset"]: r.data for r in shown["removals"].records}
+    assert shown["removed_documents/prose"] == removed["prose"]["exact"] + removed["prose"]["near"]
+    assert removed["prose"]["exact"] >= 1 and removed["prose"]["near"] >= 1
+    assert shown["removed_documents"] == shown["removed_documents/prose"] + shown["removed_documents/code"]
+    event = [e for e in result.get_asset_materialization_events() if e.asset_key == assets.DEDUP_RESULT][0]
+    assert isinstance(event.materialization.metadata["removed_documents/prose"], dg.IntMetadataValue)
+    pairs = shown["removed_pairs"]
+    assert "exact copy (estimated Jaccard 1.00)" in pairs and pairs.count(repr(credits[:40])[:-1]) >= 2
+    mixture = json.loads((config.mixture.output / "mixture.json").read_text())
+    assert mixture["dedup"]["fingerprint"] == shown["fingerprint"]
+    assert event.materialization.tags["dagster/data_version"] == shown["fingerprint"]

@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blues_train.data import store
+from blues_train.data import store, tokenizer
 from blues_train.io import command_line, storage
 from blues_train.io.atomic import write_atomic
 from blues_train.io.errors import BluesError
@@ -51,6 +51,7 @@ FORMAT_VERSION = 1
 DEFAULT_THRESHOLD = 0.8
 PARTITION_DOCS = 1 << 24
 REASONS = ("exact", "near")
+SAMPLE_CHARS = 200
 
 
 def dedup(datasets, out_dir, *, exact=True, near=True, threshold=DEFAULT_THRESHOLD, workers=1,
@@ -383,6 +384,34 @@ def summary(record: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+def removal_sample(folder, record: dict, size: int = 5) -> list[dict]:
+    """`size` removals spread evenly over the removal table, each with the opening
+    SAMPLE_CHARS characters of the removed (`text`) and of the kept document (`kept_text`):
+    what a person reads to judge the threshold."""
+    table = read_removals(folder, record)
+    stores = {entry["fingerprint"]: entry["path"] for entry in record["inputs"]}
+    picked = np.unique(np.linspace(0, table.num_rows - 1, min(size, table.num_rows)).astype(np.int64))
+    return [{**row, "text": opening(stores[row["dataset_fingerprint"]], row["source"], row["index"]),
+             "kept_text": opening(row["kept_dataset"], row["kept_source"], row["kept_index"])}
+            for row in table.take(picked).to_pylist()]
+
+
+def opening(store_dir, source: str, index: int) -> str:
+    """The first SAMPLE_CHARS characters of record `index` of raw file `source` in a store,
+    reading only the `source` and `index` columns of the chunks before its own."""
+    from blues_train.mixture.loader import chunk_identity
+
+    for chunk in store.read_manifest(store_dir)["chunks"]:
+        path = store.chunk_path(store_dir, chunk)
+        labels, indices = chunk_identity(path)
+        rows = np.flatnonzero((indices == index) & (np.asarray(labels, dtype=object) == source))
+        if len(rows):
+            tokens = store.read_chunk(path).column("tokens")[int(rows[0])].values.to_numpy()
+            return tokenizer.decode(tokens[:SAMPLE_CHARS])[:SAMPLE_CHARS]
+    raise BluesError(f"{store_dir}: holds no record {index} of {source}, which the dedup result names; "
+                     "run `blues dedup` again")
+
+
 # Applying a result to a mixture: merge records it, the loader drops what it removed.
 
 def mixture_record(folder, fingerprints: list[str]) -> tuple[dict, dict]:
@@ -415,6 +444,19 @@ def current_result(mixture: dict) -> dict:
                          f"differs from {entry['fingerprint'][:16]} recorded in the mixture: the dedup result "
                          "changed after merging; run `blues merge` again")
     return record
+
+
+def removal_of(mixture: dict, fingerprint: str, source: str, index: int) -> dict | None:
+    """The removal-table row of record `index` of raw file `source` in the store of
+    `fingerprint`, if the mixture's dedup result removed it."""
+    if not mixture.get("dedup"):
+        return None
+    table = read_removals(mixture["dedup"]["path"], current_result(mixture))
+    mine = ((np.asarray(table.column("dataset_fingerprint").to_pylist(), dtype=object) == fingerprint)
+            & (np.asarray(table.column("source").to_pylist(), dtype=object) == source)
+            & (table.column("index").to_numpy() == index))
+    found = np.flatnonzero(mine)
+    return table.slice(int(found[0]), 1).to_pylist()[0] if len(found) else None
 
 
 def removed_rows(mixture: dict) -> list[dict[int, np.ndarray]]:

@@ -2,7 +2,7 @@
 
     blues lineage --run runs/demo --step 60                      # windows and their documents
     blues lineage --run runs/demo --step 60 --loss --checkpoint runs/demo/checkpoints/step-000060
-    blues lineage --run runs/demo --document code/stdlib.jsonl.zst:17
+    blues lineage --run runs/demo --document code/stdlib.jsonl.zst:17   # or why it was in none
     blues lineage --run runs/demo --spikes                       # the spikes training recorded
     (--json: the same as one JSON object)
 
@@ -36,6 +36,7 @@ from blues_train.data import tokenizer
 from blues_train.io import command_line, storage
 from blues_train.io.errors import BluesError
 from blues_train.io.settings import error_line
+from blues_train.mixture import dedup
 from blues_train.mixture.loader import PackedSequenceDataset
 from blues_train.mixture.spec import held_out, read_mixture
 from blues_train.training import metrics
@@ -231,10 +232,8 @@ def document_lineage(stream: PackedSequenceDataset, records: list[dict], data: d
               "appearances": [], "steps": [], "epochs": [],
               "recorded_steps": [mine[0]["step"], mine[-1]["step"]] if mine else None}
     if length is None:
-        fraction = stream.mixture["validation"]["fraction"]
-        held = bool(held_out(name.sha256, np.array([name.index]), fraction)[0]) if name.sha256 else False
-        report["not_trained"] = ("held out for validation by the mixture's rule" if held
-                                 else "empty: no tokens to train on")
+        report["removed"] = removal(stream.mixture, key[0], name)
+        report["not_trained"] = not_trained_reason(stream.mixture, name, report["removed"])
         return report
     starts = [r["windows"][0] for r in mine]
     end = max((r["windows"][1] for r in mine), default=0)
@@ -250,6 +249,27 @@ def document_lineage(stream: PackedSequenceDataset, records: list[dict], data: d
     report["steps"] = sorted({a["step"] for a in report["appearances"]})
     report["epochs"] = sorted({a["epoch"] for a in report["appearances"]})
     return report
+
+
+def removal(mixture: dict, source: int, name) -> dict | None:
+    """Why the mixture's dedup result removed document `name` of mixture source `source`:
+    reason, estimated Jaccard, the kept document and the result folder; None if it did not."""
+    row = dedup.removal_of(mixture, mixture["sources"][source]["fingerprint"], name.source, name.index)
+    if row is None:
+        return None
+    return {"reason": row["reason"], "jaccard": row["jaccard"], "dedup": mixture["dedup"]["path"],
+            "kept": {"dataset": row["kept_dataset"], "source": row["kept_source"], "sha256": row["kept_sha256"],
+                     "index": row["kept_index"]}}
+
+
+def not_trained_reason(mixture: dict, name, removed: dict | None) -> str:
+    if removed:
+        kept = removed["kept"]
+        return (f"removed by the dedup result {removed['dedup']}: {removed['reason']} duplicate of "
+                f"{document_name(kept)} of {kept['dataset']} (estimated Jaccard {removed['jaccard']:.2f})")
+    fraction = mixture["validation"]["fraction"]
+    held = bool(held_out(name.sha256, np.array([name.index]), fraction)[0]) if name.sha256 else False
+    return "held out for validation by the mixture's rule" if held else "empty: no tokens to train on"
 
 
 def same_data(a: dict, b: dict) -> bool:
