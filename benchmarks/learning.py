@@ -219,8 +219,8 @@ def parse_args(argv):
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.warmup, args.batch_tokens, args.seq_len = 6, 2, 256, 64
-        args.eval_windows, args.dense_steps, args.corpus_mb = 4, 2, 0.5
+        args.steps, args.warmup, args.batch_tokens, args.seq_len = 4, 1, 256, 64
+        args.eval_windows, args.dense_steps, args.corpus_mb = 4, 1, 0.5
     return args
 
 
