@@ -96,8 +96,8 @@ def build(setup: Setup, mask: str, seed: int):
 def train_step(setup: Setup, model, opt, schedule, stream, micro: int, grad_accum: int, balance: str) -> list:
     """One optimizer step as train.py takes it; returns the step's routed tokens per expert,
     per MoE layer (read back every step, as `blues train` does for its record)."""
-    c = model.config
-    aux_coef = 0.0 if balance == "bias" else c.aux_loss_coef
+    c, run = model.config, TrainingConfig(router_balance=balance, router_bias_rate=setup.bias_rate)
+    aux_coef = run.aux_loss_coef(c)
     counts = 0
     for _ in range(grad_accum):
         windows = torch.stack([next(stream) for _ in range(micro)]).to(setup.device, non_blocking=True)
@@ -110,8 +110,8 @@ def train_step(setup: Setup, model, opt, schedule, stream, micro: int, grad_accu
     schedule.step()
     opt.zero_grad(set_to_none=True)
     counts = counts.tolist()
-    if balance != "aux_loss":
-        model.nudge_expert_bias([[x / sum(layer) for x in layer] for layer in counts], setup.bias_rate)
+    if run.router_bias_step:
+        model.nudge_expert_bias([[x / sum(layer) for x in layer] for layer in counts], run.router_bias_step)
     return counts
 
 

@@ -26,8 +26,8 @@ from safetensors import SafetensorError, safe_open
 
 from blues_model import BluesConfig, BluesLM, RunOptions
 from blues_model.config import ATTENTION_MASKS
-from blues_model.moe import EXPERT_BIAS
 from blues_model.generation import generate, perplexity
+from blues_model.moe import EXPERT_BIAS
 from blues_train import checkpoint, cli, remote_run, storage, tokenizer
 from blues_train.errors import BluesError
 

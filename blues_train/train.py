@@ -19,15 +19,16 @@ config, which must therefore not set them.
 
 Losses. Each micro-batch's loss is computed on its own tokens:
     loss = cross_entropy + aux_loss_coef * aux_loss + z_loss_coef * z_loss
-with the coefficients of the model config (aux_loss_coef 0 under --router_balance bias, where
-each router's expert bias, nudged after every step by that step's global expert shares, the
-same on every rank, balances instead; it is part of the weights a checkpoint saves). `engine.backward` divides it by grad_accum, and
+with the coefficients of the model config. `engine.backward` divides it by grad_accum, and
 ZeRO averages the gradients over the ranks, so every optimizer step follows the mean over
 all grad_accum x world_size micro-batches of their total loss: the auxiliary terms keep the
 same weight against the cross-entropy whatever the accumulation and the number of ranks
 (none is summed over ranks, so no x world_size correction is needed). The load-balancing
 statistics (share of tokens f_e, mean probability P_e) are those of one micro-batch, not of
 the global batch: micro_batch x seq_len tokens per estimate.
+Under --router_balance bias the aux_loss_coef is 0: each router's expert bias, nudged after
+every step by the step's global expert shares (the same on every rank), balances instead;
+checkpoints save it with the weights.
 
 Exact resume. A checkpoint holds the DeepSpeed state (weights, optimizer, scheduler, step)
 and the loader's position; the random state (router noise) is re-seeded before every
