@@ -5,17 +5,26 @@ call is a plain causal pass on CUDA in half precision; otherwise
 `F.scaled_dot_product_attention`, which itself picks its flash or memory-efficient kernel
 where the device has one. `enable_gqa` lets the single KV head serve all query heads
 without copying it.
+
+Document masking (`RunOptions.attention_mask="document"`): a packed window holds documents
+each ended by EOT_ID, so position i starts a document iff i == 0 or token i - 1 is EOT_ID;
+a query attends only to earlier keys of its own document (block-causal), and rotary
+positions count from each document's start. On CUDA through FlexAttention (a compiled
+kernel that skips the fully masked tiles, `document_block_mask`); elsewhere through SDPA
+with the explicit boolean mask (`document_dense_mask`), the reference.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from .config import BluesConfig
+from .config import EOT_ID, BluesConfig
 
 try:
     from flash_attn import flash_attn_func
@@ -34,6 +43,46 @@ def resolve_backend(requested: str) -> str:
         raise ImportError("attn_backend='flash_attn' needs the flash-attn package: pip install 'blues[flash]'")
     logger.info("attention backend: %s (requested %r)", backend, requested)
     return backend
+
+
+def documents(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(document index, position inside that document), both [B, T] int64, of each token of
+    packed windows input_ids [B, T]: a document starts at 0 and after every EOT_ID."""
+    B, T = input_ids.shape
+    index_T = torch.arange(T, device=input_ids.device)
+    starts_BT = torch.ones_like(input_ids, dtype=torch.bool)
+    starts_BT[:, 1:] = input_ids[:, :-1] == EOT_ID
+    start_of_doc_BT = torch.where(starts_BT, index_T, 0).cummax(dim=-1).values
+    return starts_BT.cumsum(-1) - 1, index_T - start_of_doc_BT
+
+
+def document_dense_mask(doc_BT: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool, True where query t may attend to key s: s <= t in the same document."""
+    T = doc_BT.shape[1]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=doc_BT.device).tril()
+    return ((doc_BT.unsqueeze(2) == doc_BT.unsqueeze(1)) & causal_TT).unsqueeze(1)
+
+
+@functools.cache
+def compiled_flex():
+    """(flex_attention, create_block_mask) through torch.compile, built on first use: uncompiled
+    FlexAttention materializes the scores."""
+    return torch.compile(flex_attention, dynamic=False), torch.compile(create_block_mask, dynamic=False)
+
+
+def document_block_mask(doc_BT: torch.Tensor) -> BlockMask:
+    """The FlexAttention block mask of document_dense_mask (CUDA)."""
+    B, T = doc_BT.shape
+
+    def same_document_causal(b, h, q, kv):
+        return (doc_BT[b, q] == doc_BT[b, kv]) & (kv <= q)
+
+    return compiled_flex()[1](same_document_causal, B, None, T, T, device=doc_BT.device)
+
+
+def document_mask(doc_BT: torch.Tensor) -> torch.Tensor | BlockMask:
+    """The block-causal mask of packed windows, in the form Attention.attend computes fastest on their device."""
+    return document_block_mask(doc_BT) if doc_BT.is_cuda else document_dense_mask(doc_BT)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,9 +153,14 @@ class Attention(nn.Module):
         return q, k, v.view(B, T, self.n_kv_heads, hd)
 
     def attend(self, q, k, v, mask):
-        """Attention of q over k and v (all [B, T or S, heads, hd]), then the output projection."""
+        """Attention of q over k and v (all [B, T or S, heads, hd]), then the output projection.
+        mask: None (causal), a bool tensor [B, 1, T, S] (True = may attend) or a BlockMask."""
         B, T = q.shape[:2]
-        if self.backend == "flash_attn" and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if isinstance(mask, BlockMask):
+            flex = compiled_flex()[0] if q.is_cuda else flex_attention
+            y = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                     enable_gqa=True).transpose(1, 2)
+        elif self.backend == "flash_attn" and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             y = flash_attn_func(q, k, v, causal=True)
         else:
             y = F.scaled_dot_product_attention(
@@ -116,7 +170,7 @@ class Attention(nn.Module):
         return self.out(y.reshape(B, T, self.n_heads * self.head_dim))
 
     def forward(self, x, cos, sin, mask=None, kv_cache: KVCache | None = None):
-        """x [B, T, d]; mask [B, 1, T, S] bool (True = may attend) or None for plain causal."""
+        """x [B, T, d]; mask as for attend."""
         q, k, v = self.project(x, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ATTN_BACKENDS = ("auto", "sdpa", "flash_attn")
+ATTENTION_MASKS = ("causal", "document")
+EOT_ID = 199999  # <|endoftext|> in o200k_base: Blues' packing ends every document with it
 # Keys older checkpoints' config.json hold; they are RunOptions now and ignored there.
 FORMER_FIELDS = ("loss_chunk_tokens", "gradient_checkpointing", "attn_backend")
 
@@ -24,10 +26,15 @@ class RunOptions:
     attn_backend: str = "auto"  # "auto" (flash_attn if importable, else sdpa), "sdpa", "flash_attn"
     gradient_checkpointing: bool = False  # recompute each block in backward (RNG-preserving)
     loss_chunk_tokens: int = 4096  # tokens per chunk of the fused head + cross-entropy
+    # "causal": a window is one sequence; "document": attention stops at each EOT_ID join and
+    # positions restart per document (for windows scored whole: training, evaluation, lineage)
+    attention_mask: str = "causal"
 
     def __post_init__(self) -> None:
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend {self.attn_backend!r} must be one of {ATTN_BACKENDS}")
+        if self.attention_mask not in ATTENTION_MASKS:
+            raise ValueError(f"attention_mask {self.attention_mask!r} must be one of {ATTENTION_MASKS}")
         if type(self.loss_chunk_tokens) is not int or self.loss_chunk_tokens < 1:
             raise ValueError(f"loss_chunk_tokens must be a positive integer, got {self.loss_chunk_tokens!r}")
 

@@ -16,10 +16,9 @@ import math
 import torch
 
 from .attention import KVCache
+from .config import EOT_ID
 from .decode import decoder_for
 from .model import IGNORE_INDEX, BluesLM
-
-EOT_ID = 199999  # <|endoftext|> in o200k_base
 
 
 def sample_next(logits_BV, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, generator=None):

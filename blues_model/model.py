@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention, KVCache, resolve_backend, rope_cos_sin
+from .attention import Attention, KVCache, document_mask, documents, resolve_backend, rope_cos_sin
 from .config import BluesConfig, RunOptions
 from .moe import MoE
 
@@ -189,6 +189,13 @@ class BluesLM(nn.Module):
             else:
                 p.normal_(0.0, std)
 
+    def nudge_expert_bias(self, shares: list[list[float]], rate: float) -> None:
+        """Router.nudge_bias of every MoE layer, from its experts' shares of the routed tokens
+        (one list per MoE layer, in block order)."""
+        routers = [block.ffn.router for block in self.blocks if block.is_moe]
+        for router, share in zip(routers, shares, strict=True):
+            router.nudge_bias(torch.tensor(share), rate)
+
     def compile_blocks(self) -> None:
         """torch.compile each decoder block in place (fuses norms, rotary and SwiGLU
         elementwise work); the blocks share one compiled graph per kind, dense or MoE."""
@@ -199,12 +206,16 @@ class BluesLM(nn.Module):
                 last_only: bool = False) -> BluesOutput:
         """input_ids [B, T]; labels [B, T] already shifted (labels[:, t] is the token after
         input_ids[:, t]), -100 ignored. attention_mask [B, T] (True = real token, False =
-        left padding) and kv_cache are for batched decoding; last_only keeps only the
-        last position's logits."""
+        left padding) and kv_cache are for batched decoding, which attends causally over the
+        whole sequence; otherwise RunOptions.attention_mask "document" keeps each document of a
+        packed window to itself. last_only keeps only the last position's logits."""
         c = self.config
         B, T = input_ids.shape
         mask = None
-        if attention_mask is None and kv_cache is None:
+        if attention_mask is None and kv_cache is None and self.options.attention_mask == "document":
+            doc_BT, positions = documents(input_ids)
+            mask = document_mask(doc_BT)
+        elif attention_mask is None and kv_cache is None:
             positions = torch.arange(T, device=input_ids.device).unsqueeze(0)
         else:
             valid_BT = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()

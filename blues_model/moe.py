@@ -29,6 +29,12 @@ T*K experts' bytes, so for a handful of tokens only).
 Float32 weights on CUDA cannot take "grouped": there `_grouped_mm` falls back to a loop
 that reads the offsets back to the host.
 
+Auxiliary-loss-free balancing (DeepSeek-V3, arXiv 2412.19437, Sec. 2.1.2): each router
+holds a per-expert bias, a buffer (no gradient, saved with the weights, zero until trained),
+added to the logits for the top-k choice only; the weights stay the softmax of the chosen
+experts' unbiased logits. After an optimizer step `Router.nudge_bias` moves it by `rate`
+towards even load: down for experts above the mean share, up for those below.
+
 Losses, per layer: load balancing in the Switch convention (arXiv 2101.03961, Eq. 4),
 E * sum_e f_e * P_e, where f_e is the share of the T*K routed pairs sent to expert e and
 P_e the mean routing probability of expert e; it is exactly 1.0 when both are uniform
@@ -45,6 +51,12 @@ from torch import nn
 from .config import BluesConfig
 
 DISPATCHES = ("dense", "grouped", "gather")  # MoE.decode's ways to reach the experts
+EXPERT_BIAS = "expert_bias"  # the Router buffer; weights saved before it existed load it as zeros
+
+
+def zero_bias_if_absent(router, state_dict, prefix, *args) -> None:
+    """Router load_state_dict pre-hook: a state dict without the bias routes without one."""
+    state_dict.setdefault(prefix + EXPERT_BIAS, torch.zeros(router.expert_bias.shape))
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -65,6 +77,24 @@ class Router(nn.Module):
         self.top_k = config.top_k
         self.w_gate = nn.Parameter(torch.empty(config.d_model, config.n_experts))
         self.w_noise = nn.Parameter(torch.empty(config.d_model, config.n_experts)) if config.router_noise else None
+        self.register_buffer(EXPERT_BIAS, torch.zeros(config.n_experts))
+        self._register_load_state_dict_pre_hook(zero_bias_if_absent, with_module=True)
+
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's, but the bias stays float32 (a bf16 model would round its small steps away)."""
+        super()._apply(fn, recurse)
+        self.expert_bias = self.expert_bias.float()
+        return self
+
+    @torch.no_grad()
+    def nudge_bias(self, share_E: torch.Tensor, rate: float) -> None:
+        """One balancing step from each expert's share of the routed tokens (summing to 1)."""
+        self.expert_bias += rate * torch.sign(1.0 / share_E.numel() - share_E.to(self.expert_bias))
+
+    def top_k_of(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights_TK, ids_TK): the top_k experts by biased logit, weighted by the softmax of their logits."""
+        ids_TK = (logits_TE + self.expert_bias).topk(self.top_k, dim=-1).indices
+        return logits_TE.gather(1, ids_TK).softmax(-1), ids_TK
 
     def forward(self, x_TD: torch.Tensor):
         """Returns (weights_TK, ids_TK, probs_TE, clean_logits_TE), all fp32 but the ids."""
@@ -75,8 +105,8 @@ class Router(nn.Module):
             if self.training and self.w_noise is not None:
                 noise_std_TE = F.softplus(x_TD @ self.w_noise.float())
                 logits_TE = clean_TE + torch.randn_like(clean_TE) * noise_std_TE
-            top_logits_TK, ids_TK = logits_TE.topk(self.top_k, dim=-1)
-            return top_logits_TK.softmax(-1), ids_TK, logits_TE.softmax(-1), clean_TE
+            weights_TK, ids_TK = self.top_k_of(logits_TE)
+            return weights_TK, ids_TK, logits_TE.softmax(-1), clean_TE
 
 
     def choose(self, x_TD: torch.Tensor):
@@ -85,13 +115,13 @@ class Router(nn.Module):
         kernel of its own); the same experts, in the same order, unless two logits tie."""
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_TE = x_TD.float() @ self.w_gate.float()
-            top, ids = [], []
+            scores_TE, ids = logits_TE + self.expert_bias, []
             for _ in range(self.top_k):
-                top_T1, id_T1 = logits_TE.max(-1, keepdim=True)
-                top.append(top_T1)
+                id_T1 = scores_TE.argmax(-1, keepdim=True)
                 ids.append(id_T1)
-                logits_TE = logits_TE.scatter(-1, id_T1, float("-inf"))
-            return torch.cat(top, -1).softmax(-1), torch.cat(ids, -1)
+                scores_TE = scores_TE.scatter(-1, id_T1, float("-inf"))
+            ids_TK = torch.cat(ids, -1)
+            return logits_TE.gather(1, ids_TK).softmax(-1), ids_TK
 
 
 class MoE(nn.Module):

@@ -160,3 +160,19 @@ def test_decode_step_has_no_host_sync(dtype, dispatch):
             dec.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_document_masking_through_flex_attention_equals_the_cpu_reference():
+    """FlexAttention's block mask (CUDA, compiled blocks) against SDPA with the dense mask (CPU), fp32."""
+    from blues_model.config import EOT_ID
+
+    torch.manual_seed(0)
+    cpu = BluesLM(tiny(), RunOptions(attention_mask="document")).eval()
+    ids = torch.randint(0, 200_000, (2, 256))
+    ids[0, [17, 90, 91, 200]] = EOT_ID
+    with torch.no_grad():
+        want = cpu(ids).logits
+        gpu = cpu.cuda()
+        gpu.compile_blocks()
+        got = gpu(ids.cuda()).logits.cpu()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)

@@ -51,6 +51,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from blues_model import BluesConfig, BluesLM
+from blues_model.moe import EXPERT_BIAS
 from blues_train.data import tokenizer
 from blues_train.io import command_line, storage
 from blues_train.io.atomic import (
@@ -185,6 +186,17 @@ def hf_weights(model: BluesLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {name: t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True) for name, t in out.items()}
 
 
+def check_routing(model: BluesLM, where: str) -> None:
+    """Refuse a model trained with --router_balance bias/both: its per-expert routing bias
+    changes which experts a token picks, and the HF routers (Qwen2-MoE, Mixtral) hold none."""
+    biased = [name for name, t in model.state_dict().items() if name.endswith(EXPERT_BIAS) and t.any()]
+    if biased:
+        raise BluesError(f"{where}: its routers hold a trained {EXPERT_BIAS} ({biased[0]}, from "
+                         f"--router_balance bias/both) that {architecture(model.config)} cannot represent: "
+                         "exported, it would route tokens to other experts; export a run trained with "
+                         "--router_balance aux_loss")
+
+
 def parameter_count(weights: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() for t in weights.values())
 
@@ -280,6 +292,7 @@ def write_export(model: BluesLM, out, dtype: str = DEFAULT_DTYPE, source: dict |
     (the contents of blues_export.json) and its path. `progress`: a bar of the files written
     on a terminal's stderr."""
     check_dtype(dtype)
+    check_routing(model, (source or {}).get("checkpoint", "the model"))
     out = Path(out)
     check_out(out)
     c = model.config

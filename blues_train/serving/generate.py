@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from blues_model import BluesConfig, BluesLM
+from blues_model import BluesConfig, BluesLM, RunOptions
+from blues_model.config import ATTENTION_MASKS
 from blues_model.generation import generate, perplexity
+from blues_model.moe import EXPERT_BIAS
 from blues_train.data import tokenizer
 from blues_train.io import command_line, storage
 from blues_train.io.errors import BluesError
@@ -60,18 +62,30 @@ def load_model(path, device: str | None = None) -> BluesLM:
         folder = remote_run.fetch_model(path)
     else:
         folder = checkpoint_folder(path)
+    options = RunOptions()
     if (folder / checkpoint.META_FILE).exists():  # a folder Blues saved: nothing changed since
         checkpoint.verify_files(folder)
+        options = trained_options(folder)
     config_path, weights_path = folder / checkpoint.CONFIG_FILE, folder / checkpoint.MODEL_FILE
     config = read_config(config_path)
     if not weights_path.is_file():
         raise BluesError(f"{weights_path}: missing; the checkpoint is incomplete, pick another one")
     with torch.device("meta"):
-        model = BluesLM(config)  # names and shapes only: no memory until the weights pass the checks
+        model = BluesLM(config, options)  # names and shapes only: no memory until the weights pass the checks
     weights = read_weights(weights_path, model.state_dict(), config_path)
     model.load_state_dict(weights, assign=True)  # the file's tensors become the parameters
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()
+
+
+def trained_options(folder: Path) -> RunOptions:
+    """The run options a checkpoint's windows are scored with: its run's --attention_mask
+    (meta.json; runs from before it attended causally)."""
+    mask = checkpoint.read_meta(folder).get("attention_mask", "causal")
+    if mask not in ATTENTION_MASKS:
+        raise BluesError(f"{folder / checkpoint.META_FILE}: attention_mask {mask!r} is none of "
+                         f"{', '.join(ATTENTION_MASKS)}; pick another checkpoint")
+    return RunOptions(attention_mask=mask)
 
 
 def read_config(config_path: Path) -> BluesConfig:
@@ -106,7 +120,8 @@ def read_weights(weights_path: Path, expected: dict, config_path: Path) -> dict[
 def check_header(header: dict, expected: dict, weights_path: Path, config_path: Path) -> None:
     """The file must hold exactly the model's tensors, in the model's shapes, as floats.
     `header` maps names to (shape, safetensors dtype name)."""
-    missing = sorted(set(expected) - set(header))
+    missing = sorted(name for name in set(expected) - set(header)
+                     if not name.endswith(EXPERT_BIAS))  # weights saved before it: zero, loaded so
     unexpected = sorted(set(header) - set(expected))
     wrong = [f"{name} {header[name][0]} vs {list(t.shape)}"
              for name, t in expected.items() if name in header and header[name][0] != list(t.shape)]

@@ -6,8 +6,8 @@
 and by the benchmarks. Library functions take it, never an argparse Namespace.
 
 Architecture (`BluesConfig`, what the weights mean) is apart: `model` names it. The run-time
-knobs `gradient_checkpointing`, `attn_backend` and `loss_chunk_tokens` are fields here
-(`run_options()`), so a resumed run may change them.
+knobs `gradient_checkpointing`, `attn_backend`, `loss_chunk_tokens` and `attention_mask` are
+fields here (`run_options()`), so a resumed run may change them; so may `router_balance`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from blues_model import RunOptions
-from blues_model.config import ATTN_BACKENDS
+from blues_model import BluesConfig, RunOptions
+from blues_model.config import ATTENTION_MASKS, ATTN_BACKENDS
 from blues_train.io.errors import BluesError
 from blues_train.io.settings import Settings, read_json, validated
 
 DEFAULT_DS_CONFIG = Path(__file__).with_name("ds_config.json")
 DEFAULT_SEQ_LEN = 1024  # or the model's max_seq_len, if smaller
 _OPTIONS = RunOptions()
+ROUTER_BALANCES = ("aux_loss", "bias", "both")
 
 
 def free_port() -> int:
@@ -77,6 +78,17 @@ class TrainingConfig(Settings):
                                                  description="attention kernel; auto = flash_attn when installed")
     loss_chunk_tokens: int = Field(_OPTIONS.loss_chunk_tokens, ge=1,
                                    description="tokens per chunk of the fused head + cross-entropy")
+    attention_mask: Literal[ATTENTION_MASKS] = Field(_OPTIONS.attention_mask,
+                                                     description="causal = a window is one sequence; document = "
+                                                     "attention stops at each <|endoftext|> and positions "
+                                                     "restart per document")
+    router_balance: Literal[ROUTER_BALANCES] = Field("aux_loss", description="expert balancing: aux_loss = the "
+                                                     "model's load-balancing loss; bias = a per-expert routing "
+                                                     "bias nudged after each step (no loss; not exportable "
+                                                     "to Hugging Face); both")
+    router_bias_rate: float = Field(1e-3, gt=0, allow_inf_nan=False,
+                                    description="step of the routing bias per optimizer step (--router_balance "
+                                    "bias, both)")
     spike_factor: float = Field(1.5, ge=0, allow_inf_nan=False,
                                 description="record a step whose loss exceeds this multiple of the running "
                                 "median (metrics.jsonl `spike`, with its worst documents); 0 = off")
@@ -95,7 +107,16 @@ class TrainingConfig(Settings):
 
     def run_options(self) -> RunOptions:
         return RunOptions(attn_backend=self.attn_backend, gradient_checkpointing=self.gradient_checkpointing,
-                          loss_chunk_tokens=self.loss_chunk_tokens)
+                          loss_chunk_tokens=self.loss_chunk_tokens, attention_mask=self.attention_mask)
+
+    def aux_loss_coef(self, config: BluesConfig) -> float:
+        """The weight of the load-balancing loss in the training loss: none when the bias alone balances."""
+        return 0.0 if self.router_balance == "bias" else config.aux_loss_coef
+
+    @property
+    def router_bias_step(self) -> float:
+        """How far each optimizer step moves the routing bias: 0 when it is not trained."""
+        return 0.0 if self.router_balance == "aux_loss" else self.router_bias_rate
 
 
 def flag_parser(description: str) -> argparse.ArgumentParser:

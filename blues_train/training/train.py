@@ -26,6 +26,9 @@ same weight against the cross-entropy whatever the accumulation and the number o
 (none is summed over ranks, so no x world_size correction is needed). The load-balancing
 statistics (share of tokens f_e, mean probability P_e) are those of one micro-batch, not of
 the global batch: micro_batch x seq_len tokens per estimate.
+Under --router_balance bias the aux_loss_coef is 0: each router's expert bias, nudged after
+every step by the step's global expert shares (the same on every rank), balances instead;
+checkpoints save it with the weights.
 
 Exact resume. A checkpoint holds the DeepSpeed state (weights, optimizer, scheduler, step)
 and the loader's position; the random state (router noise) is re-seeded before every
@@ -364,7 +367,7 @@ class Run:
             input_ids, labels = next_batch(self.stream, self.micro, self.device)
             self.step_batches.append((input_ids, labels))  # kept for a spike's document losses
             out = self.engine(input_ids, labels=labels)
-            loss = out.loss + config.aux_loss_coef * out.aux_loss + config.z_loss_coef * out.z_loss
+            loss = out.loss + self.cfg.aux_loss_coef(config) * out.aux_loss + config.z_loss_coef * out.z_loss
             self.engine.backward(loss)  # scales by 1 / grad_accum; gradients are averaged over ranks
             self.engine.step()  # the optimizer steps only after the last micro-batch
             losses += torch.stack([out.loss, out.aux_loss, out.z_loss]).detach()
@@ -374,6 +377,12 @@ class Run:
         if self.window_dump:
             self.dump_windows(step)
         return losses, tokens_per_expert
+
+    def balance_experts(self, record: dict) -> None:
+        """--router_balance bias/both: nudge each router's bias by the step's expert shares (all ranks')."""
+        if self.cfg.router_bias_step:
+            shares = [layer["share"] for layer in record["experts"]]
+            self.engine.module.nudge_expert_bias(shares, self.cfg.router_bias_step)
 
     def report_micro_batch(self, step: int, done: int, started: float) -> None:
         """Rank 0, after each micro-batch: on a CPU, what the run will cost, from the first
@@ -418,6 +427,7 @@ class Run:
         return {"step": step, "loss": record["loss"], "val_loss": record.get("val_loss"),
                 "world_size": self.world_size, "micro_batch": self.micro, "grad_accum": self.grad_accum,
                 "seq_len": self.cfg.seq_len, "tokens": step * self.tokens_per_step,
+                "attention_mask": self.cfg.attention_mask, "router_balance": self.cfg.router_balance,
                 "loader": self.train_data.state_dict(), "seed": self.cfg.seed,
                 "spike_history": list(self.spikes.history), "lr_schedule": self.lr_schedule,
                 "mixture": {"path": storage.display(self.cfg.data_cache_dir),
@@ -474,6 +484,7 @@ def train(cfg: TrainingConfig, mirror: RemoteRun | None = None) -> int:
         clock = time.perf_counter()
         for step in range(run.start_step + 1, cfg.max_steps + 1):
             record = step_record(run, step, *run.train_step(step), started=clock)
+            run.balance_experts(record)  # before anything scores or saves the step's weights
             if step == run.start_step + 1:
                 record["data"] = run.data_identity()
             median = run.spikes.observe(record["loss"])  # the same on every rank: the loss is all-reduced
