@@ -309,7 +309,7 @@ def run_python(script: str, env: dict) -> str:
 def test_auto_falls_back_to_tiktoken_where_gigatoken_does_not_import():
     script = (
         "import sys; sys.modules['gigatoken'] = None\n"
-        "from blues_train import encoding_engine\n"
+        "from blues_train.data import encoding_engine\n"
         "from blues_train.io.errors import BluesError\n"
         "print(encoding_engine.load_engine('auto').name)\n"
         "try:\n"

@@ -51,7 +51,7 @@ def test_works_with_network_unavailable(tmp_path):
     """A fresh interpreter whose sockets all fail still builds the encoding."""
     script = NETWORK_OFF + (
         "import os; os.environ['TIKTOKEN_CACHE_DIR'] = os.environ['EMPTY']\n"
-        "from blues_train import tokenizer\n"
+        "from blues_train.data import tokenizer\n"
         "print(tokenizer.encode('offline works'))\n"
     )
     out = subprocess.run(
