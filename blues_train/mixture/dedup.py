@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blues_train.data import store, tokenizer
+from blues_train.data import doc_index, store, tokenizer
 from blues_train.io import command_line, storage
 from blues_train.io.atomic import write_atomic
 from blues_train.io.errors import BluesError
@@ -398,14 +398,14 @@ def removal_sample(folder, record: dict, size: int = 5) -> list[dict]:
 
 def opening(store_dir, source: str, index: int) -> str:
     """The first SAMPLE_CHARS characters of record `index` of raw file `source` in a store,
-    reading only the `source` and `index` columns of the chunks before its own."""
-    from blues_train.mixture.loader import chunk_identity
-
-    for chunk in store.read_manifest(store_dir)["chunks"]:
-        path = store.chunk_path(store_dir, chunk)
-        labels, indices = chunk_identity(path)
-        rows = np.flatnonzero((indices == index) & (np.asarray(labels, dtype=object) == source))
+    found through the store's document index (blues_train.data.doc_index)."""
+    manifest = store.read_manifest(store_dir)
+    position = next((i for i, s in enumerate(manifest["sources"]) if s["path"] == source), None)
+    for number, chunk in enumerate(manifest["chunks"] if position is not None else []):
+        records = doc_index.chunk_index(store_dir, manifest, number)
+        rows = np.flatnonzero((records["source"] == position) & (records["index"] == index))
         if len(rows):
+            path = store.chunk_path(store_dir, chunk)
             tokens = store.read_chunk(path).column("tokens")[int(rows[0])].values.to_numpy()
             return tokenizer.decode(tokens[:SAMPLE_CHARS])[:SAMPLE_CHARS]
     raise BluesError(f"{store_dir}: holds no record {index} of {source}, which the dedup result names; "
