@@ -77,14 +77,14 @@ def s3_stores(corpus):
 
 
 def assert_same_store(remote: str, local) -> None:
-    """Manifest and every chunk byte-identical."""
+    """Manifest, every chunk and every document index byte-identical."""
     manifest = storage.read_bytes(f"{remote}/manifest.json")
     assert manifest == (local / "manifest.json").read_bytes()
-    for chunk in json.loads(manifest)["chunks"]:
-        assert storage.read_bytes(f"{remote}/{chunk['file']}") == (local / chunk["file"]).read_bytes()
+    files = [name for chunk in json.loads(manifest)["chunks"] for name in (chunk["file"], chunk["index"]["file"])]
+    for name in files:
+        assert storage.read_bytes(f"{remote}/{name}") == (local / name).read_bytes()
     left = [uri for uri, _, _ in storage.list_files(remote)]
-    assert sorted(storage.path(u).name for u in left) == sorted(
-        ["manifest.json", *(c["file"] for c in json.loads(manifest)["chunks"])])  # no lease, no journal
+    assert sorted(storage.path(u).name for u in left) == sorted(["manifest.json", *files])  # no lease, no journal
 
 
 def test_every_input_format_from_s3_gives_the_local_store(s3_stores, code_store, prose_store, corpus, tmp_path):
