@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -48,10 +49,10 @@ def admin_connection():
     return connection
 
 
-@pytest.fixture
-def database():
-    """A fresh database for this test, dropped afterwards."""
-    name = f"blues_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+@contextmanager
+def fresh_database(prefix: str):
+    """The name of a new, empty database on the server, dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     admin = admin_connection()
     with admin.cursor() as cursor:
         cursor.execute(f'CREATE DATABASE "{name}"')
@@ -61,6 +62,13 @@ def database():
         with admin.cursor() as cursor:
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture
+def database():
+    """A fresh database for this test, dropped afterwards."""
+    with fresh_database("blues_test") as name:
+        yield name
 
 
 @pytest.fixture

@@ -11,14 +11,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("mlflow", reason="needs the tracking extra: pip install 'blues[tracking]'")
 
-from test_postgres_instance import PG_HOST, PG_PORT, PG_USER, admin_connection  # noqa: E402
+from test_postgres_instance import PG_HOST, PG_PORT, PG_USER, fresh_database  # noqa: E402
 from training_runs import free_port, one_rank, records  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -26,16 +25,8 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def mlflow_database():
-    name = f"blues_mlflow_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    admin = admin_connection()
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    try:
+    with fresh_database("blues_mlflow") as name:
         yield name
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.fixture(scope="module")
