@@ -5,7 +5,8 @@ Scores the same local tasks (`blues eval-tasks` output) with --limit examples pe
 the checkpoint's weights), and (b) lm-evaluation-harness's own `hf` model on `blues export`
 of the same checkpoint, in the same dtype (float32: the checkpoint's). Reports wall seconds
 and requests/s of each (model loading apart), the scores, and the largest difference of
-per-request log-likelihoods between the two (they score the same weights).
+per-request log-likelihoods between the two (they score the same weights). The harness's
+`hf` model needs `accelerate` (`pip install accelerate`), which Blues itself does not use.
 
     blues eval-tasks --mixture MIX --out TASKS
     python benchmarks/eval_throughput.py --checkpoint RUN --include_path TASKS --limit 1000 \
