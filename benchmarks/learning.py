@@ -210,7 +210,8 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=20, help="first steps left out of tokens/s (compilation)")
     p.add_argument("--batch_tokens", type=int, default=65536, help="tokens per optimizer step")
     p.add_argument("--seq_len", type=int, default=2048)
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 per configuration")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per configuration: --first_seed .. --first_seed + N - 1")
+    p.add_argument("--first_seed", type=int, default=0)
     p.add_argument("--configs", default=",".join(CONFIGS), help="MASK:BALANCE pairs, comma separated")
     p.add_argument("--router_bias_rate", type=float, default=TrainingConfig().router_bias_rate)
     p.add_argument("--eval_windows", type=int, default=128, help="held-out windows scored at the end")
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
                       device=torch.device("cuda" if on_gpu else "cpu"))
         results["mixture_tokens"] = read_mixture(mixture)["total_tokens"]  # a run of more tokens repeats some
         windows = held_out(setup)
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for mask, balance in configs:
                 results["runs"].append(run_config(setup, mask, balance, seed, windows))
                 print(json.dumps(results["runs"][-1]), flush=True)
