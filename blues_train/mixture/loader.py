@@ -59,7 +59,7 @@ BLOCK_TOKENS = 1 << 20  # windows are cut from the packed stream about this many
 # is contiguous in the mapped file (np.searchsorted on a strided column would copy it whole).
 DOCUMENT = {"chunk": 0, "row": 1, "start": 2, "length": 3}
 PIECE = {"chunk": 0, "source": 1, "start": 2, "length": 3, "packed_start": 4, "doc": 5}
-PLANS_KEPT = 3  # pass plans a loader keeps mapped
+PLANS_KEPT = 3  # pass plans a loader keeps mapped, and the cache keeps on disk per split and seed
 
 
 @dataclass
@@ -486,8 +486,10 @@ class PackedSequenceDataset(IterableDataset):
             return (is_table(plan, PIECE) and len(plan) > 0 and int(plan[-1, PIECE["packed_start"]] + plan[-1, PIECE[
                 "length"]]) == pass_tokens_total + len(plan) - 1)
 
-        return self.plan_cache.get(f"plan-{self.split}-seed{self.seed}-pass{epoch}.npy",
-                                   lambda: build_pass(self.sources, self.seeds, epoch), valid)
+        prefix = f"plan-{self.split}-seed{self.seed}-pass"
+        plan = self.plan_cache.get(f"{prefix}{epoch}.npy", lambda: build_pass(self.sources, self.seeds, epoch), valid)
+        self.plan_cache.keep_recent(f"{prefix}*.npy", PLANS_KEPT)
+        return plan
 
     def _plan_ahead(self, epoch: int) -> None:
         """Start building pass `epoch`'s plan on a background thread, unless it is there. The
