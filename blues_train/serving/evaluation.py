@@ -5,7 +5,9 @@
     blues eval --checkpoint runs/demo/checkpoints/step-000100 --tasks arc_easy,piqa --limit 200   # online
 
 The checkpoint is scored through a Blues model adapter (blues_train/serving/lm_eval_adapter.py):
-the same weights, tokenizer and forward as `blues generate`, without an export step. The
+the same weights, tokenizer and forward as `blues generate`, without an export step (as fast
+as the harness's `hf` model on the export once loaded, and 11-15 s sooner per checkpoint on a
+CPU: benchmarks/eval_paths.py, docs/benchmarks.md). The
 harness's table is printed (or, with --json, its results as JSON) and the results are
 written beside the checkpoint, `step-N.lm_eval/results-<UTC time>.json`, never over an
 earlier evaluation. When the checkpoint's run was tracked with MLflow (`blues train --tracking
