@@ -256,7 +256,11 @@ def split_documents(mixture: dict, chunks: MixtureChunks, files: ChunkFiles | No
                                              bases[chunks.owner[number][0]], number, fraction, split),
                              chunks, removed)
              for number in range(len(chunks.paths))]
-    return np.asfortranarray(np.concatenate(parts) if parts else np.zeros((0, len(DOCUMENT)), np.int64))
+    table = np.empty((sum(len(part) for part in parts), len(DOCUMENT)), dtype=np.int64, order="F")
+    for column in range(len(DOCUMENT)):  # each column copied once, contiguous
+        if parts:
+            np.concatenate([part[:, column] for part in parts], out=table[:, column])
+    return table
 
 
 def removed_rows(mixture: dict) -> list[dict[int, np.ndarray]] | None:
@@ -286,7 +290,12 @@ def chunk_documents(records: np.ndarray, bases: np.ndarray, chunk_id: int, fract
     lengths = records["length"].astype(np.int64)
     held = held_out_by_base(bases[records["source"]], records["index"], fraction)
     keep = np.flatnonzero((lengths > 0) & (held == (split == "val")))
-    return np.stack([np.full(len(keep), chunk_id), keep, (np.cumsum(lengths) - lengths)[keep], lengths[keep]], axis=1)
+    table = np.empty((len(keep), len(DOCUMENT)), dtype=np.int64, order="F")
+    table[:, DOCUMENT["chunk"]] = chunk_id
+    table[:, DOCUMENT["row"]] = keep
+    table[:, DOCUMENT["start"]] = (np.cumsum(lengths) - lengths)[keep]
+    table[:, DOCUMENT["length"]] = lengths[keep]
+    return table
 
 
 def source_totals(documents: np.ndarray, chunks: MixtureChunks) -> np.ndarray:
