@@ -511,13 +511,18 @@ def model_eval(
 
 def harness_scores(checkpoint: Path, ev, root: Path) -> dict:
     """`blues eval` of `evaluation.tasks` on the checkpoint: each score as numeric metadata
-    `lm_eval/<task>/<metric>` (plotted across checkpoints), and the results file."""
+    `lm_eval/<task>/<metric>` (plotted across checkpoints), the results file, and the MLflow
+    run the scores were also logged into when the training run was tracked."""
     from blues_train.serving import evaluation
 
     include_path = str(root / ev.include_path) if ev.include_path else None
     results = evaluation.evaluate(checkpoint, list(ev.tasks), include_path, ev.limit)
     scores = {f"lm_eval/{name}": dg.MetadataValue.float(value) for name, value in evaluation.scores(results).items()}
-    return {**scores, "lm_eval_results": dg.MetadataValue.path(str(evaluation.write_results(results)))}
+    written = {"lm_eval_results": dg.MetadataValue.path(str(evaluation.write_results(results)))}
+    link = evaluation.track(results)
+    if link:
+        written["mlflow_run"] = dg.MetadataValue.url(link) if link.startswith("http") else link
+    return {**scores, **written}
 
 
 def chosen_checkpoint(context: dg.AssetExecutionContext, key: str | None) -> tuple[str, Path]:

@@ -112,3 +112,39 @@ def test_unwritable_cache_is_one_line(tmp_path, mixture_dir):
     blocked.write_text("")
     with pytest.raises(BluesError, match=f"while creating .* {blocked}"):
         PackedSequenceDataset(mixture_dir, 64, index_cache_dir=blocked / "cache")
+
+
+def plan_passes(folder) -> list[int]:
+    return sorted(int(p.stem.rsplit("pass", 1)[1]) for p in folder.glob("plan-train-seed0-pass*.npy"))
+
+
+def test_only_the_recently_used_pass_plans_stay_on_disk(tmp_path, mixture_dir):
+    """Passes 0-5 planned in turn keep the last three on disk; pass 0, asked for again, is
+    rebuilt to the windows a cache that never pruned gives; a plan another process holds
+    locked is not deleted. (The sleeps: file times are coarser than a tiny plan's build.)"""
+    untouched = PackedSequenceDataset(mixture_dir, 512, index_cache_dir=tmp_path / "whole")
+    expected = windows(untouched, untouched.num_windows(0) + 3)  # across the pass boundary
+    dataset = PackedSequenceDataset(mixture_dir, 512, index_cache_dir=tmp_path / "pruned")
+    folder = dataset.plan_cache.folder
+    for epoch in range(6):
+        time.sleep(0.02)
+        dataset.pass_plan(epoch)
+    assert plan_passes(folder) == [3, 4, 5]
+    assert sorted(p.name for p in folder.glob(".plan-*.lock")) == [f".plan-train-seed0-pass{e}.npy.lock"
+                                                                  for e in (3, 4, 5)]
+    time.sleep(0.02)
+    again = PackedSequenceDataset(mixture_dir, 512, index_cache_dir=tmp_path / "pruned")
+    assert np.array_equal(windows(again, len(expected)), expected)
+    assert plan_passes(folder) == [0, 1, 5]
+    assert [p.stem for p in (tmp_path / "whole").glob("*/plan-*.npy")]  # the untouched cache kept its own
+
+    from blues_train.mixture.plan_cache import FileLock
+
+    with FileLock(folder / ".plan-train-seed0-pass5.npy.lock"):  # as if another rank were building it
+        for epoch in (6, 7):
+            time.sleep(0.02)
+            again.pass_plan(epoch)
+        assert plan_passes(folder) == [1, 5, 6, 7]  # 0 went; 5, the oldest, stays while locked
+    time.sleep(0.02)
+    again.pass_plan(8)
+    assert plan_passes(folder) == [6, 7, 8]

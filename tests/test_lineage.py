@@ -120,6 +120,22 @@ def test_step_lineage_is_exact_on_one_and_two_ranks(capsys, reference, two_rank_
             check_window(shards[g % 2][g // 2], b["pieces"], docs)
 
 
+def test_index_cache_dir_is_where_lineage_reads_its_tables(capsys, tmp_path, reference):
+    """--index_cache_dir means what it means to the loader and train: the tables are built
+    there once (then read, not rebuilt) and the answers are the same."""
+    step = report(capsys, "--run", reference, "--step", 5)
+    assert report(capsys, "--run", reference, "--step", 5, "--index_cache_dir", tmp_path) == step
+    [folder] = tmp_path.glob("v1-*")
+    tables = sorted(p.name for p in folder.glob("*.npy"))
+    assert {"documents-train.npy", "plan-train-seed0-pass0.npy"} <= set(tables)
+    written = {name: (folder / name).stat().st_ino for name in tables}
+    doc = step["windows"][0]["pieces"][0]
+    spec = f"{doc['source']}:{doc['index']}"
+    assert (report(capsys, "--run", reference, "--document", spec, "--index_cache_dir", tmp_path)
+            == report(capsys, "--run", reference, "--document", spec))
+    assert {name: (folder / name).stat().st_ino for name in tables} == written  # read, not rebuilt
+
+
 # ---- the planted run ----
 
 @pytest.fixture(scope="module")

@@ -136,3 +136,30 @@ def test_validation_restarts_repeat_over_many_passes(mixture):
     val.load_state_dict(start)
     again = take(val, n)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+class TiedKeys:
+    """A random generator whose keys tie often (a tie is about n^2 / 2^54 likely from a real one)."""
+
+    def __init__(self, n_chunks: int, n_docs: int):
+        rng = np.random.default_rng(7)
+        self.chunk_rank, self.keys = rng.permutation(n_chunks), rng.integers(0, 4, n_docs) / 4
+
+    def permutation(self, n: int) -> np.ndarray:
+        return self.chunk_rank
+
+    def random(self, n: int) -> np.ndarray:
+        return self.keys
+
+
+def test_epoch_order_breaks_ties_by_position():
+    """The per-chunk quicksorts fall back to stable sorts on tied keys: the order is exactly
+    the naive one, all documents by (shuffled chunk, key, position)."""
+    from blues_train.mixture.loader import Source, epoch_order
+
+    chunk = np.repeat(np.arange(5, dtype=np.int32), [3, 40, 1, 17, 9])
+    rng = TiedKeys(5, len(chunk))
+    naive = np.lexsort((np.arange(len(chunk)), rng.keys, rng.chunk_rank[chunk]))
+    source = Source(chunk, np.zeros(len(chunk), np.int64), np.ones(len(chunk), np.int64),
+                    np.arange(len(chunk)), len(chunk), len(chunk), 0)
+    assert epoch_order(source, rng).tolist() == naive.tolist()

@@ -115,3 +115,24 @@ def test_export_refuses_an_out_that_is_a_symlink_or_not_an_export(checkpoint_fol
         assert message in error
     assert link.is_symlink() and sorted(p.name for p in earlier.iterdir()) == before
     assert (foreign / "model.safetensors").read_text() == "someone else's"
+
+
+def test_a_store_chunk_that_is_a_link_out_of_the_store_is_refused(code_store, tmp_path):
+    """Only a chunk name that is a symbolic link is resolved: one leading out of the store is
+    refused, one to a file inside it, or a store folder reached through a link, is read."""
+    from blues_train.data import store
+
+    copy = tmp_path / "store"
+    shutil.copytree(code_store, copy)
+    first = store.read_manifest(copy)["chunks"][0]["file"]
+    (copy / "inside-copy").write_bytes((copy / first).read_bytes())
+    (copy / first).unlink()
+    (copy / first).symlink_to(copy / "inside-copy")
+    (tmp_path / "via-link").symlink_to(copy)
+    for folder in (copy, tmp_path / "via-link"):
+        assert store.read_manifest(folder)["chunks"][0]["file"] == first
+    (tmp_path / "outside").write_bytes((copy / "inside-copy").read_bytes())
+    (copy / first).unlink()
+    (copy / first).symlink_to(tmp_path / "outside")
+    with pytest.raises(BluesError, match=f"chunks\\[0\\].file '{first}': leads outside .* through a symbolic link"):
+        store.read_manifest(copy)

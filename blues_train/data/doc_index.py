@@ -62,15 +62,31 @@ def derive_index(table, labels: list[str], where) -> bytes:
                         table.column("index").to_numpy())
 
 
+def as_written(data: bytes, n_docs: int) -> np.ndarray | None:
+    """The records of an index file whose .npy header is exactly the one `np.save` writes for
+    `n_docs` records (read-only, no header parsing: a start-up reads thousands); else None."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(DTYPE),
+                                                  "fortran_order": False, "shape": (n_docs,)})
+    prefix = header.getvalue()
+    if len(data) != len(prefix) + n_docs * DTYPE.itemsize or not data.startswith(prefix):
+        return None
+    return np.frombuffer(data, dtype=DTYPE, offset=len(prefix))
+
+
 def decode_index(data, where, chunk: dict) -> np.ndarray:
     """An index file's records (`data`: a local path, read whole, or bytes); BluesError unless
     it holds the documents and tokens its chunk's manifest entry counts."""
     try:
-        records = np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False)
+        data = data if isinstance(data, bytes) else Path(data).read_bytes()
     except OSError as exc:
         raise os_error(exc, where, "reading") from None
-    except ValueError as exc:
-        raise BluesError(f"{where}: not a document index ({exc}); run `blues verify`") from None
+    records = as_written(data, chunk["n_docs"])
+    if records is None:  # not the header prepare writes: read it as any .npy (checked below)
+        try:
+            records = np.load(io.BytesIO(data), allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise BluesError(f"{where}: not a document index ({exc}); run `blues verify`") from None
     if records.dtype != DTYPE or records.shape != (chunk["n_docs"],) \
             or int(records["length"].sum(dtype=np.int64)) != chunk["n_tokens"]:
         raise BluesError(f"{where}: not the index of {chunk['file']} ({chunk['n_docs']} documents, "

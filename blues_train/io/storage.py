@@ -85,7 +85,10 @@ def inside(folder, name, entry: str, advice: str, subpaths: bool = False):
         raise BluesError(f"{entry} {name!r}: not a {kind} inside {folder} (no '..', '.', empty "
                          f"or absolute parts, no backslash); {advice}")
     target = path(folder) / name
-    if isinstance(target, Path) and not target.resolve().is_relative_to(Path(folder).resolve()):
+    # A single plain name that is not a symbolic link is inside its folder: only a link (or, with
+    # subpaths, a link among the parts) is resolved (a start-up checks thousands of chunk names).
+    if isinstance(target, Path) and (subpaths or target.is_symlink()) \
+            and not target.resolve().is_relative_to(Path(folder).resolve()):
         raise BluesError(f"{entry} {name!r}: leads outside {folder} through a symbolic link; {advice}")
     return target
 

@@ -130,7 +130,8 @@ def chunk_signature_file(chunk_path: str, sha256: str, out: str) -> None:
     if hashlib.sha256(data).hexdigest() != sha256:
         raise BluesError(f"{chunk_path}: its sha256 is not the manifest's; run `blues verify` and prepare it again")
     table = store.read_chunk(chunk_path, data)
-    tokens = table.column("tokens").combine_chunks().values.to_numpy()
+    parts = [batch.flatten().to_numpy() for batch in table.column("tokens").chunks]  # views, no combined copy
+    tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
     offsets = np.concatenate([[0], np.cumsum(store.doc_lengths(table), dtype=np.int64)])
     rows, signature = minhash.signatures(tokens, offsets)
     digests = minhash.exact_digests(tokens, offsets, rows)

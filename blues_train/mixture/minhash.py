@@ -60,23 +60,31 @@ def parameters() -> dict:
 
 
 def shingle_hashes(tokens: np.ndarray, offsets: np.ndarray):
-    """(hashes, owner): the uint64 hash of every shingle of a chunk's non-empty documents
-    (`offsets`: each document's first token, then the end), and the document (row) each
-    belongs to, in row order."""
+    """(hashes, counts): the uint64 hash of every shingle of a chunk's documents (`offsets`:
+    each document's first token, then the end), in row order, and each row's number of
+    shingles (len - SHINGLE + 1; 1 for a short non-empty document, 0 for an empty one)."""
     lengths = np.diff(offsets)
     ids = tokens.astype(np.uint64)
     n = max(len(ids) - SHINGLE + 1, 0)
     with np.errstate(over="ignore"):
-        mixed = np.zeros(n, dtype=np.uint64)
-        for k in range(SHINGLE):
-            mixed += ids[k: k + n] * _MIX[k]
-    row_of_token = np.repeat(np.arange(len(lengths)), lengths)
-    whole = np.flatnonzero(row_of_token[:n] == row_of_token[SHINGLE - 1:])  # 5-grams inside one document
+        mixed = ids[:n] * _MIX[0]
+        term = np.empty_like(mixed)
+        for k in range(1, SHINGLE):
+            np.multiply(ids[k: k + n], _MIX[k], out=term)
+            mixed += term
+    inside = np.ones(n, dtype=bool)  # a 5-gram starting in the last SHINGLE - 1 tokens of a document crosses its end
+    last = (offsets[1:, None] - np.arange(1, SHINGLE)).ravel()
+    inside[last[(last >= 0) & (last < n)]] = False
     short = np.flatnonzero((lengths > 0) & (lengths < SHINGLE))
-    hashes = np.concatenate([mixed[whole], short_shingles(ids, offsets, short)])
-    owner = np.concatenate([row_of_token[whole], short])
-    order = np.argsort(owner, kind="stable")
-    return splitmix64(hashes[order]), owner[order]
+    counts = np.maximum(lengths - (SHINGLE - 1), 0)
+    counts[short] = 1
+    hashes = np.empty(int(counts.sum()), dtype=np.uint64)
+    at_short = (np.cumsum(counts) - counts)[short]
+    whole = np.ones(len(hashes), dtype=bool)
+    whole[at_short] = False
+    hashes[whole] = mixed[inside]
+    hashes[at_short] = short_shingles(ids, offsets, short)
+    return splitmix64(hashes), counts
 
 
 def short_shingles(ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -93,23 +101,31 @@ def short_shingles(ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> np
 def signatures(tokens: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows, signatures): the non-empty documents of a chunk and their (n, PERMUTATIONS)
     uint32 densified one-permutation MinHash signatures."""
-    hashes, owner = shingle_hashes(tokens, offsets)
-    rows, slot = np.unique(owner, return_inverse=True)
+    hashes, counts = shingle_hashes(tokens, offsets)
+    rows = np.flatnonzero(counts)
+    key = np.repeat(np.arange(len(rows), dtype=np.int64) * PERMUTATIONS, counts[rows])
+    key += (hashes >> np.uint64(64 - BIN_BITS)).astype(np.int64)
     bins = np.full(len(rows) * PERMUTATIONS, EMPTY, dtype=np.uint64)
-    key = slot * PERMUTATIONS + (hashes >> np.uint64(64 - BIN_BITS)).astype(np.int64)
     np.minimum.at(bins, key, hashes & np.uint64(0xFFFFFFFF))
     return rows.astype(np.int32), densified(bins.reshape(len(rows), PERMUTATIONS))
 
 
 def densified(bins: np.ndarray) -> np.ndarray:
-    """Each empty bin given the next filled bin's value (circularly), offset by the distance."""
-    width = np.arange(2 * PERMUTATIONS)
-    filled = np.where(np.tile(bins != EMPTY, 2), width, 2 * PERMUTATIONS)
+    """Each empty bin given the next filled bin's value (circularly), offset by the distance.
+    Rows with no empty bin (long documents) are taken as they are."""
+    out = bins.astype(np.uint32)  # a filled bin's value is below 2**32
+    sparse = np.flatnonzero((bins == EMPTY).any(axis=1))
+    if not len(sparse):
+        return out
+    bins = bins[sparse]
+    width = np.arange(2 * PERMUTATIONS, dtype=np.int16)
+    filled = np.where(np.tile(bins != EMPTY, 2), width, np.int16(2 * PERMUTATIONS))
     nearest = np.minimum.accumulate(filled[:, ::-1], axis=1)[:, ::-1][:, :PERMUTATIONS]
     distance = (nearest - width[:PERMUTATIONS]).astype(np.uint64)
-    values = np.take_along_axis(bins, nearest % PERMUTATIONS, axis=1)
+    values = np.take_along_axis(bins, (nearest % PERMUTATIONS).astype(np.intp), axis=1)
     with np.errstate(over="ignore"):
-        return ((values + distance * ROTATION) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        out[sparse] = ((values + distance * ROTATION) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    return out
 
 
 def band_hashes(signature: np.ndarray) -> np.ndarray:
@@ -120,12 +136,14 @@ def band_hashes(signature: np.ndarray) -> np.ndarray:
 
 
 def exact_digests(tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """(len(rows), 2) uint64: blake2b-128 of each document's token ids."""
-    out = np.empty((len(rows), 2), dtype=np.uint64)
-    for i, doc in enumerate(rows.tolist()):
-        digest = hashlib.blake2b(tokens[offsets[doc]: offsets[doc + 1]].tobytes(), digest_size=16).digest()
-        out[i] = np.frombuffer(digest, dtype="<u8")
-    return out
+    """(len(rows), 2) uint64: blake2b-128 of each document's token ids (their bytes, hashed
+    in place: no copy per document)."""
+    data = memoryview(np.ascontiguousarray(tokens)).cast("B")
+    size = tokens.dtype.itemsize
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(data[a:b], digest_size=16).digest()
+                        for a, b in zip((offsets[rows] * size).tolist(), (offsets[rows + 1] * size).tolist())])
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64).reshape(len(rows), 2)
 
 
 def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:

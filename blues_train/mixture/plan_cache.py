@@ -14,6 +14,12 @@ is built under an exclusive lock on its own lock file (`.NAME.lock`), so ranks t
 together build it once: the others wait, then map what the first wrote. Files are written
 to a temporary name and renamed (a reader sees a whole file or none); a file that does not
 parse, or fails its caller's check (its length, the tokens it covers), is built again.
+
+Pass plans are pruned: each `get` marks its file used (its mtime), and the loader keeps on
+disk only the few most recently used plans of each split and seed (`keep_recent`); an older
+one is deleted under its lock (skipped while another process holds it) and, if a lineage
+query or a resume wants it again, rebuilt identically. A process that mapped a deleted file
+keeps reading it.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class PlanCache:
         across processes sharing the folder), written, and mapped."""
         found = self._load(name, valid)
         if found is not None:
+            self._mark_used(name)
             return found
         with self._lock(name):
             found = self._load(name, valid)  # another process may have built it meanwhile
@@ -66,6 +73,30 @@ class PlanCache:
             raise BluesError(f"{self.folder / name}: written but unreadable; check the disk, or give "
                              "another --index_cache_dir")
         return found
+
+    def keep_recent(self, pattern: str, keep: int) -> None:
+        """Delete all but the `keep` most recently used files of the folder matching `pattern`
+        (a glob of names this cache writes), each with its lock file, unless locked elsewhere."""
+        def last_used(path: Path) -> int:
+            try:
+                return path.stat().st_mtime_ns
+            except FileNotFoundError:
+                return -1
+
+        for path in sorted(self.folder.glob(pattern), key=last_used, reverse=True)[keep:]:
+            lock = FileLock(self.folder / f".{path.name}.lock")
+            if lock.try_acquire():
+                try:
+                    path.unlink(missing_ok=True)
+                    lock.path.unlink(missing_ok=True)
+                finally:
+                    lock.release()
+
+    def _mark_used(self, name: str) -> None:
+        try:
+            os.utime(self.folder / name)
+        except OSError:
+            pass  # a read-only cache is still read; only its pruning order is older
 
     def _load(self, name: str, valid) -> np.ndarray | None:
         path = self.folder / name
@@ -111,4 +142,21 @@ class FileLock:
         return self
 
     def __exit__(self, *exc):
+        self.release()
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free now (False: held elsewhere, or the folder unwritable)."""
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            return False
+        return True
+
+    def release(self) -> None:
         os.close(self.fd)
+        self.fd = None

@@ -36,10 +36,16 @@ MASK64 = (1 << 64) - 1
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finalizer on uint64 (wrapping arithmetic): a well-mixed 64-bit hash."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+    x = x + np.uint64(0x9E3779B97F4A7C15)  # a new array: the rest works in place
+    shifted = x >> np.uint64(30)
+    x ^= shifted
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    np.right_shift(x, np.uint64(27), out=shifted)
+    x ^= shifted
+    x *= np.uint64(0x94D049BB133111EB)
+    np.right_shift(x, np.uint64(31), out=shifted)
+    x ^= shifted
+    return x
 
 
 def held_out(source_sha256: str, indices: np.ndarray, fraction: float) -> np.ndarray:

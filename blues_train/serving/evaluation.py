@@ -5,10 +5,14 @@
     blues eval --checkpoint runs/demo/checkpoints/step-000100 --tasks arc_easy,piqa --limit 200   # online
 
 The checkpoint is scored through a Blues model adapter (blues_train/serving/lm_eval_adapter.py):
-the same weights, tokenizer and forward as `blues generate`, without an export step. The
+the same weights, tokenizer and forward as `blues generate`, without an export step (as fast
+as the harness's `hf` model on the export once loaded, and 11-15 s sooner per checkpoint on a
+CPU; on the H200 the two paths cost the same: benchmarks/eval_throughput.py, docs/benchmarks.md). The
 harness's table is printed (or, with --json, its results as JSON) and the results are
 written beside the checkpoint, `step-N.lm_eval/results-<UTC time>.json`, never over an
-earlier evaluation. Tasks from --include_path (task YAMLs and local data files) need no
+earlier evaluation. When the checkpoint's run was tracked with MLflow (`blues train --tracking
+mlflow`: OUT/mlflow_run.json), every score is also logged into that MLflow run as metric
+`lm_eval/<task>/<metric>` at the checkpoint's step. Tasks from --include_path (task YAMLs and local data files) need no
 network; the harness's own tasks download their data sets from the Hugging Face hub.
 
 Needs the `eval` extra: pip install 'blues[eval]'.
@@ -26,7 +30,7 @@ from blues_train.io import command_line, storage
 from blues_train.io.atomic import write_json_atomic
 from blues_train.io.errors import BluesError, require_extra
 from blues_train.serving.generate import checkpoint_folder, load_model
-from blues_train.training import checkpoint
+from blues_train.training import checkpoint, tracking
 
 RESULTS_SUFFIX = ".lm_eval"
 
@@ -97,6 +101,15 @@ def write_results(results: dict) -> Path:
     return path
 
 
+def track(results: dict) -> str | None:
+    """The scores logged into the MLflow run of the checkpoint's run, when it was tracked:
+    the run's link (None: not tracked, nothing sent)."""
+    blues = results["blues"]
+    if blues["step"] is None:
+        return None
+    return tracking.log_evaluation(Path(blues["checkpoint"]), blues["step"], scores(results))
+
+
 def table(results: dict) -> str:
     from lm_eval.utils import make_table
 
@@ -148,6 +161,9 @@ def main(argv=None) -> int:
     else:
         print(table(results))
     print(f"results: {path}", file=sys.stderr if args.json else sys.stdout)
+    link = track(results)
+    if link:
+        print(f"mlflow: scores logged to {link}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

@@ -40,6 +40,7 @@ from blues_train.mixture import dedup
 from blues_train.mixture.loader import PackedSequenceDataset
 from blues_train.mixture.spec import held_out, read_mixture
 from blues_train.training import metrics
+from blues_train.training.config import TrainingConfig
 
 PREVIEW_CHARS = 60
 SCORE_BATCH = 8  # windows per forward under --loss
@@ -143,14 +144,14 @@ def data_of(records: list[dict], step: int) -> dict:
     return data
 
 
-def open_stream(data: dict, mixture=None) -> PackedSequenceDataset:
-    """The run's training stream: the loader that dealt its windows, rebuilt."""
+def open_stream(data: dict, mixture=None, index_cache_dir=None) -> PackedSequenceDataset:
+    """The run's training stream: the loader that dealt its windows, on its cached index."""
     path = mixture or data["mixture"]
     found = read_mixture(path)["fingerprint"]
     if found != data["mixture_fingerprint"]:
         raise BluesError(f"{path}: mixture {found[:16]} is not the {data['mixture_fingerprint'][:16]} the run "
                          "trained on (merged again since?); pass --mixture with the run's mixture folder")
-    return PackedSequenceDataset(path, data["seq_len"], seed=data["seed"])
+    return PackedSequenceDataset(path, data["seq_len"], seed=data["seed"], index_cache_dir=index_cache_dir)
 
 
 def slot(record: dict, window: int) -> dict:
@@ -390,6 +391,8 @@ def flag_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=0, help="with --loss: list only the N worst documents (0 = all)")
     p.add_argument("--mixture", help="the run's mixture folder, if it moved since training (default: the one "
                    "the run recorded)")
+    p.add_argument("--index_cache_dir", default=None,
+                   help=TrainingConfig.model_fields["index_cache_dir"].description)
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="for --loss; default: cuda when available")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -417,7 +420,7 @@ def main(argv=None) -> int:
     if args.step is not None:
         record = find_step(records, args.step, args.run)
         data = data_of(records, args.step)
-        stream = open_stream(data, args.mixture)
+        stream = open_stream(data, args.mixture, args.index_cache_dir)
         model = None
         if args.loss:
             from blues_train.serving.generate import checkpoint_folder, load_model
@@ -435,7 +438,7 @@ def main(argv=None) -> int:
         raise BluesError(f"{storage.path(args.run) / metrics.METRICS_FILE}: records no steps")
     source_file, index = parse_document(args.document)
     data = data_of(records, records[-1]["step"])
-    report = document_lineage(open_stream(data, args.mixture), records, data, source_file, index)
+    report = document_lineage(open_stream(data, args.mixture, args.index_cache_dir), records, data, source_file, index)
     report["run"] = str(args.run)
     print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else format_document(report, args.run))
     return 0

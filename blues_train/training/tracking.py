@@ -11,8 +11,12 @@ Rank 0 logs to the MLflow tracking server of MLFLOW_TRACKING_URI (default: MLflo
 The run's id is kept in OUT/mlflow_run.json, so a resumed run (--resume) continues the same
 MLflow run; a changed setting is then tagged `resumed_at.step-N.<field>`, as MLflow
 parameters cannot change. Metrics are sent asynchronously (MLflow's queue, flushed at the
-end), off the training step's path. With `--tracking off`, or `auto` and no
-MLFLOW_TRACKING_URI, nothing is sent anywhere.
+end), off the training step's path. A run that ends by an exception is ended FAILED, one
+interrupted (Ctrl-C, SIGTERM) KILLED; its resume sets it RUNNING again (the steps after the
+last checkpoint are then logged twice, as metrics.jsonl keeps only the resume's). `blues
+eval` of a checkpoint of a tracked run logs its scores into the same MLflow run
+(`log_evaluation`). With `--tracking off`, or `auto` and no MLFLOW_TRACKING_URI, nothing is
+sent anywhere.
 
 Needs the `tracking` extra: pip install 'blues[tracking]'.
 """
@@ -20,6 +24,9 @@ Needs the `tracking` extra: pip install 'blues[tracking]'.
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,8 +44,20 @@ def enabled(setting: str) -> bool:
     return setting == "mlflow" or (setting == "auto" and bool(os.environ.get("MLFLOW_TRACKING_URI")))
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread while a tracked run trains, so that the run unwinds
+    and ends its MLflow run KILLED; the process exits 143, as SIGTERM's default would."""
+
+    def __init__(self):
+        super().__init__(128 + signal.SIGTERM)
+
+
 class Off:
     """No tracking: every hook does nothing."""
+
+    @contextmanager
+    def ending(self):
+        yield
 
     def log_step(self, record: dict) -> None:
         pass
@@ -112,12 +131,66 @@ class MlflowRun(Off):
             self.client.set_tag(self.run_id, f"checkpoint.{folder.name}.path", str(folder.resolve()))
             self.client.set_tag(self.run_id, f"checkpoint.{folder.name}.sha256", weights_sha256)
 
+    @contextmanager
+    def ending(self):
+        """The training loop's span: the run ends FINISHED after it, FAILED when it raises,
+        KILLED when interrupted (KeyboardInterrupt, or SIGTERM raised as Terminated)."""
+        terminate = signal.getsignal(signal.SIGTERM)
+        main = threading.current_thread() is threading.main_thread()
+        if main:
+            signal.signal(signal.SIGTERM, raise_terminated)
+        try:
+            yield
+        except BaseException as exc:
+            self.end_abnormally("KILLED" if isinstance(exc, (KeyboardInterrupt, Terminated)) else "FAILED")
+            raise
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, terminate)
+        self.finish()
+
+    def end_abnormally(self, status: str) -> None:
+        """End the run `status` on the way out of an error: a failure to reach the server
+        is said, never raised over the error that ends the run."""
+        try:
+            self.finish(status)
+            print(f"mlflow: run {self.run_id} ended {status}", file=sys.stderr, flush=True)
+        except BluesError as exc:
+            print(f"mlflow: could not end run {self.run_id} {status}: {exc}", file=sys.stderr, flush=True)
+
     def finish(self, status: str = "FINISHED") -> None:
         import mlflow
 
         with server_errors(self.uri):
             mlflow.flush_async_logging()
             self.client.set_terminated(self.run_id, status)
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def log_evaluation(checkpoint_folder: Path, step: int, scores: dict[str, float]) -> str | None:
+    """`blues eval`'s scores of a checkpoint (`task/metric`: value) as metrics
+    `lm_eval/<task>/<metric>` at the checkpoint's step, in the MLflow run of its run folder
+    (OUT/checkpoints/step-N, OUT/mlflow_run.json). Returns the run's link (`run_link`), or
+    None when the checkpoint's run was not tracked (nothing is sent)."""
+    out = Path(checkpoint_folder).resolve().parent.parent
+    if Path(checkpoint_folder).resolve().parent.name != "checkpoints" or not (out / RUN_FILE).is_file():
+        return None
+    require_extra("mlflow", "tracking", "logging the scores of a checkpoint whose run was tracked with MLflow")
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from blues_train.io.settings import read_json
+
+    uri = str(read_json(str(out / RUN_FILE), "the MLflow run file").get("tracking_uri", ""))
+    run_id = read_run_id(out / RUN_FILE)
+    now = int(time.time() * 1000)
+    with server_errors(uri):
+        MlflowClient(uri).log_batch(run_id, metrics=[Metric(f"lm_eval/{name}", value, now, step)
+                                                     for name, value in sorted(scores.items())])
+    return run_link(out)
 
 
 def read_run_id(path: Path) -> str:

@@ -467,8 +467,17 @@ def is_rank0() -> bool:
 def train(cfg: TrainingConfig, mirror: RemoteRun | None = None) -> int:
     run = start(cfg)
     run.mirror = mirror
+    run.tracker = tracking.tracker(run.cfg, run.mixture, run.start_step, run.rank)
+    with run.tracker.ending():
+        train_steps(run)
+    if mirror is not None:
+        mirror.push_logs()
+    return 0
+
+
+def train_steps(run: Run) -> None:
+    """The steps from run.start_step to max_steps: rank 0 logs, reports and tracks them."""
     cfg = run.cfg  # with seq_len resolved
-    run.tracker = tracking.tracker(cfg, run.mixture, run.start_step, run.rank)
     log = None
     if run.rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
@@ -508,10 +517,6 @@ def train(cfg: TrainingConfig, mirror: RemoteRun | None = None) -> int:
                              "steps": cfg.max_steps, "last_checkpoint": last_saved})
     if log:
         log.close()
-    run.tracker.finish()
-    if mirror is not None:
-        mirror.push_logs()
-    return 0
 
 
 def start(cfg: TrainingConfig) -> Run:
