@@ -83,7 +83,7 @@ class RayExecutor:
         self.workers = workers
         if not self.ray.is_initialized():
             try:
-                self.ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                self.ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                               logging_level="error")
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 where = address or "a new local instance"
