@@ -193,3 +193,25 @@ def test_two_node_cluster_loses_a_node_mid_prepare_and_the_store_is_the_same(eve
         if other is not None:
             other.stop()
         head.stop()
+
+
+def test_verify_and_dedup_on_ray_give_the_local_results(ray_local, local_store, code_store, prose_store, tmp_path):
+    from blues_train.io.executor import make_executor
+    from blues_train.mixture.dedup import dedup
+    from blues_train.mixture.verify import verify_paths
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(local_store, damaged)
+    for name in ("chunk-00000-00001.arrow", "chunk-00003-00000.idx"):
+        data = bytearray((damaged / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (damaged / name).write_bytes(bytes(data))
+    runner = make_executor("ray")
+    local, remote = verify_paths([local_store, damaged]), verify_paths([local_store, damaged], runner=runner)
+    assert remote.to_dict() == local.to_dict()
+    assert [p.file for p in remote.problems] == [str(damaged / "chunk-00000-00001.arrow"),
+                                                 str(damaged / "chunk-00003-00000.idx")]
+    quiet = {"say": lambda *_: None}
+    here = dedup([code_store, prose_store, local_store], tmp_path / "local", workers=2, **quiet)
+    there = dedup([code_store, prose_store, local_store], tmp_path / "ray", executor_name="ray", **quiet)
+    assert here == there and here["removals"]["rows"] > 0
