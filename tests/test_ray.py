@@ -215,3 +215,35 @@ def test_verify_and_dedup_on_ray_give_the_local_results(ray_local, local_store, 
     here = dedup([code_store, prose_store, local_store], tmp_path / "local", workers=2, **quiet)
     there = dedup([code_store, prose_store, local_store], tmp_path / "ray", executor_name="ray", **quiet)
     assert here == there and here["removals"]["rows"] > 0
+
+
+def test_dagster_assets_and_checks_run_on_the_configured_ray_cluster(ray_local, tmp_path):
+    import json
+
+    import dagster as dg
+    from blues_project import write_project
+
+    from pipelines import assets, checks
+    from pipelines.config import load_project_config
+    from pipelines.resources import BluesProject
+
+    project = write_project(tmp_path, corpus_mb=0.05)
+    raw = json.loads(project.read_text())
+    raw["executor"] = {"ray": {}}  # the module's Ray instance: the one this process is connected to
+    project.write_text(json.dumps(raw))
+    config = load_project_config(project)
+    assert (config.executor.name, config.executor.ray_address) == ("ray", None)
+    tokenized = [assets.build_tokenized_dataset(source.name) for source in config.datasets]
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([assets.raw_corpus, *tokenized, checks.build_token_store_integrity(tokenized)],
+                                selection=tokenized, instance=instance,
+                                resources={"project": BluesProject(config_path=str(project))})
+        logged = [event.user_message for event in instance.all_logs(result.run_id)]
+    assert result.success and all(e.passed for e in result.get_asset_check_evaluations())
+    for source in config.datasets:
+        [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == source.name]
+        shown = {k: getattr(v, "value", v) for k, v in event.materialization.metadata.items()}
+        assert shown["executor"] == "ray" and shown["work_items"] == shown["work_items_run"] >= 1
+        local = prepare_dataset([source.input], tmp_path / "local" / source.name, glob=source.glob, progress=False)
+        assert shown["fingerprint"] == local["fingerprint"]
+    assert any(message.startswith("prepare on ray: ") for message in logged)

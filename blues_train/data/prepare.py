@@ -60,10 +60,13 @@ def prepare_dataset(
     executor_name="local",
     ray_address=None,
     item_bytes=work_items.ITEM_BYTES,
+    run_stats: dict | None = None,
 ) -> dict:
     """Tokenize `inputs` (files and folders) into the token store `out_dir`; its manifest.
 
-    `tokenizer_engine` is a name (`encoding_engine.CHOICES`) or an engine object (local only).
+    `tokenizer_engine` is a name (`encoding_engine.CHOICES`) or an engine object (local only);
+    `run_stats`, if given, receives what this run did (executor, work items, tokens/s), which
+    the manifest leaves out (it is the same whatever ran it).
     """
     if item_bytes < 1:
         raise BluesError(f"--item_bytes must be a positive integer, got {item_bytes}")
@@ -86,7 +89,8 @@ def prepare_dataset(
     with exclusive_writer(out):
         described = describe_sources(runner, sources)
         engine_ref = tokenizer_engine if not isinstance(tokenizer_engine, str) else engine.name
-        return write_store(out, sources, described, settings, runner, engine, engine_ref, say, progress)
+        return write_store(out, sources, described, settings, runner, engine, engine_ref, say, progress,
+                           {} if run_stats is None else run_stats)
 
 
 def describe_sources(runner, sources) -> list[dict]:
@@ -98,7 +102,7 @@ def describe_sources(runner, sources) -> list[dict]:
 
 
 def write_store(out: Path, sources, described: list[dict], settings: dict, runner, engine, engine_ref,
-                say, progress: bool) -> dict:
+                say, progress: bool, run_stats: dict) -> dict:
     """The store of `sources` in `out`, resuming a killed run; a no-op when up to date."""
     key = run_key(described, settings)
     current = _finished_manifest(out, key)
@@ -112,6 +116,7 @@ def write_store(out: Path, sources, described: list[dict], settings: dict, runne
     if done:
         say(f"{out}: resuming after {len(done)} of {len(items)} finished work item(s)")
     todo = [number for number in range(len(items)) if number not in done]
+    run_stats.update(executor=runner.name, work_items=len(items), items_run=len(todo), tokens_per_s=0.0)
     if todo:
         journal.claim()
         items = number_lines(runner, items)
@@ -123,6 +128,7 @@ def write_store(out: Path, sources, described: list[dict], settings: dict, runne
                 journal.record(record)
                 done[record["item"]] = record
                 meter.update(record["input_bytes"], sum(c["n_tokens"] for c in record["chunks"]))
+            run_stats["tokens_per_s"] = meter.tokens / max(time.perf_counter() - meter.start, 1e-9)
     records = [done[number] for number in range(len(items))]
     skips = merged_skips(records)
     tally = Tally(records)
