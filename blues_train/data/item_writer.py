@@ -2,8 +2,9 @@
 pieces, encode, cut chunks, spot-check and write them straight into the store.
 
 The worker reads documents in order, repairs undecodable bytes and cuts them into batches of
-about a MiB of text; the engine encodes them on this thread (`encoding_workers` bounds its
-caches); chunks close at document boundaries once `chunk_tokens` is reached, and the item's
+about a MiB of text; the engine encodes them on this thread, or in forked encoding processes
+when a local run has fewer items than workers (`encoding_workers`, which also bounds the
+engine's caches); chunks close at document boundaries once `chunk_tokens` is reached, and the item's
 last chunk holds what is left. A writer thread spot-checks each chunk against tiktoken
 (`spot_check`), compresses, hashes and writes it as `chunk-<item>-<part>.arrow` beside its
 document index. Everything written depends only on the item, so a retried task writes the
@@ -39,6 +40,7 @@ class ItemTask:
     text_field: str
     chunk_tokens: int
     engine: object  # an engine name (encoding_engine.CHOICES) or, run locally, an engine
+    encode_workers: int = 1  # processes encoding this item's batches (`encoding_workers`); 1: this thread
 
 
 def write_item(task: ItemTask) -> dict:
@@ -47,7 +49,8 @@ def write_item(task: ItemTask) -> dict:
     skips, seen = SkipLog(), [False]
     docs = piece_documents(task.pieces, task.text_field, skips, seen)
     with ChunkBuilder(task, engine) as builder:
-        for batch, ids in encode_batches(((batch, batch.texts) for batch in _batches(docs)), engine, 1):
+        jobs = ((batch, batch.texts) for batch in _batches(docs))
+        for batch, ids in encode_batches(jobs, engine, task.encode_workers):
             builder.add(batch, ids)
         builder.flush()
     return {"item": task.number, "chunks": builder.records, "skips": skips.reasons,

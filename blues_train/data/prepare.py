@@ -6,7 +6,8 @@ them. An executor (`--executor local|ray`, `blues_train.io.executor`) runs one t
 (`item_writer.write_item`): it reads its pieces, encodes them with the `--tokenizer_engine`,
 cuts chunks at document boundaries once `chunk_tokens` is reached (an item's last chunk holds
 its rest), spot-checks them against tiktoken and writes them straight into the store, named
-by item and part. Every engine gives tiktoken's ids, so the chunks, their hashes and the
+by item and part (a local run with fewer items than workers, such as one large JSONL.zst, runs
+its items here, each encoded by every worker). Every engine gives tiktoken's ids, so the chunks, their hashes and the
 fingerprint are the same for every engine, executor and worker count. This process only
 plans, hashes the sources through the same executor, journals finished items and writes the
 manifest.
@@ -121,10 +122,15 @@ def write_store(out: Path, sources, described: list[dict], settings: dict, runne
         journal.claim()
         items = number_lines(runner, items)
         positions = {d["path"]: number for number, d in enumerate(described)}
+        item_runner, encode_workers = runner, 1
+        if isinstance(runner, executor.LocalExecutor) and len(todo) < runner.workers:
+            # fewer items than cores (one large JSONL.zst): items one after another, here, each
+            # encoded by every worker, as prepare did before items existed
+            item_runner, encode_workers = executor.LocalExecutor(1), runner.workers
         tasks = [(ItemTask(out, n, items[n], positions, settings["text_field"], settings["chunk_tokens"],
-                           engine_ref),) for n in todo]
+                           engine_ref, encode_workers),) for n in todo]
         with Meter(progress) as meter:
-            for _, record in runner.run(write_item, tasks):
+            for _, record in item_runner.run(write_item, tasks):
                 journal.record(record)
                 done[record["item"]] = record
                 meter.update(record["input_bytes"], sum(c["n_tokens"] for c in record["chunks"]))
