@@ -3,10 +3,13 @@ reading it whole (the independent reference: one reader from the first byte)."""
 
 from __future__ import annotations
 
+import sys
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from blues_train import cli
 from blues_train.data import work_items
 from blues_train.data.sources import SkipLog, discover_sources, iter_documents, piece_documents
 from blues_train.io.executor import LocalExecutor
@@ -67,3 +70,21 @@ def test_parquet_row_groups_give_the_whole_files_rows(tmp_path):
 def test_local_executor_returns_every_result_once(workers):
     results = dict(LocalExecutor(workers).run(pow, [(n, 2) for n in range(20)]))
     assert results == {n: n * n for n in range(20)}
+
+
+def test_executor_flags_misused_are_one_line_errors(monkeypatch, tmp_path, capsys):
+    from blues_train.io.errors import BluesError
+    from blues_train.io.executor import make_executor
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as where the extra is not installed
+    with pytest.raises(BluesError, match=r"^--executor ray needs the ray package, which is not installed: "
+                                         r"pip install 'blues\[ray\]'$"):
+        make_executor("ray")
+    with pytest.raises(BluesError, match="--ray_address is for --executor ray"):
+        make_executor("local", 1, "auto")
+    (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
+    assert cli.main(["prepare", "--dataset", str(tmp_path / "a.jsonl"), "--cache_dir", str(tmp_path / "s"),
+                     "--executor", "ray"]) == 2
+    assert capsys.readouterr().err == ("error: --executor ray needs the ray package, which is not installed: "
+                                       "pip install 'blues[ray]'\n")
+    assert not (tmp_path / "s").exists()

@@ -106,7 +106,3 @@ def with_line_numbers(items: list[list[Piece]], counted: dict[Piece, int]) -> li
         numbered.append(pieces)
     return numbered
 
-
-def describe(piece: Piece) -> dict:
-    """What the journal records of a piece."""
-    return {"source": piece.source.label, "start": piece.start, "end": piece.end}

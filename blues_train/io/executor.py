@@ -117,9 +117,6 @@ class RayExecutor:
                              f"node lost each time ({type(exc).__name__}); check the cluster and run the "
                              "same command again (it resumes)") from None
 
-    def cluster_cpus(self) -> int:
-        return int(self.ray.cluster_resources().get("CPU", 1))
-
 
 def die_with_parent() -> None:
     """Linux: a worker process is terminated when its parent dies, even by SIGKILL (no orphans)."""
