@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from blues_train.data import encoding_engine, encoding_workers, prepare, spot_check, store, tokenizer
+from blues_train.data import encoding_engine, encoding_workers, item_writer, prepare, spot_check, store, tokenizer
 from blues_train.data.prepare import prepare_dataset
 from blues_train.data.sample_corpus import write_sample_corpus
 from blues_train.data.sources import SkipLog, ZstdFrames, discover_sources, iter_documents
@@ -140,14 +140,14 @@ def gigatoken_threads(jobs, engine, workers):
 def alternative_runs(inputs, work: Path, rounds: int) -> dict:
     strategies = {"b_process": (one_worker_process, 1), "c_threads": (gigatoken_threads, 2)}
     times = {key: [] for key in strategies}
-    chosen = prepare.encode_batches
+    chosen = item_writer.encode_batches
     try:
         for _ in range(rounds):
             for key, (strategy, workers) in strategies.items():
-                prepare.encode_batches = strategy
+                item_writer.encode_batches = strategy
                 times[key].append(prepare_run(inputs, work / key, workers)[0])
     finally:
-        prepare.encode_batches = chosen
+        item_writer.encode_batches = chosen
     return {k: [round(t, 4) for t in v] for k, v in times.items()}
 
 
@@ -195,7 +195,7 @@ def profile_stages(inputs, texts) -> dict:
             if fmt == "jsonl.zst":
                 stages["  of which zstd and line splitting"] = cpu(lambda: [zstd_lines(s) for s in chosen])[0]
         docs = list(iter_documents(sources, "text", SkipLog()))
-        stages["repair, sizes, batches"], batches = cpu(lambda: list(prepare._batches(docs)))
+        stages["repair, sizes, batches"], batches = cpu(lambda: list(item_writer._batches(docs)))
         sent = [pickle.dumps(b.texts, protocol=pickle.HIGHEST_PROTOCOL) for b in batches]
         stages["pickle texts to workers (--workers 2+)"] = (
             cpu(lambda: [pickle.dumps(b.texts, protocol=pickle.HIGHEST_PROTOCOL) for b in batches])[0]
@@ -249,14 +249,14 @@ def chunk_slices(lengths: np.ndarray, chunk_tokens: int) -> list[tuple[int, int,
 
 RSS_SCRIPT = """
 import json, math, resource, sys
-from blues_train import encoding_engine, encoding_workers, prepare
+from blues_train.data import encoding_engine, encoding_workers, item_writer, prepare
 words, out, mode, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 if mode == "uncapped":
     encoding_workers.MEMORY_LIMIT = math.inf
 encoding_engine.load_engine()
 before = encoding_workers.resident_bytes()[0]
 memory = encoding_workers.EncoderMemory()
-prepare.encode_batches = lambda jobs, engine, n: encoding_workers.encode_batches(jobs, engine, n, memory=memory)
+item_writer.encode_batches = lambda jobs, engine, n: encoding_workers.encode_batches(jobs, engine, n, memory=memory)
 manifest = prepare.prepare_dataset([words], out, workers=workers, progress=False)
 # VmHWM, not ru_maxrss, for this process: an exec'd process's ru_maxrss starts from its parent's size
 print(json.dumps({"rss_before_run": before, "main_peak_rss": encoding_workers.resident_bytes()[1],
@@ -304,7 +304,7 @@ def main() -> None:
     try:
         corpus = write_sample_corpus(work / "corpus", max_mb=args.max_mb)
         inputs = corpus["code"] + corpus["prose"]
-        texts = [prepare.decoded(d.text)[0] for d in iter_documents(discover_sources(inputs), "text", SkipLog())]
+        texts = [item_writer.decoded(d.text)[0] for d in iter_documents(discover_sources(inputs), "text", SkipLog())]
         megabytes = sum(len(t.encode("utf-8")) for t in texts) / 1e6
         print(f"corpus: {len(texts)} documents, {megabytes:.1f} MB of text (stdlib code + prose)")
         figures = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

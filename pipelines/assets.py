@@ -88,11 +88,16 @@ def build_tokenized_dataset(dataset: str) -> dg.AssetsDefinition:
     def tokenized_dataset(context: dg.AssetExecutionContext, project: BluesProject) -> dg.MaterializeResult:
         """The dataset's token store: zstd Arrow chunks of o200k_base tokens and a manifest
         (`blues prepare`). Re-running on unchanged raw files changes nothing."""
-        source = project.load().dataset(dataset)
+        cfg = project.load()
+        source = cfg.dataset(dataset)
+        run = {}
         manifest = prepare_dataset(
             [source.input], source.token_store, fmt=source.format, text_field=source.text_field,
-            glob=source.glob, progress=False,
+            glob=source.glob, progress=False, executor_name=cfg.executor.name,
+            ray_address=cfg.executor.ray_address, run_stats=run,
         )
+        context.log.info(f"prepare on {run.get('executor', 'nothing')}: {run.get('items_run', 0)} of "
+                         f"{run.get('work_items', 0)} work item(s) run, {run.get('tokens_per_s', 0):,.0f} tokens/s")
         # The sensor usually registered the partition already; a run from a fresh instance
         # (the CLI, the demo) does it here, so the observation lands on a listed partition.
         context.instance.add_dynamic_partitions(dataset_partitions.name, [dataset])
@@ -112,6 +117,10 @@ def build_tokenized_dataset(dataset: str) -> dg.AssetsDefinition:
                 "replacement_char_docs": stats["replacement_char_docs"],
                 "doc_tokens_percentiles": dg.MetadataValue.json(stats["doc_tokens_percentiles"]),
                 "chunks": len(manifest["chunks"]),
+                "executor": run.get("executor", "none (up to date)"),
+                "work_items": run.get("work_items", 0),
+                "work_items_run": run.get("items_run", 0),
+                "tokens_per_s": round(run.get("tokens_per_s", 0.0)),
                 "fingerprint": manifest["fingerprint"],
                 "path": dg.MetadataValue.path(str(source.token_store)),
             },
@@ -189,7 +198,8 @@ def build_dedup_result(tokenized: list[dg.AssetsDefinition]) -> dg.AssetsDefinit
             raise dg.Failure(f"{cfg.path}: has no dedup section any more; reload the code location",
                              allow_retries=False)
         record = dedup([d.token_store for d in cfg.datasets], settings.output, exact=settings.exact,
-                       near=settings.near, threshold=settings.threshold, say=context.log.info)
+                       near=settings.near, threshold=settings.threshold, say=context.log.info,
+                       executor_name=cfg.executor.name, ray_address=cfg.executor.ray_address)
         names = [d.name for d in cfg.datasets]
         counts = list(zip(names, record["counts"]))
         return dg.MaterializeResult(

@@ -4,7 +4,7 @@ training) reads data that fails them."""
 import dagster as dg
 
 from blues_train.mixture.tokenizer_consistency import tokenizer_problems
-from blues_train.mixture.verify import verify_paths
+from blues_train.mixture.verify import chunk_runner, verify_paths
 from pipelines.assets import MERGED_DATASET
 from pipelines.resources import BluesProject
 
@@ -20,9 +20,10 @@ def build_token_store_integrity(tokenized_datasets: list[dg.AssetsDefinition]) -
     def token_store_integrity(context: dg.AssetCheckExecutionContext, project: BluesProject):
         """`blues verify` of each dataset's token store: chunk hashes, schema, counts, token ids."""
         config = project.load()
+        runner = chunk_runner(config.executor.name, config.executor.ray_address)
         for check_key in sorted(context.selected_asset_check_keys):
             store = config.dataset(check_key.asset_key.path[-1]).token_store
-            yield _result(verify_paths([store]).problem_lines(),
+            yield _result(verify_paths([store], runner=runner).problem_lines(),
                           asset_key=check_key.asset_key, check_name=check_key.name)
 
     return token_store_integrity
@@ -32,7 +33,8 @@ def build_token_store_integrity(tokenized_datasets: list[dg.AssetsDefinition]) -
 def mixture_integrity(project: BluesProject) -> dg.AssetCheckResult:
     """`blues verify` of the mixture: every store it reads is intact and still has the
     fingerprint the mixture recorded, and the loader realizes the target shares."""
-    report = verify_paths([project.load().mixture.output])
+    config = project.load()
+    report = verify_paths([config.mixture.output], runner=chunk_runner(config.executor.name, config.executor.ray_address))
     return _result(report.problem_lines(), shares=report.mixtures[0]["sources"] if report.mixtures else [])
 
 

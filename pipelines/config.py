@@ -15,7 +15,8 @@ The file keeps the original `config.json` shape and extends it:
                     "tasks": [], "include_path": null, "limit": null},  # blues eval tasks
      "schedule": {"retrain_cron": "0 3 * * 0"},
      "dedup": {"output": "data_cache/dedup", "exact": true, "near": true,
-               "threshold": 0.8}}  # optional: `blues dedup` before the merge
+               "threshold": 0.8},  # optional: `blues dedup` before the merge
+     "executor": {"ray": {"address": "auto"}}}  # optional: prepare, verify, dedup on Ray
 
 `datasets` stays exactly the original section, so `blues merge --config` reads the same
 file. `training` holds the fields of `blues_train.training.config.TrainingConfig` (their
@@ -23,7 +24,10 @@ defaults are that class's), except that `out` is the folder of the runs (each ru
 `out/run-<id>`) and the mixture is `mixture.output`; plus how to launch (`launcher`,
 `num_gpus`), `deepspeed_config` (the `--deepspeed` file) and `args` (more `blues train`
 flags). With a `dedup` section the graph runs `blues dedup` on every dataset into `output`
-and merges with `--dedup`; without one, nothing is deduplicated. Relative paths are
+and merges with `--dedup`; without one, nothing is deduplicated. With `executor.ray` the
+tokenized_dataset assets, their verify checks, mixture_integrity and dedup_result run their
+work items as Ray tasks (`--executor ray`; `address` as `--ray_address`, absent: a Ray instance
+on the machine of the Dagster run); without it they run in local processes. Relative paths are
 relative to the file's folder, and the inputs and model files named must exist. An error
 names the file and the key, and for an unknown key the nearest valid one. Run config (`MergeConfig`, `TrainConfig`, `EvalConfig`) overrides single fields
 for one run and goes through the same validation.
@@ -119,6 +123,14 @@ class DedupSection(Settings):
     threshold: float = Field(DEFAULT_THRESHOLD, gt=0, le=1)
 
 
+class RaySection(Settings):
+    address: str | None = None  # `--ray_address`: auto or ray://host:port; None starts a local instance
+
+
+class ExecutorSection(Settings):
+    ray: RaySection | None = None
+
+
 class ProjectFile(Settings):
     datasets: DatasetsSection
     sources: list[SourceSection] = Field(min_length=1)
@@ -127,6 +139,15 @@ class ProjectFile(Settings):
     evaluation: EvaluationSection = EvaluationSection()
     schedule: ScheduleSection = ScheduleSection()
     dedup: DedupSection | None = None
+    executor: ExecutorSection = ExecutorSection()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutorSettings:
+    """Where prepare, verify and dedup run their work items (`blues_train.io.executor`)."""
+
+    name: str  # local | ray
+    ray_address: str | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,6 +219,7 @@ class ProjectConfig:
     evaluation: EvaluationSection
     retrain_cron: str
     dedup: DedupSettings | None  # None: the graph deduplicates nothing
+    executor: ExecutorSettings
 
     def dataset(self, name: str) -> DatasetSource:
         for source in self.datasets:
@@ -346,4 +368,6 @@ def parse_project_config(raw: object, path: Path, where: str | None = None) -> P
         retrain_cron=file.schedule.retrain_cron,
         dedup=None if dedup is None else DedupSettings(output=base / dedup.output, exact=dedup.exact,
                                                        near=dedup.near, threshold=dedup.threshold),
+        executor=ExecutorSettings(name="local" if file.executor.ray is None else "ray",
+                                  ray_address=None if file.executor.ray is None else file.executor.ray.address),
     )

@@ -23,7 +23,8 @@ from reference import NETWORK_OFF
 from blues_train import cli
 from blues_train.data import encoding_engine, encoding_workers, spot_check, store, tokenizer
 from blues_train.data.encoding_engine import GigatokenEngine
-from blues_train.data.prepare import decoded, prepare_dataset
+from blues_train.data.item_writer import decoded
+from blues_train.data.prepare import prepare_dataset
 from blues_train.data.sources import SkipLog, discover_sources, iter_documents
 from blues_train.io.errors import BluesError
 
@@ -137,7 +138,7 @@ def test_invalid_utf8_and_lone_surrogates_are_repaired_as_before_in_every_format
     for name in encoding_engine.CHOICES[1:]:
         out = tmp_path / name
         manifest = prepare_dataset([folder], out, glob="*", tokenizer_engine=name, progress=False)
-        table = store.read_chunk(out / "chunk-00000.arrow")
+        table = store.read_chunk(out / "chunk-00000-00000.arrow")
         assert dict(zip(table.column("source").to_pylist(), table.column("tokens").to_pylist())) == expected
         assert manifest["stats"]["replacement_char_docs"] == 5
 
@@ -149,7 +150,7 @@ def test_a_50_mb_line_equals_tiktoken(tmp_path, sample_corpus_dir, reference_enc
     (tmp_path / "big.jsonl").write_text(json.dumps({"text": text}) + "\n")
     manifest = prepare_dataset([tmp_path / "big.jsonl"], tmp_path / "out", tokenizer_engine="gigatoken",
                                progress=False)
-    tokens = store.read_chunk(tmp_path / "out" / "chunk-00000.arrow")["tokens"][0].values.to_numpy()
+    tokens = store.read_chunk(tmp_path / "out" / "chunk-00000-00000.arrow")["tokens"][0].values.to_numpy()
     assert manifest["totals"]["input_bytes"] >= 50_000_000
     assert np.array_equal(tokens, reference_encoding.encode_ordinary(text))
     assert 0 < manifest["tokenizer_engine"]["spot_check"]["tokens"] < 0.01 * len(tokens)

@@ -142,7 +142,7 @@ def test_bad_missing_dataset(tmp_path, capsys, code_store):
 def test_bad_folder_without_manifest(tmp_path, capsys, code_store):
     half_written = tmp_path / "half"
     half_written.mkdir()
-    shutil.copy(code_store / "chunk-00000.arrow", half_written)
+    shutil.copy(code_store / "chunk-00000-00000.arrow", half_written)
     assert "has no manifest.json" in run_bad(
         tmp_path, capsys, "--datasets", code_store, half_written)
 
@@ -166,8 +166,8 @@ def test_bad_same_dataset_twice(tmp_path, capsys, code_store):
 def test_verify_flag_refuses_a_corrupt_source(tmp_path, capsys, code_store, prose_store):
     broken = tmp_path / "broken"
     shutil.copytree(code_store, broken)
-    (broken / "chunk-00001.arrow").unlink()
+    (broken / "chunk-00000-00001.arrow").unlink()
     err = run_bad(tmp_path, capsys, "--datasets", broken, prose_store, "--verify")
-    assert "chunk-00001.arrow: missing" in err
+    assert "chunk-00000-00001.arrow: missing" in err
     with pytest.raises(BluesError):
         merge([broken, prose_store], tmp_path / "out", verify=True)

@@ -74,7 +74,7 @@ def test_a_store_manifest_sha256_never_names_a_cache_file_outside(s3, code_store
     shutil.copyfile(code_store / chunk["file"], planted)
     (tmp_path / "cache").mkdir()
     files = ChunkFiles(tmp_path / "cache")
-    with pytest.raises(BluesError, match=r"store/manifest\.json: sha256 of chunk-00000\.arrow '\.\./planted"):
+    with pytest.raises(BluesError, match=r"store/manifest\.json: sha256 of chunk-00000-00000\.arrow '\.\./planted"):
         files.local(storage.path(f"s3://paths/store/{chunk['file']}"), "../planted", chunk["bytes"])
 
 

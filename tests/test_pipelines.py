@@ -225,7 +225,7 @@ def test_corrupt_chunk_blocks_training(tmp_path):
     project = write_project(tmp_path, corpus_mb=0.05)
     with dg.instance_for_test() as instance:
         assert tokenize_all(instance, project).success
-        chunk = tmp_path / "stores" / "code" / "chunk-00000.arrow"
+        chunk = tmp_path / "stores" / "code" / "chunk-00000-00000.arrow"
         data = bytearray(chunk.read_bytes())
         data[len(data) // 2] ^= 0xFF
         chunk.write_bytes(bytes(data))
@@ -235,14 +235,14 @@ def test_corrupt_chunk_blocks_training(tmp_path):
         assert not retokenized.success and checked["tokenized_dataset/prose"].passed
         check = checked["tokenized_dataset/code"]
         assert not check.passed
-        assert "chunk-00000.arrow" in check.metadata["details"].value
+        assert "chunk-00000-00000.arrow" in check.metadata["details"].value
 
         result = dg.materialize(EVERYTHING, selection=[MERGED, assets.trained_model, assets.model_eval],
                                 instance=instance, resources=resources(project), raise_on_error=False)
         assert not result.success
         evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
         assert not evaluations["mixture_integrity"].passed
-        assert "chunk-00000.arrow" in evaluations["mixture_integrity"].metadata["details"].value
+        assert "chunk-00000-00000.arrow" in evaluations["mixture_integrity"].metadata["details"].value
         assert result.asset_materializations_for_node("trained_model") == []
         assert instance.get_latest_materialization_event(assets.trained_model.key) is None
         assert not (tmp_path / "runs").exists()

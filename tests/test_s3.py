@@ -18,6 +18,7 @@ import sys
 import time
 
 import pytest
+import zstandard
 from conftest import FIXTURE_CHUNK_TOKENS
 from s3_server import moto_server, s3_env, upload_tree
 from training_runs import ROOT, env
@@ -147,7 +148,7 @@ def test_corrupted_chunk_object_is_named_by_verify_and_refused_by_the_loader(s3,
     target = "s3://data/corrupt"
     for uri, _, _ in storage.list_files(source):
         storage.write_bytes(f"{target}/{storage.path(uri).name}", storage.read_bytes(uri))
-    chunk = f"{target}/chunk-00001.arrow"
+    chunk = f"{target}/chunk-00000-00001.arrow"
     data = bytearray(storage.read_bytes(chunk))
     data[len(data) // 2] ^= 0xFF
     storage.write_bytes(chunk, bytes(data))
@@ -157,21 +158,26 @@ def test_corrupted_chunk_object_is_named_by_verify_and_refused_by_the_loader(s3,
     result = blues("verify", target)
     assert result.returncode == 1 and chunk in result.stdout
     files = ChunkFiles(tmp_path / "cache")
-    with pytest.raises(BluesError, match="chunk-00001.arrow: sha256"):
+    with pytest.raises(BluesError, match="chunk-00000-00001.arrow: sha256"):
         files.local(storage.path(chunk), json.loads(storage.read_bytes(f"{target}/manifest.json"))["chunks"][1]
                     ["sha256"], len(data))
 
 
-def test_sigkill_during_s3_prepare_then_the_same_command_completes_it(corpus, s3):
+def test_sigkill_during_s3_prepare_then_the_same_command_completes_it(corpus, s3, tmp_path):
     """Killed mid-run: no manifest (no visible store), chunks and journal objects left; the same
-    command lists them, checks their hashes, redoes the rest: the store of an uninterrupted run."""
+    command lists them, checks their hashes, redoes the rest: the store of an uninterrupted run.
+    The input, plain JSONL on S3, is cut into byte ranges that the workers read themselves."""
+    plain = tmp_path / "stdlib.jsonl"
+    plain.write_bytes(zstandard.ZstdDecompressor().decompressobj().decompress(
+        (corpus["local"] / "code" / "stdlib.jsonl.zst").read_bytes()))
+    s3.client.upload_file(str(plain), "raw", "plain/stdlib.jsonl")
     out = "s3://data/killed"
-    command = ["prepare", "--dataset", "s3://raw/corpus/code/stdlib.jsonl.zst", "--cache_dir", out,
-               "--workers", 1, "--chunk_tokens", 4000]
+    command = ["prepare", "--dataset", "s3://raw/plain/stdlib.jsonl", "--cache_dir", out,
+               "--workers", 1, "--chunk_tokens", 4000, "--item_bytes", 100_000]
     proc = subprocess.Popen([*BLUES, *map(str, command)], cwd=ROOT, env=env(1),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while len(storage.list_files(f"{out}/.prepare-journal", "chunk-*.json")) < 3:
+    while len(storage.list_files(f"{out}/.prepare-journal", "item-*.json")) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before it could be killed"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -180,11 +186,10 @@ def test_sigkill_during_s3_prepare_then_the_same_command_completes_it(corpus, s3
     assert storage.path(f"{out}/.blues-writer.json").exists()  # the dead writer's lease is left behind
     resumed = ok(blues("prepare", *command[1:]))
     assert "resuming after" in resumed.stdout
-    prepare_dataset(["s3://raw/corpus/code/stdlib.jsonl.zst"], out.replace("killed", "clean"), workers=1,
-                    chunk_tokens=4000, progress=False)
-    assert storage.read_bytes(f"{out}/manifest.json") == storage.read_bytes("s3://data/clean/manifest.json")
-    for uri, _, _ in storage.list_files("s3://data/clean"):
-        assert storage.read_bytes(uri) == storage.read_bytes(f"{out}/{storage.path(uri).name}")
+    prepare_dataset([plain], tmp_path / "clean", workers=2, chunk_tokens=4000, progress=False, item_bytes=100_000)
+    assert storage.read_bytes(f"{out}/manifest.json") == (tmp_path / "clean" / "manifest.json").read_bytes()
+    for local in (tmp_path / "clean").iterdir():
+        assert storage.read_bytes(f"{out}/{local.name}") == local.read_bytes()
 
 
 def test_missing_bucket_is_one_line(corpus):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +15,7 @@ import pytest
 import zstandard
 
 from blues_train import cli
-from blues_train.data import prepare, store
+from blues_train.data import item_writer, prepare, store
 from blues_train.data.prepare import prepare_dataset
 from blues_train.io.errors import BluesError
 
@@ -93,7 +94,7 @@ def test_manifest_contract(code_store):
     p = stats["doc_tokens_percentiles"]
     assert p["p0"] <= p["p10"] <= p["p50"] <= p["p90"] <= p["p99"] <= p["p100"]
     assert manifest["fingerprint"] == store.store_fingerprint(manifest)
-    assert set(manifest["settings"]) == {"chunk_tokens", "text_field", "format", "glob"}
+    assert set(manifest["settings"]) == {"chunk_tokens", "text_field", "format", "glob", "item_bytes"}
 
 
 def test_chunks_end_at_documents_once_chunk_tokens_is_reached(code_store):
@@ -127,57 +128,79 @@ def test_changed_settings_rebuild(tmp_path, sample_corpus_inputs):
     small = prepare_dataset(inputs, tmp_path / "s", chunk_tokens=CHUNK, workers=1, progress=False)
     large = prepare_dataset(inputs, tmp_path / "s", chunk_tokens=10**9, workers=1, progress=False)
     assert len(large["chunks"]) == 1 < len(small["chunks"])
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["chunk-00000.arrow", "chunk-00000.idx",
-                                                                   "manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["chunk-00000-00000.arrow",
+                                                                   "chunk-00000-00000.idx", "manifest.json"]
 
 
 class Killed(Exception):
-    """Stands for the process dying between two chunks."""
+    """Stands for the process dying between two work items."""
 
 
-def test_killed_run_is_invisible_then_resumed_without_redoing_chunks(tmp_path, sample_corpus_inputs, monkeypatch, capsys):
-    inputs, out = sample_corpus_inputs["code"], tmp_path / "s"
-    clean = prepare_dataset(inputs, tmp_path / "clean", chunk_tokens=CHUNK, workers=1, progress=False)
-    real_write = prepare.ChunkBuilder._write
+ITEM = 64 << 10  # the prose corpus (Parquet, CSV, text files) in several work items
+
+
+def test_killed_run_is_invisible_then_resumed_without_redoing_items(tmp_path, sample_corpus_inputs, monkeypatch,
+                                                                     capsys):
+    inputs, out = sample_corpus_inputs["prose"], tmp_path / "s"
+    clean = prepare_dataset(inputs, tmp_path / "clean", chunk_tokens=CHUNK, workers=1, progress=False,
+                            item_bytes=ITEM)
+    real_write = item_writer.ChunkBuilder._write
 
     def write_then_die(builder, *job):
-        if len(builder.tally.chunks) == 2:
-            (out / ".chunk-00002.arrow.tmp").write_bytes(b"half a chunk")
+        if builder.task.number == 2:
+            (out / ".chunk-00002-00000.arrow.tmp").write_bytes(b"half a chunk")
             raise Killed
         real_write(builder, *job)
 
-    monkeypatch.setattr(prepare.ChunkBuilder, "_write", write_then_die)
+    monkeypatch.setattr(item_writer.ChunkBuilder, "_write", write_then_die)
     with pytest.raises(Killed):
-        prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=2, progress=False)
+        prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=1, progress=False, item_bytes=ITEM)
     with pytest.raises(BluesError, match="no manifest.json"):
         store.read_manifest(out)
-    monkeypatch.setattr(prepare.ChunkBuilder, "_write", real_write)
-    finished = {name: (out / name).stat().st_mtime_ns for name in ("chunk-00000.arrow", "chunk-00001.arrow")}
+    monkeypatch.setattr(item_writer.ChunkBuilder, "_write", real_write)
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("chunk-0000[01]-*")}
+    assert finished
 
-    resumed = prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=1)
-    assert "resuming after 2 finished chunk(s)" in capsys.readouterr().out
+    resumed = prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=2, item_bytes=ITEM)
+    assert re.search(r"resuming after 2 of \d+ finished work item", capsys.readouterr().out)
     assert {name: (out / name).stat().st_mtime_ns for name in finished} == finished
     assert resumed == clean
     files = [name for c in clean["chunks"] for name in (c["file"], c["index"]["file"])]
     assert sorted(p.name for p in out.iterdir()) == sorted(files + ["manifest.json"])
 
 
-def test_damaged_finished_chunk_is_redone(tmp_path, sample_corpus_inputs, monkeypatch):
-    inputs, out = sample_corpus_inputs["code"], tmp_path / "s"
-    clean = prepare_dataset(inputs, tmp_path / "clean", chunk_tokens=CHUNK, workers=1, progress=False)
-    real_write = prepare.ChunkBuilder._write
+def resumed_items(manifest) -> int:
+    return len({c["file"].split("-")[1] for c in manifest["chunks"]})
+
+
+def test_damaged_finished_item_is_redone(tmp_path, sample_corpus_inputs, monkeypatch):
+    inputs, out = sample_corpus_inputs["prose"], tmp_path / "s"
+    clean = prepare_dataset(inputs, tmp_path / "clean", chunk_tokens=CHUNK, workers=1, progress=False,
+                            item_bytes=ITEM)
+    real_write = item_writer.ChunkBuilder._write
 
     def write_then_die(builder, *job):
-        if len(builder.tally.chunks) == 2:
+        if builder.task.number == 2:
             raise Killed
         real_write(builder, *job)
 
-    monkeypatch.setattr(prepare.ChunkBuilder, "_write", write_then_die)
+    monkeypatch.setattr(item_writer.ChunkBuilder, "_write", write_then_die)
     with pytest.raises(Killed):
-        prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=1, progress=False)
-    monkeypatch.setattr(prepare.ChunkBuilder, "_write", real_write)
-    (out / "chunk-00001.arrow").write_bytes(b"corrupt")
-    assert prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=1, progress=False) == clean
+        prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=1, progress=False, item_bytes=ITEM)
+    monkeypatch.setattr(item_writer.ChunkBuilder, "_write", real_write)
+    (out / "chunk-00001-00000.arrow").write_bytes(b"corrupt")
+    assert prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=1, progress=False, item_bytes=ITEM) == clean
+
+
+def test_store_is_the_same_for_every_worker_count_and_item_plan_is_fixed(tmp_path, sample_corpus_inputs):
+    inputs = sample_corpus_inputs["prose"]
+    one = prepare_dataset(inputs, tmp_path / "one", chunk_tokens=CHUNK, workers=1, progress=False, item_bytes=ITEM)
+    three = prepare_dataset(inputs, tmp_path / "three", chunk_tokens=CHUNK, workers=3, progress=False,
+                            item_bytes=ITEM)
+    assert one == three and resumed_items(one) > 3
+    for chunk in one["chunks"]:
+        for name in (chunk["file"], chunk["index"]["file"]):
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes()
 
 
 def test_read_chunk_and_manifest_errors(tmp_path):
@@ -236,7 +259,7 @@ def test_bad_input_invalid_utf8_is_replaced_and_counted(tmp_path, capsys, refere
     assert code == 0
     manifest = store.read_manifest(tmp_path / "out")
     assert manifest["stats"]["replacement_char_docs"] == 1 and manifest["totals"]["docs"] == 2
-    table = store.read_chunk(tmp_path / "out" / "chunk-00000.arrow")
+    table = store.read_chunk(tmp_path / "out" / "chunk-00000-00000.arrow")
     assert table["tokens"][0].as_py() == reference_encoding.encode_ordinary(raw.decode("utf-8", "replace"))
 
 
@@ -278,7 +301,7 @@ def test_bad_input_one_50_mb_line(tmp_path, sample_corpus_dir, reference_encodin
     text = (paragraph + " ") * (50_000_000 // (len(paragraph) + 1) + 1)
     (tmp_path / "big.jsonl").write_text(json.dumps({"text": text}) + "\n")
     manifest = prepare_dataset([tmp_path / "big.jsonl"], tmp_path / "out", workers=1, progress=False)
-    tokens = store.read_chunk(tmp_path / "out" / "chunk-00000.arrow")["tokens"][0].values.to_numpy()
+    tokens = store.read_chunk(tmp_path / "out" / "chunk-00000-00000.arrow")["tokens"][0].values.to_numpy()
     assert manifest["totals"]["input_bytes"] >= 50_000_000
     assert np.array_equal(tokens, reference_encoding.encode_ordinary(text))
 

@@ -68,12 +68,12 @@ def test_clean_store_and_mixture(copies, capsys):
 
 
 @pytest.mark.parametrize("fault, file_named, words", [
-    (lambda c: flip_byte(c / "chunk-00001.arrow"), "chunk-00001.arrow", "sha256"),
-    (lambda c: truncate(c / "chunk-00002.arrow"), "chunk-00002.arrow", "sha256"),
-    (lambda c: (c / "chunk-00000.arrow").unlink(), "chunk-00000.arrow", "missing"),
-    (lambda c: shutil.copy(c / "chunk-00000.arrow", c / "chunk-00099.arrow"), "chunk-00099.arrow", "stray"),
-    (lambda c: flip_byte(c / "chunk-00001.idx"), "chunk-00001.idx", "sha256"),
-    (lambda c: (c / "chunk-00002.idx").unlink(), "chunk-00002.idx", "missing"),
+    (lambda c: flip_byte(c / "chunk-00000-00001.arrow"), "chunk-00000-00001.arrow", "sha256"),
+    (lambda c: truncate(c / "chunk-00000-00002.arrow"), "chunk-00000-00002.arrow", "sha256"),
+    (lambda c: (c / "chunk-00000-00000.arrow").unlink(), "chunk-00000-00000.arrow", "missing"),
+    (lambda c: shutil.copy(c / "chunk-00000-00000.arrow", c / "chunk-00000-00099.arrow"), "chunk-00000-00099.arrow", "stray"),
+    (lambda c: flip_byte(c / "chunk-00000-00001.idx"), "chunk-00000-00001.idx", "sha256"),
+    (lambda c: (c / "chunk-00000-00002.idx").unlink(), "chunk-00000-00002.idx", "missing"),
     (lambda c: edit_manifest(c, lambda m: m["chunks"][1].update(n_tokens=m["chunks"][1]["n_tokens"] + 1)),
      "manifest.json", "chunks[1].n_tokens"),
 ])
@@ -109,7 +109,7 @@ def test_token_id_out_of_vocabulary_names_the_row(copies):
     code = copies[0]
     tokens = np.array([5, 6, 7, 200019, 8], dtype=np.uint32)
     data = store.encode_chunk(tokens, np.array([3, 2]), ["stdlib.jsonl.zst"] * 2, [0, 1])
-    (code / "chunk-00000.arrow").write_bytes(data)
+    (code / "chunk-00000-00000.arrow").write_bytes(data)
 
     def point_at_new_chunk(manifest):
         manifest["chunks"][0].update(sha256=hashlib.sha256(data).hexdigest(),
@@ -121,7 +121,7 @@ def test_token_id_out_of_vocabulary_names_the_row(copies):
 
     edit_manifest(code, point_at_new_chunk)
     problems = verify_paths([code]).problem_lines()
-    assert problems == [f"{code / 'chunk-00000.arrow'}: row 1: token id 200019 >= n_vocab 200019 "
+    assert problems == [f"{code / 'chunk-00000-00000.arrow'}: row 1: token id 200019 >= n_vocab 200019 "
                         "(1 such ids in this chunk)"]
 
 
@@ -140,7 +140,7 @@ def test_not_a_store(tmp_path):
 @pytest.mark.parametrize("from_end", [1, 50, 200, 400, 700])
 def test_flipped_byte_anywhere_is_reported_not_a_crash(copies, from_end):
     code = copies[0]
-    chunk = code / "chunk-00000.arrow"
+    chunk = code / "chunk-00000-00000.arrow"
     data = bytearray(chunk.read_bytes())
     data[len(data) - from_end] ^= 0xFF
     chunk.write_bytes(bytes(data))

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
-import os
-import signal
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
+from blues_train.io import executor
 
 BATCHES_IN_FLIGHT_PER_WORKER = 3
 MEMORY_LIMIT = 256 << 20  # bytes an encoding process may grow by before its caches are dropped
@@ -47,7 +47,7 @@ class EncoderMemory:
 def default_workers(engine) -> int:
     """Every core for tiktoken; all but one for a faster engine, whose encoding would
     otherwise wait on this process's reading and writing."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = executor.cores()
     return cores if engine.is_reference else max(1, cores - 1)
 
 
@@ -118,7 +118,7 @@ def _collect(entry, memory: EncoderMemory):
 
 def _start_worker(engine) -> None:
     global _engine, _start_rss
-    _die_with_parent()
+    executor.die_with_parent()
     _engine, _start_rss = engine, _fresh_start()
     _restart_high_water_mark()
 
@@ -162,11 +162,3 @@ def resident_bytes() -> tuple[int, int]:
     except OSError:
         pass
     return values.get("VmRSS", 0), values.get("VmHWM", 0)
-
-
-def _die_with_parent() -> None:
-    """Linux: a worker is terminated when prepare dies, even by SIGKILL (no orphans)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass

@@ -1,20 +1,21 @@
 """`blues prepare`: raw corpora -> a token store (the original `data.py`).
 
-The main process reads documents in order, repairs undecodable bytes and cuts them into
-batches of about a MiB of text; the `--tokenizer_engine` encodes them (`encoding_engine`), on
-the main thread for one worker, in forked worker processes for more (`encoding_workers`);
-the main process collects the ids in order and cuts chunks at document boundaries once
-`chunk_tokens` is reached; a writer thread spot-checks each chunk against tiktoken
-(`spot_check`), compresses, hashes and writes it. Chunk boundaries depend only on the
-documents' token counts, and every engine gives tiktoken's ids, so the chunks, their hashes
-and the fingerprint are the same for every engine and worker count. At most a few batches
-per worker are in flight, and encode caches that have grown too much are dropped, so memory
-does not grow with the corpus.
+The sources are cut into work items (`work_items`: whole files, JSONL byte ranges, Parquet
+row groups, about 64 MiB of input each) that depend only on the sources, never on who runs
+them. An executor (`--executor local|ray`, `blues_train.io.executor`) runs one task per item
+(`item_writer.write_item`): it reads its pieces, encodes them with the `--tokenizer_engine`,
+cuts chunks at document boundaries once `chunk_tokens` is reached (an item's last chunk holds
+its rest), spot-checks them against tiktoken and writes them straight into the store, named
+by item and part (a local run with fewer items than workers, such as one large JSONL.zst, runs
+its items here, each encoded by every worker). Every engine gives tiktoken's ids, so the chunks, their hashes and the
+fingerprint are the same for every engine, executor and worker count. This process only
+plans, hashes the sources through the same executor, journals finished items and writes the
+manifest.
 
-Each finished chunk is renamed into place and then recorded in a journal
-(`.prepare-journal.jsonl`, keyed on the sources' content hashes and the settings); the
-manifest is written last. A killed run leaves no manifest (no visible dataset); the same
-command re-reads the documents of the journal's chunks without tokenizing them and goes on.
+Each finished item is recorded in a journal (`.prepare-journal.jsonl`, keyed on the sources'
+content hashes and the settings) once its chunks are in place; the manifest is written last.
+A killed run leaves no manifest (no visible dataset); the same command skips the journal's
+items whose chunks are intact and runs the rest.
 
 Statistics: `input_bytes` counts the UTF-8 bytes of the documents' text (what the
 tokenizer saw), `stored_bytes` the chunk files' bytes.
@@ -24,29 +25,24 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
 import os
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from blues_train.data import doc_index, encoding_engine, spot_check, store, tokenizer
-from blues_train.data.encoding_workers import default_workers, encode_batches
-from blues_train.data.sources import DEFAULT_GLOB, FORMATS, SkipLog, discover_sources, iter_documents, repair_text
-from blues_train.io import command_line, storage
+from blues_train.data import encoding_engine, store, tokenizer, work_items
+from blues_train.data.encoding_workers import default_workers
+from blues_train.data.item_writer import ItemTask, write_item
+from blues_train.data.sources import DEFAULT_GLOB, FORMATS, MAX_EXAMPLES, SkipLog, check_field_seen, discover_sources
+from blues_train.io import command_line, executor, storage
 from blues_train.io.atomic import os_error, sync_dir, write_atomic
 from blues_train.io.errors import BluesError
 from blues_train.io.folder_lock import check_held, exclusive_writer
 
 DEFAULT_CHUNK_TOKENS = 1 << 21
 MAX_CHUNK_TOKENS = (1 << 31) - 1 - (1 << 26)  # a chunk closes after the document that crosses the limit
-BATCH_CHARS = 1 << 20
 JOURNAL = store.JOURNAL
 LOG_EVERY_S = 5.0
 
@@ -62,11 +58,19 @@ def prepare_dataset(
     chunk_tokens=DEFAULT_CHUNK_TOKENS,
     tokenizer_engine="auto",
     progress=True,
+    executor_name="local",
+    ray_address=None,
+    item_bytes=work_items.ITEM_BYTES,
+    run_stats: dict | None = None,
 ) -> dict:
     """Tokenize `inputs` (files and folders) into the token store `out_dir`; its manifest.
 
-    `tokenizer_engine` is a name (`encoding_engine.CHOICES`) or an engine object.
+    `tokenizer_engine` is a name (`encoding_engine.CHOICES`) or an engine object (local only);
+    `run_stats`, if given, receives what this run did (executor, work items, tokens/s), which
+    the manifest leaves out (it is the same whatever ran it).
     """
+    if item_bytes < 1:
+        raise BluesError(f"--item_bytes must be a positive integer, got {item_bytes}")
     if workers is not None and workers < 1 or not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS:
         raise BluesError(f"--workers must be a positive integer and --chunk_tokens between 1 and "
                          f"{MAX_CHUNK_TOKENS:,} (Arrow list offsets are 32-bit)")
@@ -74,16 +78,32 @@ def prepare_dataset(
     out = storage.path(out_dir)
     storage.check_output_folder(out, "--cache_dir")
     sources = [s for s in discover_sources(inputs, fmt, glob) if not _inside(s.path, out)]
-    described = [_describe(source) for source in sources]
-    settings = {"chunk_tokens": chunk_tokens, "text_field": text_field, "format": fmt, "glob": glob}
     if isinstance(tokenizer_engine, str):
         encoding_engine.check_choice(tokenizer_engine)
+    engine = (encoding_engine.load_engine(tokenizer_engine) if isinstance(tokenizer_engine, str)
+              else tokenizer_engine)
+    if executor_name == "local":
+        workers = default_workers(engine) if workers is None else workers
+    runner = executor.make_executor(executor_name, workers, ray_address)
+    settings = {"chunk_tokens": chunk_tokens, "text_field": text_field, "format": fmt, "glob": glob,
+                "item_bytes": item_bytes}
     with exclusive_writer(out):
-        return write_store(out, sources, described, settings, workers, say, progress, tokenizer_engine)
+        described = describe_sources(runner, sources)
+        engine_ref = tokenizer_engine if not isinstance(tokenizer_engine, str) else engine.name
+        return write_store(out, sources, described, settings, runner, engine, engine_ref, say, progress,
+                           {} if run_stats is None else run_stats)
 
 
-def write_store(out: Path, sources, described: list[dict], settings: dict, workers: int | None, say,
-                progress: bool, tokenizer_engine) -> dict:
+def describe_sources(runner, sources) -> list[dict]:
+    """Each source's manifest entry; the hashing (every byte read) runs as tasks."""
+    hashes = dict(runner.run(store.file_sha256, [(source.path,) for source in sources]))
+    return [{"path": source.label, "bytes": source.path.stat().st_size, "sha256": hashes[number],
+             "format": source.fmt, **({"real_path": source.real_path} if source.real_path else {})}
+            for number, source in enumerate(sources)]
+
+
+def write_store(out: Path, sources, described: list[dict], settings: dict, runner, engine, engine_ref,
+                say, progress: bool, run_stats: dict) -> dict:
     """The store of `sources` in `out`, resuming a killed run; a no-op when up to date."""
     key = run_key(described, settings)
     current = _finished_manifest(out, key)
@@ -91,24 +111,36 @@ def write_store(out: Path, sources, described: list[dict], settings: dict, worke
         drop_leftover_journal(out)
         say(f"{out}: up to date with its {len(sources)} source(s), nothing to do")
         return current
-    engine = (encoding_engine.load_engine(tokenizer_engine) if isinstance(tokenizer_engine, str)
-              else tokenizer_engine)
-    workers = default_workers(engine) if workers is None else workers
-    journal = (RemoteJournal if storage.is_remote(out) else Journal)(out, key)
-    tally = Tally()
-    if journal.chunks:
-        tally.resume(out, journal.chunks)
-        say(f"{out}: resuming after {len(journal.chunks)} finished chunk(s), {tally.docs} documents")
-    skips = SkipLog()
-    docs = iter_documents(sources, settings["text_field"], skips)
-    docs = itertools.islice(docs, tally.docs, None)  # read again, not tokenized again
-    batches = ((batch, batch.texts) for batch in _batches(docs))
-    with Meter(progress) as meter, ChunkBuilder(out, journal, tally, settings["chunk_tokens"], engine,
-                                                 [d["path"] for d in described]) as builder:
-        for batch, ids in encode_batches(batches, engine, workers):
-            builder.add(batch, ids)
-            meter.update(sum(batch.sizes), sum(map(len, ids)))
-        builder.flush()
+    items = work_items.plan_items(sources, [d["bytes"] for d in described], settings["item_bytes"])
+    journal = (RemoteJournal if storage.is_remote(out) else Journal)(out, key, len(items))
+    done = dict(journal.items)
+    if done:
+        say(f"{out}: resuming after {len(done)} of {len(items)} finished work item(s)")
+    todo = [number for number in range(len(items)) if number not in done]
+    run_stats.update(executor=runner.name, work_items=len(items), items_run=len(todo), tokens_per_s=0.0)
+    if todo:
+        journal.claim()
+        items = number_lines(runner, items)
+        positions = {d["path"]: number for number, d in enumerate(described)}
+        item_runner, encode_workers = runner, 1
+        if isinstance(runner, executor.LocalExecutor) and len(todo) < runner.workers:
+            # fewer items than cores (one large JSONL.zst): items one after another, here, each
+            # encoded by every worker, as prepare did before items existed
+            item_runner, encode_workers = executor.LocalExecutor(1), runner.workers
+        tasks = [(ItemTask(out, n, items[n], positions, settings["text_field"], settings["chunk_tokens"],
+                           engine_ref, encode_workers),) for n in todo]
+        with Meter(progress) as meter:
+            for _, record in item_runner.run(write_item, tasks):
+                journal.record(record)
+                done[record["item"]] = record
+                meter.update(record["input_bytes"], sum(c["n_tokens"] for c in record["chunks"]))
+            run_stats["tokens_per_s"] = meter.tokens / max(time.perf_counter() - meter.start, 1e-9)
+    records = [done[number] for number in range(len(items))]
+    skips = merged_skips(records)
+    tally = Tally(records)
+    if not tally.docs:
+        journal.discard()
+    check_field_seen(any(r["seen_field"] for r in records), settings["text_field"], skips)
     if not tally.docs:
         raise BluesError(f"no documents found in {', '.join(s.label for s in sources) or 'the inputs'} "
                          f"({_skip_text(skips)})")
@@ -116,6 +148,26 @@ def write_store(out: Path, sources, described: list[dict], settings: dict, worke
     journal.finish(manifest)
     say(format_summary(manifest, out))
     return manifest
+
+
+def number_lines(runner, items: list[list]) -> list[list]:
+    """The items, their JSONL ranges told the line breaks before them (counted as tasks)."""
+    ranges = work_items.ranges_to_count(items)
+    counted = dict(runner.run(work_items.count_newlines, [(piece,) for piece in ranges]))
+    return work_items.with_line_numbers(items, {ranges[n]: count for n, count in counted.items()})
+
+
+def merged_skips(records: list[dict]) -> SkipLog:
+    """The items' skipped records, in item order: what one reader of every source would log."""
+    skips = SkipLog()
+    for record in records:
+        for reason, entry in record["skips"].items():
+            merged = skips.reasons.setdefault(reason, {"count": 0, "examples": []})
+            merged["count"] += entry["count"]
+            merged["examples"] = (merged["examples"] + entry["examples"])[:MAX_EXAMPLES]
+        if skips.missing_field_first is None:
+            skips.missing_field_first = record["missing_field_first"]
+    return skips
 
 
 def _silent(*args, **kwargs) -> None:
@@ -127,12 +179,6 @@ def _inside(source_path, out) -> bool:
     if storage.is_remote(source_path) != storage.is_remote(out):
         return False
     return source_path.is_relative_to(out.resolve())
-
-
-def _describe(source) -> dict:
-    size = source.path.stat().st_size
-    return {"path": source.label, "bytes": size, "sha256": store.file_sha256(source.path),
-            "format": source.fmt, **({"real_path": source.real_path} if source.real_path else {})}
 
 
 def run_key(sources: list[dict], settings: dict) -> str:
@@ -179,101 +225,59 @@ def _chunk_sizes(out) -> dict[str, int]:
     return {storage.path(p).name: size for p, size, _ in storage.list_files(out, "chunk-*.arrow")}
 
 
-@dataclass
-class Batch:
-    """Consecutive documents and their text as the engine sees it: undecodable bytes
-    repaired (`repaired`), with the UTF-8 size of each text."""
-
-    docs: list = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    sizes: list[int] = field(default_factory=list)
-    repaired: list[bool] = field(default_factory=list)
-    chars: int = 0
-
-    def add(self, doc) -> None:
-        text, size, fixed = decoded(doc.text)
-        self.docs.append(doc)
-        self.texts.append(text)
-        self.sizes.append(size)
-        self.repaired.append(fixed)
-        self.chars += len(text)
-
-
-def decoded(text: str) -> tuple[str, int, bool]:
-    """`text` with its undecodable bytes turned into U+FFFD, its UTF-8 size, and whether any were."""
-    try:
-        return text, len(text) if text.isascii() else len(text.encode("utf-8")), False
-    except UnicodeEncodeError:
-        text = repair_text(text)
-        return text, len(text.encode("utf-8")), True
-
-
-def _batches(docs):
-    """Consecutive documents, about BATCH_CHARS of text per batch."""
-    batch = Batch()
-    for doc in docs:
-        batch.add(doc)
-        if batch.chars >= BATCH_CHARS:
-            yield batch
-            batch = Batch()
-    if batch.docs:
-        yield batch
-
-
 class Tally:
-    """Running totals of the chunks written so far (this run's and a resumed run's)."""
+    """Totals of the items' chunks, in item order."""
 
-    def __init__(self):
-        self.chunks, self.docs, self.tokens, self.input_bytes, self.repaired = [], 0, 0, 0, 0
-        self.checked_docs = self.checked_tokens = 0
+    CHUNK_FIELDS = ("file", "sha256", "n_docs", "n_tokens", "bytes", "index")
+
+    def __init__(self, records: list[dict]):
+        every = [chunk for record in records for chunk in record["chunks"]]
+        self.chunks = [{k: chunk[k] for k in self.CHUNK_FIELDS} for chunk in every]
+        self.docs = sum(c["n_docs"] for c in every)
+        self.tokens = sum(c["n_tokens"] for c in every)
+        self.input_bytes = sum(c["input_bytes"] for c in every)
+        self.repaired = sum(c["repaired"] for c in every)
+        self.checked_docs = sum(c["spot_checked_docs"] for c in every)
+        self.checked_tokens = sum(c["spot_checked_tokens"] for c in every)
         self.lengths = Counter()
-
-    def add(self, record: dict, lengths) -> None:
-        """`record`: a chunk's journal record."""
-        self.chunks.append({k: record[k] for k in ("file", "sha256", "n_docs", "n_tokens", "bytes", "index")})
-        self.docs += record["n_docs"]
-        self.tokens += record["n_tokens"]
-        self.input_bytes += record["input_bytes"]
-        self.repaired += record["repaired"]
-        self.checked_docs += record.get("spot_checked_docs", 0)
-        self.checked_tokens += record.get("spot_checked_tokens", 0)
-        self.lengths.update(lengths.tolist())
-
-    def resume(self, out: Path, records: list[dict]) -> None:
         for record in records:
-            table = store.read_chunk(store.chunk_path(out, record))
-            self.add(record, store.doc_lengths(table))
+            self.lengths.update(dict(map(tuple, record["lengths"])))
+
+
+def _valid_item(out, record, items: int) -> bool:
+    """Whether a journal record is a finished item of this plan whose chunks are intact."""
+    try:
+        return 0 <= record["item"] < items and all(
+            chunk["file"] == store.chunk_name(record["item"], part)
+            and _has_hash(store.chunk_path(out, chunk), chunk)
+            for part, chunk in enumerate(record["chunks"]))
+    except (KeyError, TypeError):
+        return False
 
 
 class Journal:
-    """Finished chunks of an unfinished run, so that the same command skips them."""
+    """Finished items of an unfinished run, so that the same command skips them."""
 
-    def __init__(self, out: Path, key: str):
+    def __init__(self, out: Path, key: str, items: int):
         self.out, self.key, self.path = out, key, out / JOURNAL
-        self.chunks = self._valid_records()
+        self.items = self._valid_records(items)
         self.handle = None
 
-    def _valid_records(self) -> list[dict]:
-        """The journal's chunks whose files are intact, up to the first that is not."""
+    def _valid_records(self, items: int) -> dict[int, dict]:
+        """The journal's items whose chunk files are intact."""
         try:
             lines = self.path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError):
-            return []
+            return {}
         records = []
         for line in lines:
             try:
                 records.append(json.loads(line))
             except ValueError:
                 break  # the line a killed run was writing
-        if not records or records[0].get("key") != self.key:
-            return []
-        valid = []
-        for number, record in enumerate(records[1:]):
-            path = store.chunk_path(self.out, record)
-            if record.get("file") != store.chunk_name(number) or not _has_hash(path, record):
-                break
-            valid.append(record)
-        return valid
+        if not records or not isinstance(records[0], dict) or records[0].get("key") != self.key:
+            return {}
+        return {r["item"]: r for r in records[1:] if _valid_item(self.out, r, items)}
 
     def record(self, record: dict) -> None:
         self.claim()
@@ -290,12 +294,18 @@ class Journal:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / store.MANIFEST).unlink(missing_ok=True)
-        lines = [json.dumps({"key": self.key})] + [json.dumps(c) for c in self.chunks]
+        lines = [json.dumps({"key": self.key})] + [json.dumps(r) for r in self.items.values()]
         write_atomic(self.path, ("\n".join(lines) + "\n").encode())
         self.handle = open(self.path, "a", encoding="utf-8")
 
+    def discard(self) -> None:
+        """A run that wrote no chunk leaves no journal."""
+        if self.handle is not None:
+            self.handle.close()
+        self.path.unlink(missing_ok=True)
+
     def finish(self, manifest: dict) -> None:
-        """Remove chunks of an older, larger store, write the manifest, drop the journal."""
+        """Remove chunks of an older store, write the manifest, drop the journal."""
         self.claim()
         self.handle.close()
         keep = {c["file"] for c in manifest["chunks"]}
@@ -320,40 +330,40 @@ def _has_hash(path, record: dict) -> bool:
 
 class RemoteJournal:
     """The journal of a store on object storage, which has no append: one object per finished
-    chunk, `.prepare-journal/chunk-NNNNN.json`, after the chunk itself, and `key.json` (what the
-    store is made from) first. A resumed run lists them, checks each chunk object's sha256 and
-    keeps the chunks up to the first that is missing or differs; the manifest, written last,
-    is the commit point."""
+    item, `.prepare-journal/item-NNNNN.json`, after the item's chunks, and `key.json` (what the
+    store is made from) first. A resumed run lists them and keeps the items whose chunk objects
+    have their sha256; the manifest, written last, is the commit point."""
 
     FOLDER = store.REMOTE_JOURNAL
 
-    def __init__(self, out, key: str):
+    def __init__(self, out, key: str, items: int):
         self.out, self.key, self.folder = out, key, out / self.FOLDER
-        self.chunks = self._valid_records()
+        self.items = self._valid_records(items)
         self.claimed = False
 
-    def _valid_records(self) -> list[dict]:
+    def _valid_records(self, items: int) -> dict[int, dict]:
         try:
             if json.loads((self.folder / "key.json").read_bytes()).get("key") != self.key:
-                return []
+                return {}
         except (FileNotFoundError, ValueError, AttributeError):
-            return []
-        valid = []
-        for number, record_path in enumerate(self.folder.glob("chunk-*.json")):
+            return {}
+        valid = {}
+        for record_path in self.folder.glob("item-*.json"):
             try:
                 record = json.loads(record_path.read_bytes())
             except (FileNotFoundError, ValueError):
-                break
-            path = store.chunk_path(self.out, record)
-            if record.get("file") != store.chunk_name(number) or record_path.name != f"chunk-{number:05d}.json" \
-                    or not _has_hash(path, record):
-                break
-            valid.append(record)
+                continue
+            if _valid_item(self.out, record, items) and record_path.name == self._name(record["item"]):
+                valid[record["item"]] = record
         return valid
+
+    @staticmethod
+    def _name(item: int) -> str:
+        return f"item-{item:05d}.json"
 
     def record(self, record: dict) -> None:
         self.claim()
-        storage.write_bytes(self.folder / record["file"].replace(".arrow", ".json"), json.dumps(record).encode())
+        storage.write_bytes(self.folder / self._name(record["item"]), json.dumps(record).encode())
 
     def claim(self) -> None:
         """Before this run's first write: the old manifest goes, then the journal is this run's."""
@@ -361,15 +371,19 @@ class RemoteJournal:
             return
         check_held(self.out)
         (self.out / store.MANIFEST).unlink(missing_ok=True)
-        keep = {c["file"].replace(".arrow", ".json") for c in self.chunks} | {"key.json"}
+        keep = {self._name(item) for item in self.items} | {"key.json"}
         for stale in self.folder.glob("*.json"):
             if stale.name not in keep:
                 stale.unlink(missing_ok=True)
         storage.write_bytes(self.folder / "key.json", json.dumps({"key": self.key}).encode())
         self.claimed = True
 
+    def discard(self) -> None:
+        """A run that wrote no chunk leaves no journal."""
+        storage.remove_tree(self.folder)
+
     def finish(self, manifest: dict) -> None:
-        """Remove chunks of an older, larger store, commit the manifest, drop the journal."""
+        """Remove chunks of an older store, commit the manifest, drop the journal."""
         self.claim()
         keep = {c["file"] for c in manifest["chunks"]} | {c["index"]["file"] for c in manifest["chunks"]}
         for stale in [*self.out.glob("chunk-*.arrow"), *self.out.glob("chunk-*.idx")]:
@@ -378,87 +392,6 @@ class RemoteJournal:
         check_held(self.out)
         store.write_manifest(self.out, manifest)
         storage.remove_tree(self.folder)
-
-
-class ChunkBuilder:
-    """Collects tokenized documents and writes a chunk whenever chunk_tokens is reached.
-
-    Spot-checking, compressing, hashing and writing a chunk run on one writer thread (zstd,
-    sha256 and file I/O release the GIL, tiktoken for part of its work), so the main thread
-    reads and encodes meanwhile; at most one finished chunk waits for it, in order. Leaving
-    the `with` block waits for the last write.
-    """
-
-    def __init__(self, out: Path, journal: Journal, tally: Tally, chunk_tokens: int, engine, labels: list[str]):
-        self.out, self.journal, self.tally, self.chunk_tokens = out, journal, tally, chunk_tokens
-        self.position = {label: number for number, label in enumerate(labels)}  # a source's place in the manifest
-        self.engine = engine
-        self.reference = None if engine.is_reference else encoding_engine.load_engine("tiktoken")
-        self.writer = ThreadPoolExecutor(1)
-        self.pending = None
-        self._reset()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self.writer.shutdown(wait=True)
-        if exc_type is None:
-            self._wait()
-
-    def _wait(self) -> None:
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.result()
-
-    def _reset(self) -> None:
-        self.arrays, self.texts, self.locations, self.sources, self.indices = [], [], [], [], []
-        self.n_tokens, self.input_bytes, self.repaired = 0, 0, 0
-
-    def add(self, batch: Batch, ids: list[np.ndarray]) -> None:
-        """`ids`: each document's token ids."""
-        for doc, text, doc_ids, size, fixed in zip(batch.docs, batch.texts, ids, batch.sizes, batch.repaired):
-            self.arrays.append(doc_ids)
-            self.texts.append(text)
-            self.locations.append(doc.location)
-            self.sources.append(doc.source)
-            self.indices.append(doc.index)
-            self.n_tokens += len(doc_ids)
-            self.input_bytes += size
-            self.repaired += fixed
-            if self.n_tokens >= self.chunk_tokens:
-                self.flush()
-
-    def flush(self) -> None:
-        """Hand the collected documents to the writer thread as the next chunk."""
-        if not self.arrays:
-            return
-        lengths = np.fromiter(map(len, self.arrays), dtype=np.int64, count=len(self.arrays))
-        tokens = np.concatenate(self.arrays).astype(np.uint32, copy=False)
-        job = (tokens, lengths, self.texts, self.locations, self.sources, self.indices, self.input_bytes,
-               self.repaired)
-        self._wait()
-        self.pending = self.writer.submit(self._write, *job)
-        self._reset()
-
-    def _write(self, tokens, lengths, texts, locations, sources, indices, input_bytes: int, repaired: int) -> None:
-        checked = (0, 0)
-        if self.reference is not None:
-            checked = spot_check.check_chunk(self.engine, self.reference, texts, locations, sources, indices,
-                                             tokens, lengths)
-        data = store.encode_chunk(tokens, lengths, sources, indices)
-        name = store.chunk_name(len(self.tally.chunks))
-        index = doc_index.encode_index(lengths, [self.position[s] for s in sources], indices)
-        self.journal.claim()
-        storage.write_bytes(self.out / doc_index.index_name(name), index)
-        storage.write_bytes(self.out / name, data)
-        record = {"file": name, "sha256": hashlib.sha256(data).hexdigest(),
-                  "n_docs": len(lengths), "n_tokens": len(tokens), "bytes": len(data),
-                  "index": doc_index.index_entry(doc_index.index_name(name), index),
-                  "input_bytes": input_bytes, "repaired": repaired,
-                  "spot_checked_docs": checked[0], "spot_checked_tokens": checked[1]}
-        self.journal.record(record)
-        self.tally.add(record, lengths)
 
 
 def build_manifest(sources: list[dict], settings: dict, tally: Tally, skips: SkipLog, engine) -> dict:
@@ -559,13 +492,18 @@ def flag_parser() -> argparse.ArgumentParser:
     parser.add_argument("--glob", default=DEFAULT_GLOB, help="files to take from --input_dir folders, "
                         "recursively with **")
     parser.add_argument("--workers", type=int, default=None,
-                        help="cores that tokenize: 1 is this process, more are worker processes "
-                             "(default: all cores for tiktoken, all but one for gigatoken)")
+                        help="work items at once: local, 1 is this process, more are worker processes "
+                             "(default: all cores for tiktoken, all but one for gigatoken); "
+                             "ray, tasks in flight (default: as many as the cluster runs)")
     parser.add_argument("--tokenizer_engine", choices=encoding_engine.CHOICES, default="auto",
                         help="gigatoken (checked against tiktoken), tiktoken, or auto: gigatoken "
                              "where it is installed (default)")
     parser.add_argument("--chunk_tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
                         help=f"tokens per chunk file (default {DEFAULT_CHUNK_TOKENS:,})")
+    parser.add_argument("--item_bytes", type=int, default=work_items.ITEM_BYTES,
+                        help="input bytes per work item: large JSONL and Parquet files are cut to about "
+                             "this size; the chunk files depend on it")
+    executor.add_flags(parser, "the work items (reading, tokenizing, writing chunks)")
     return parser
 
 
@@ -578,7 +516,8 @@ def main(argv=None) -> int:
     prepare_dataset(
         args.input_dir + args.dataset, args.cache_dir, fmt=args.format, text_field=args.text_field,
         glob=args.glob, workers=args.workers, chunk_tokens=args.chunk_tokens,
-        tokenizer_engine=args.tokenizer_engine,
+        tokenizer_engine=args.tokenizer_engine, executor_name=args.executor, ray_address=args.ray_address,
+        item_bytes=args.item_bytes,
     )
     return 0
 

@@ -184,23 +184,48 @@ def _files_of(given: Path, fmt: str | None, glob: str) -> list[tuple[Path, Path,
     return [(p.resolve(), p, format_of(p, fmt) or "text") for p in located]
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A part of one source that one work item reads (`blues_train.data.work_items` cuts them):
+    the whole file (`end` None), a byte range of JSONL whose records are those that begin in
+    [start, end) (`newlines_before`: the line breaks before `start`), or Parquet row groups
+    [start, end)."""
+
+    source: Source
+    start: int = 0
+    end: int | None = None
+    newlines_before: int = 0
+
+
 def iter_documents(sources: list[Source], text_field: str, skips: SkipLog) -> Iterator[Document]:
-    """Every usable document of every source, in order; the rest goes to `skips`.
+    """Every usable document of every source, read whole, in order; the rest goes to `skips`.
 
     Raises BluesError when records exist but none of them has `text_field`.
     """
-    seen_field = False
-    for source in sources:
+    seen = [False]
+    yield from piece_documents([Piece(source) for source in sources], text_field, skips, seen)
+    check_field_seen(seen[0], text_field, skips)
+
+
+def piece_documents(pieces: list[Piece], text_field: str, skips: SkipLog, seen: list[bool]) -> Iterator[Document]:
+    """The usable documents of `pieces`, in order; `seen[0]` becomes True once a record had `text_field`."""
+    for piece in pieces:
+        source = piece.source
         if source.skip:
-            skips.add(source.skip, source.label)
+            if piece.start == 0:
+                skips.add(source.skip, source.label)
             continue
-        for doc in READERS[source.fmt](source, text_field, skips):
-            seen_field = True
+        for doc in READERS[source.fmt](piece, text_field, skips):
+            seen[0] = True
             if not doc.text or doc.text.isspace():
                 skips.add("empty", doc.location)
             else:
                 yield doc
-    if not seen_field and skips.missing_field_first and "not_text" not in skips.reasons:
+
+
+def check_field_seen(seen: bool, text_field: str, skips: SkipLog) -> None:
+    """BluesError when records exist but none of them has `text_field`."""
+    if not seen and skips.missing_field_first and "not_text" not in skips.reasons:
         raise BluesError(
             f"text field {text_field!r} is absent from every record "
             f"(first: {skips.missing_field_first}): pass --text_field NAME"
@@ -234,7 +259,8 @@ def _field_text(value, skips: SkipLog, location: str) -> str | None:
     return None
 
 
-def read_text_file(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
+def read_text_file(piece: Piece, text_field: str, skips: SkipLog) -> Iterator[Document]:
+    source = piece.source
     data = source.path.read_bytes()
     if looks_binary(data[:BINARY_SNIFF_BYTES]):
         skips.add("binary", source.label)
@@ -251,7 +277,8 @@ def looks_binary(head: bytes) -> bool:
     return undecodable > BINARY_UNDECODABLE_SHARE * chars
 
 
-def read_csv(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
+def read_csv(piece: Piece, text_field: str, skips: SkipLog) -> Iterator[Document]:
+    source = piece.source
     csv.field_size_limit(CSV_FIELD_LIMIT)
     with storage.open_text(source.path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         rows = csv.reader(fh, strict=True)
@@ -292,12 +319,36 @@ def _csv_rows(rows, source, column, width, skips) -> Iterator[Document]:
         index, line = index + 1, rows.line_num + 1
 
 
-def read_jsonl(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
+def read_jsonl(piece: Piece, text_field: str, skips: SkipLog) -> Iterator[Document]:
+    """The records that begin in the piece's byte range: from `start`, after the line break that
+    ends the record begun before it, to the end of the record that crosses `end`."""
+    source = piece.source
     with storage.open_input(source.path) as fh:
-        yield from _json_lines(fh, source, text_field, skips)
+        if piece.end is None:
+            yield from _json_lines(fh, source, text_field, skips)
+            return
+        number, position = piece.newlines_before + 1, 0
+        if piece.start > 0:
+            fh.seek(piece.start - 1)
+            skipped = fh.readline()
+            if not skipped.endswith(b"\n"):
+                return  # the last record began before the range
+            number += len(skipped) > 1  # the line break ending the record begun before `start`
+            position = piece.start - 1 + len(skipped)
+        yield from _json_lines(_lines_before(fh, position, piece.end), source, text_field, skips, number)
 
 
-def read_jsonl_zst(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
+def _lines_before(fh, position: int, end: int):
+    """The lines of `fh` (now at byte `position`) that begin before byte `end`."""
+    for line in fh:
+        if position >= end:
+            return
+        yield line
+        position += len(line)
+
+
+def read_jsonl_zst(piece: Piece, text_field: str, skips: SkipLog) -> Iterator[Document]:
+    source = piece.source
     with storage.open_input(source.path) as fh:
         try:
             lines = io.BufferedReader(ZstdFrames(fh, source.label), buffer_size=ZstdFrames.READ_BYTES)
@@ -365,8 +416,8 @@ def parse_json(raw: bytes):
         return json.loads(raw.decode("utf-8", "surrogateescape"))
 
 
-def _json_lines(lines, source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
-    for number, raw in enumerate(lines, start=1):
+def _json_lines(lines, source: Source, text_field: str, skips: SkipLog, first: int = 1) -> Iterator[Document]:
+    for number, raw in enumerate(lines, start=first):
         location = f"{source.label}:{number}"
         if number == 1:
             raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
@@ -387,30 +438,40 @@ def _json_lines(lines, source: Source, text_field: str, skips: SkipLog) -> Itera
                 yield Document(text, source.label, number - 1, location)
 
 
-def read_parquet(source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
-    """Rows of one column, a few hundred at a time (Parquet is read row group by row group)."""
-    if not storage.is_remote(source.path):
-        yield from _parquet_rows(source.path, source, text_field, skips)
+def read_parquet(piece: Piece, text_field: str, skips: SkipLog) -> Iterator[Document]:
+    """Rows of one column, a few hundred at a time, of the piece's row groups."""
+    if not storage.is_remote(piece.source.path):
+        yield from _parquet_rows(piece.source.path, piece, text_field, skips)
         return
-    with storage.open_input(source.path) as fh:  # random access through ranged GETs
-        yield from _parquet_rows(fh, source, text_field, skips)
+    with storage.open_input(piece.source.path) as fh:  # random access through ranged GETs
+        yield from _parquet_rows(fh, piece, text_field, skips)
 
 
-def _parquet_rows(fh, source: Source, text_field: str, skips: SkipLog) -> Iterator[Document]:
+def open_parquet(fh, source: Source) -> pq.ParquetFile:
     try:
-        table = pq.ParquetFile(fh)
+        return pq.ParquetFile(fh)
     except (pa.ArrowException, OSError) as exc:
         raise BluesError(f"{source.label}: not a readable Parquet file ({exc})") from None
+
+
+def _parquet_rows(fh, piece: Piece, text_field: str, skips: SkipLog) -> Iterator[Document]:
+    source = piece.source
+    table = open_parquet(fh, source)
     names = table.schema_arrow.names
     if text_field not in names:
-        rows = table.metadata.num_rows
-        _missing(skips, f"{source.label}:row 1 (columns: {', '.join(names)})", rows)
+        if piece.start == 0:  # the whole file's rows, counted once
+            rows = table.metadata.num_rows
+            _missing(skips, f"{source.label}:row 1 (columns: {', '.join(names)})", rows)
         return
     kind = table.schema_arrow.field(text_field).type
     if not _is_text(kind):
         raise BluesError(f"{source.label}: column {text_field!r} is {kind}, not text")
-    index = 0
-    for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+    groups = range(table.num_row_groups) if piece.end is None else range(piece.start, piece.end)
+    index = sum(table.metadata.row_group(g).num_rows for g in range(groups.start))
+    if not groups:
+        return
+    batches = table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field], row_groups=list(groups))
+    for batch in batches:
         for value in batch.column(0).to_pylist():
             location = f"{source.label}:row {index + 1}"
             if isinstance(value, bytes):

@@ -1,6 +1,6 @@
 """The token store on disk: chunk files, the manifest, the fingerprint, statistics.
 
-A store is a folder with `manifest.json` and `chunk-00000.arrow`, ... Each chunk is an
+A store is a folder with `manifest.json` and `chunk-00000-00000.arrow`, ... (work item, part) Each chunk is an
 Arrow IPC file with zstd-compressed buffers, one row per document: `tokens`
 (list<uint32>, exactly `encode_ordinary(text)`), `source` (the raw file's label in
 `manifest.sources`) and `index` (the document's record number in that file). The
@@ -37,8 +37,9 @@ SCHEMA = pa.schema(
 )
 
 
-def chunk_name(number: int) -> str:
-    return f"chunk-{number:05d}.arrow"
+def chunk_name(item: int, part: int = 0) -> str:
+    """The file of part `part` of work item `item` (`blues_train.data.work_items`)."""
+    return f"chunk-{item:05d}-{part:05d}.arrow"
 
 
 def chunk_path(store_dir, chunk):

@@ -8,7 +8,8 @@ and their estimated Jaccard. `blues merge --dedup DIR` applies it.
 
 How (signatures: `blues_train.mixture.minhash`):
 1. Signatures: each chunk's documents' exact digests, MinHash signatures and band hashes
-   go to `signatures/<parameters>/<chunk sha256>.arrow`, computed in `--workers` processes.
+   go to `signatures/<parameters>/<chunk sha256>.arrow`, computed in `--workers` processes or
+   as Ray tasks (`--executor ray`), each reading its chunk; this process writes the files.
    A file there is whole (written atomically), so a killed run resumes without redoing
    finished chunks, and a chunk shared by runs is hashed once.
 2. Buckets: for the exact digest and for each band, one pass over that column only, split
@@ -31,7 +32,6 @@ import hashlib
 import io
 import json
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blues_train.data import doc_index, store, tokenizer
-from blues_train.io import command_line, storage
+from blues_train.io import command_line, executor, storage
 from blues_train.io.atomic import write_atomic
 from blues_train.io.errors import BluesError
 from blues_train.io.folder_lock import check_held, exclusive_writer
@@ -55,16 +55,17 @@ SAMPLE_CHARS = 200
 
 
 def dedup(datasets, out_dir, *, exact=True, near=True, threshold=DEFAULT_THRESHOLD, workers=1,
-          say=print) -> dict:
+          say=print, executor_name="local", ray_address=None) -> dict:
     """Find the duplicates among the token stores `datasets`; write and return `dedup.json`."""
     check_options(exact, near, threshold, workers, out_dir)
+    runner = executor.make_executor(executor_name, workers if executor_name == "local" else None, ray_address)
     paths = [storage.path(d) for d in datasets]
     manifests = read_inputs(paths)
     out = Path(out_dir)
     with exclusive_writer(out):
         chunks = chunk_list(paths, manifests)
         folder = out / "signatures" / parameters_key()
-        compute_signatures(chunks, folder, workers, say)
+        compute_signatures(chunks, folder, runner, say)
         files = [folder / f"{chunk['sha256']}.arrow" for chunk in chunks]
         pairs = candidate_pairs(files, exact, near, threshold)
         removals = removal_rows(files, chunks, paths, manifests, pairs)
@@ -108,24 +109,19 @@ def parameters_key() -> str:
     return hashlib.sha256(json.dumps(minhash.parameters(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def compute_signatures(chunks: list[dict], folder: Path, workers: int, say) -> None:
-    """A signature file for every chunk that has none yet (the resumable, parallel part)."""
+def compute_signatures(chunks: list[dict], folder: Path, runner, say) -> None:
+    """A signature file for every chunk that has none yet (the resumable, parallel part): the
+    executor's tasks compute them, this process writes each as it comes."""
     todo = sorted({(str(c["path"]), c["sha256"]) for c in chunks
                    if not (folder / f"{c['sha256']}.arrow").is_file()})
     if len(todo) < len(chunks):
         say(f"{folder}: {len(chunks) - len(todo)} of {len(chunks)} chunk signature(s) already computed")
-    jobs = [(path, sha256, str(folder / f"{sha256}.arrow")) for path, sha256 in todo]
-    if workers == 1 or len(jobs) < 2:
-        for job in jobs:
-            chunk_signature_file(*job)
-        return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(chunk_signature_file, *zip(*jobs)):
-            pass
+    for position, data in runner.run(chunk_signature, todo):
+        write_atomic(folder / f"{todo[position][1]}.arrow", data)
 
 
-def chunk_signature_file(chunk_path: str, sha256: str, out: str) -> None:
-    """Write the signature file of one chunk (checked against its manifest sha256)."""
+def chunk_signature(chunk_path: str, sha256: str) -> bytes:
+    """The signature file of one chunk (checked against its manifest sha256), as bytes."""
     data = storage.read_bytes(chunk_path)
     if hashlib.sha256(data).hexdigest() != sha256:
         raise BluesError(f"{chunk_path}: its sha256 is not the manifest's; run `blues verify` and prepare it again")
@@ -142,7 +138,7 @@ def chunk_signature_file(chunk_path: str, sha256: str, out: str) -> None:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, minhash.SIGNATURE_SCHEMA) as writer:
         writer.write_table(pa.Table.from_arrays(columns, schema=minhash.SIGNATURE_SCHEMA))
-    write_atomic(Path(out), sink.getvalue().to_pybytes())
+    return sink.getvalue().to_pybytes()
 
 
 def read_columns(file: Path, names: list[str]) -> pa.Table:
@@ -491,8 +487,8 @@ def flag_parser() -> argparse.ArgumentParser:
     parser.add_argument("--near", action="store_true", help="find near copies (default: both kinds)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help="estimated Jaccard of token 5-gram shingles at which a near copy is removed")
-    parser.add_argument("--executor", choices=["local"], default="local", help="where signatures are computed")
-    parser.add_argument("--workers", type=int, default=1, help="processes computing chunk signatures")
+    executor.add_flags(parser, "chunk signatures are computed")
+    parser.add_argument("--workers", type=int, default=1, help="processes computing chunk signatures (local)")
     return parser
 
 
@@ -500,7 +496,8 @@ def main(argv: list[str]) -> int:
     args = flag_parser().parse_args(argv)
     both = not (args.exact or args.near)
     dedup(args.datasets, args.output, exact=args.exact or both, near=args.near or both,
-          threshold=args.threshold, workers=args.workers)
+          threshold=args.threshold, workers=args.workers, executor_name=args.executor,
+          ray_address=args.ray_address)
     return 0
 
 

@@ -5,7 +5,7 @@ documents and tokens per chunk and in total against the manifest, token ids belo
 the tokenizer hash. A mixture: its sources (each verified as a store) still have the
 fingerprints it recorded, its shares are consistent, and the loader realizes them (read
 from the stores' document index, one chunk at a time: no loader is built). A store's chunks
-are checked on a thread per core.
+are checked on a thread per core, or as Ray tasks (`--executor ray`), each reading its chunk itself.
 One line per problem naming the file (and row), then a statistics table.
 """
 
@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from blues_train.data import doc_index, store
 from blues_train.data.tokenizer import N_VOCAB, tokenizer_mismatch
-from blues_train.io import command_line, storage
+from blues_train.io import command_line, executor, storage
 from blues_train.io.errors import BluesError
 from blues_train.mixture.spec import MIXTURE_FILE, mixture_fingerprint, read_mixture, source_manifest
 
@@ -68,9 +68,10 @@ class VerifyReport:
                 "datasets": self.datasets, "mixtures": self.mixtures}
 
 
-def verify_paths(paths, progress: bool = False) -> VerifyReport:
+def verify_paths(paths, progress: bool = False, runner=None) -> VerifyReport:
     """Verify each path, a token store or a mixture (whose sources are verified too); with
-    `progress`, a bar of chunks on a terminal's stderr."""
+    `progress`, a bar of chunks on a terminal's stderr; `runner`: an executor for the chunks
+    (`blues_train.io.executor`; default: threads here)."""
     report = VerifyReport()
     verified: set[Path] = set()
     for path in map(storage.path, paths):
@@ -78,21 +79,22 @@ def verify_paths(paths, progress: bool = False) -> VerifyReport:
             if not path.exists():
                 report.add(path, "not found")
             elif (path / MIXTURE_FILE).is_file():
-                verify_mixture(path, report, verified, progress)
+                verify_mixture(path, report, verified, progress, runner)
             else:
-                verify_store_once(path, report, verified, progress)
+                verify_store_once(path, report, verified, progress, runner)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a field of the wrong shape
             report.add(path, f"malformed manifest: {type(exc).__name__} {exc}; prepare or merge it again")
     return report
 
 
-def verify_store_once(path: Path, report: VerifyReport, verified: set[Path], progress: bool = False) -> None:
+def verify_store_once(path: Path, report: VerifyReport, verified: set[Path], progress: bool = False,
+                      runner=None) -> None:
     if path.resolve() not in verified:
         verified.add(path.resolve())
-        verify_store(path, report, progress)
+        verify_store(path, report, progress, runner)
 
 
-def verify_store(path: Path, report: VerifyReport, progress: bool = False) -> None:
+def verify_store(path: Path, report: VerifyReport, progress: bool = False, runner=None) -> None:
     try:
         manifest = store.read_manifest(path)
     except BluesError as exc:
@@ -110,7 +112,9 @@ def verify_store(path: Path, report: VerifyReport, progress: bool = False) -> No
                    "run the same `blues prepare` again to remove it")
     labels = [source["path"] for source in manifest["sources"]]
     lengths = Counter()  # tokens -> documents: bounded by the longest document, not by their number
-    checked = map_chunks(partial(verify_chunk_alone, path, labels), manifest["chunks"])
+    checked = (map_chunks(partial(verify_chunk_alone, path, labels), manifest["chunks"]) if runner is None
+               else in_order(runner.run(verify_chunk_alone, [(path, labels, number, chunk) for number, chunk
+                                                             in enumerate(manifest["chunks"])])))
     for problems, chunk_lengths in command_line.progress(checked, f"verify {path.name}", progress,
                                                          total=len(manifest["chunks"]), unit="chunk"):
         report.problems.extend(problems)
@@ -131,6 +135,17 @@ def map_chunks(check, chunks: list[dict]):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def in_order(results):
+    """The results of `executor.run` (position, result), in position order, each as soon as
+    those before it have come."""
+    waiting, following = {}, 0
+    for position, result in results:
+        waiting[position] = result
+        while following in waiting:
+            yield waiting.pop(following)
+            following += 1
 
 
 def verify_chunk_alone(path, labels: list[str], number: int, chunk: dict) -> tuple[list[Problem], np.ndarray]:
@@ -240,7 +255,8 @@ def dataset_stats(path: Path, manifest: dict, lengths: Counter) -> dict:
     }
 
 
-def verify_mixture(path: Path, report: VerifyReport, verified: set[Path], progress: bool = False) -> None:
+def verify_mixture(path: Path, report: VerifyReport, verified: set[Path], progress: bool = False,
+                   runner=None) -> None:
     mixture_file = path / MIXTURE_FILE
     try:
         mixture = read_mixture(path)
@@ -255,7 +271,7 @@ def verify_mixture(path: Path, report: VerifyReport, verified: set[Path], progre
         report.add(mixture_file, f"{mismatch}; re-run `blues merge`")
     check_shares(mixture, mixture_file, report)
     for entry in mixture["sources"]:
-        check_source(entry, mixture_file, report, verified, progress)
+        check_source(entry, mixture_file, report, verified, progress, runner)
     if mixture.get("dedup"):
         check_dedup(mixture, mixture_file, report)
     stats = {"path": str(path), "fingerprint": mixture["fingerprint"],
@@ -281,12 +297,12 @@ def check_shares(mixture: dict, mixture_file: Path, report: VerifyReport) -> Non
 
 
 def check_source(entry: dict, mixture_file: Path, report: VerifyReport, verified: set[Path],
-                 progress: bool = False) -> None:
+                 progress: bool = False, runner=None) -> None:
     path = storage.path(entry["path"])
     if not path.is_dir():
         report.add(path, f"source of {mixture_file} not found")
         return
-    verify_store_once(path, report, verified, progress)
+    verify_store_once(path, report, verified, progress, runner)
     manifest_file = path / store.MANIFEST
     try:
         source_manifest(entry)
@@ -355,12 +371,20 @@ def flag_parser() -> argparse.ArgumentParser:
     parser = command_line.flag_parser("blues verify", __doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", metavar="PATH", help="token stores and mixtures")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    executor.add_flags(parser, "the chunks' checks (local: a thread per core)")
     return parser
+
+
+def chunk_runner(name: str, ray_address: str | None):
+    """None for local (threads, no processes: hashing and decompressing release the GIL), else the executor."""
+    if name == "local" and ray_address is None:
+        return None
+    return executor.make_executor(name, None, ray_address)
 
 
 def main(argv: list[str]) -> int:
     args = flag_parser().parse_args(argv)
-    report = verify_paths(args.paths, progress=True)
+    report = verify_paths(args.paths, progress=True, runner=chunk_runner(args.executor, args.ray_address))
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0 if report.ok else 1
 

@@ -1,0 +1,142 @@
+"""`blues prepare` through its executors: local vs Ray with 1 and 2 workers, on plain JSONL cut
+into work items, and the parts of a run that do not spread (for docs/benchmarks.md's model).
+
+Measured, on the same corpus (the sample corpus' code and prose text as JSONL, repeated to
+--mb MB; documents renamed per copy so no chunk repeats):
+- tokens/s end to end for `--executor local --workers 1|2` and `--executor ray --workers 1|2`
+  (Ray started once beforehand, its start-up reported apart), and each store's fingerprint
+  (they must all be equal);
+- per-task overhead: a no-op task through each executor, 200 times;
+- the driver's share: its own CPU seconds (planning, hashing the sources is a task, journaling,
+  the manifest) against the workers' total, for the Ray runs;
+- what stays serial per input file: the sha256 of the file (one task reads it all) and the
+  line-break count before its ranges (spread over tasks), in MB/s, and the time to plan the items
+  of a 10 GB JSONL (no read) and of a 10 GB JSONL.zst (one item: a single zstd frame cannot be cut).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/prepare_executors.py [--mb 40] [--rounds 2]
+        [--json benchmarks/results/prepare_executors.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from blues_train.data import work_items
+from blues_train.data.prepare import prepare_dataset
+from blues_train.data.sample_corpus import write_sample_corpus
+from blues_train.data.sources import Source, SkipLog, discover_sources, iter_documents
+from blues_train.io.executor import LocalExecutor, RayExecutor
+
+ITEM_BYTES = 4 << 20  # many items on a corpus of tens of MB (the default, 64 MiB, is for real corpora)
+
+
+def noop(n: int) -> int:
+    return n
+
+
+def write_corpus(folder: Path, megabytes: int) -> Path:
+    written = write_sample_corpus(folder / "sample", max_mb=4)
+    sources = discover_sources([p for paths in written.values() for p in paths], glob="**/*")
+    texts = [doc.text for doc in iter_documents(sources, "text", SkipLog())]
+    out = folder / "corpus.jsonl"
+    size, copy = 0, 0
+    with open(out, "w", encoding="utf-8") as fh:
+        while size < megabytes << 20:
+            for text in texts:
+                line = json.dumps({"text": f"copy {copy}\n{text}"}) + "\n"
+                fh.write(line)
+                size += len(line.encode())
+            copy += 1
+    return out
+
+
+def timed_prepare(corpus: Path, out: Path, executor_name: str, workers: int) -> tuple[float, float, dict]:
+    cpu, start = time.process_time(), time.perf_counter()
+    manifest = prepare_dataset([corpus], out, workers=workers, executor_name=executor_name, progress=False,
+                               item_bytes=ITEM_BYTES, tokenizer_engine="auto")
+    return time.perf_counter() - start, time.process_time() - cpu, manifest
+
+
+def task_overhead(runner, n: int = 200) -> float:
+    start = time.perf_counter()
+    results = dict(runner.run(noop, [(i,) for i in range(n)]))
+    assert len(results) == n
+    return (time.perf_counter() - start) / n
+
+
+def serial_rates(corpus: Path) -> dict:
+    size = corpus.stat().st_size
+    source = Source(corpus, "jsonl", corpus.name)
+    start = time.perf_counter()
+    with open(corpus, "rb") as fh:
+        hashlib.file_digest(fh, "sha256")
+    sha = time.perf_counter() - start
+    start = time.perf_counter()
+    work_items.count_newlines(work_items.Piece(source, 0, size))
+    count = time.perf_counter() - start
+    start = time.perf_counter()
+    ten_gb = 10 << 30
+    items = work_items.plan_items([source], [ten_gb])
+    plan = time.perf_counter() - start
+    zst = Source(corpus, "jsonl.zst", corpus.name)
+    start = time.perf_counter()
+    zst_items = work_items.plan_items([zst], [ten_gb])
+    return {"sha256_MB_per_s": size / sha / 1e6, "count_newlines_MB_per_s": size / count / 1e6,
+            "plan_10GB_jsonl_s": plan, "items_10GB_jsonl": len(items),
+            "plan_10GB_jsonl_zst_s": time.perf_counter() - start, "items_10GB_jsonl_zst": len(zst_items)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        corpus = write_corpus(work, args.mb)
+        found = {"machine": {"cores": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version()},
+                 "corpus_MB": corpus.stat().st_size / 1e6, "item_bytes": ITEM_BYTES}
+        start = time.perf_counter()
+        ray_runner = RayExecutor(None, None)
+        found["ray_start_s"] = time.perf_counter() - start
+        found["task_overhead_ms"] = {"local, 2 processes": 1e3 * task_overhead(LocalExecutor(2)),
+                                     "ray": 1e3 * task_overhead(ray_runner)}
+        runs, fingerprints = {}, set()
+        for round_number in range(args.rounds):
+            for name, workers in (("local", 1), ("local", 2), ("ray", 1), ("ray", 2)):
+                key = f"{name} --workers {workers}"
+                wall, cpu, manifest = timed_prepare(corpus, work / f"{key}-{round_number}".replace(" ", "_"),
+                                                    name, workers)
+                fingerprints.add(manifest["fingerprint"])
+                runs.setdefault(key, []).append({"wall_s": wall, "driver_cpu_s": cpu,
+                                                 "tokens": manifest["totals"]["tokens"]})
+        assert len(fingerprints) == 1, "the executors made different stores"
+        found["items"] = len({c["file"].split("-")[1] for c in manifest["chunks"]})
+        found["runs"] = {key: {"best_tokens_per_s": max(r["tokens"] / r["wall_s"] for r in rs),
+                               "median_wall_s": statistics.median(r["wall_s"] for r in rs),
+                               "driver_cpu_share": statistics.median(r["driver_cpu_s"] / r["wall_s"] for r in rs)}
+                         for key, rs in runs.items()}
+        found["serial"] = serial_rates(corpus)
+    base = found["runs"]["local --workers 1"]["best_tokens_per_s"]
+    print(f"corpus {found['corpus_MB']:.1f} MB of JSONL in {found['items']} work items; Ray start {found['ray_start_s']:.1f} s")
+    for key, run in found["runs"].items():
+        print(f"{key:<22} best {run['best_tokens_per_s'] / 1e6:6.2f} M tokens/s  ({run['best_tokens_per_s'] / base:.2f}x local 1)"
+              f"  driver CPU {100 * run['driver_cpu_share']:.0f}% of wall")
+    print("per-task overhead: " + ", ".join(f"{k} {v:.2f} ms" for k, v in found["task_overhead_ms"].items()))
+    print("serial per file: " + ", ".join(f"{k} {v:.3g}" for k, v in found["serial"].items()))
+    print(f"cores {found['machine']['cores']}, load average {found['machine']['load_average']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(found, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
