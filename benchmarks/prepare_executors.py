@@ -14,7 +14,7 @@ Measured, on the same corpus (the sample corpus' code and prose text as JSONL, r
   of a 10 GB JSONL (no read) and of a 10 GB JSONL.zst (one item: a single zstd frame cannot be cut).
 
     PYTHONPATH=. .venv/bin/python benchmarks/prepare_executors.py [--mb 40] [--rounds 2]
-        [--json benchmarks/results/prepare_executors.json]
+        [--executors local,ray] [--workers 1,2] [--json benchmarks/results/prepare_executors.json]
 """
 
 from __future__ import annotations
@@ -98,21 +98,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--executors", default="local,ray", help="comma-separated: local, ray")
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    executors, worker_counts = args.executors.split(","), [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpus = write_corpus(work, args.mb)
         found = {"machine": {"cores": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version()},
                  "corpus_MB": corpus.stat().st_size / 1e6, "item_bytes": ITEM_BYTES}
-        start = time.perf_counter()
-        ray_runner = RayExecutor(None, None)
-        found["ray_start_s"] = time.perf_counter() - start
-        found["task_overhead_ms"] = {"local, 2 processes": 1e3 * task_overhead(LocalExecutor(2)),
-                                     "ray": 1e3 * task_overhead(ray_runner)}
+        found["task_overhead_ms"] = {"local, 2 processes": 1e3 * task_overhead(LocalExecutor(2))}
+        if "ray" in executors:
+            start = time.perf_counter()
+            ray_runner = RayExecutor(None, None)
+            found["ray_start_s"] = time.perf_counter() - start
+            found["task_overhead_ms"]["ray"] = 1e3 * task_overhead(ray_runner)
         runs, fingerprints = {}, set()
         for round_number in range(args.rounds):
-            for name, workers in (("local", 1), ("local", 2), ("ray", 1), ("ray", 2)):
+            for name, workers in [(e, w) for e in executors for w in worker_counts]:
                 key = f"{name} --workers {workers}"
                 wall, cpu, manifest = timed_prepare(corpus, work / f"{key}-{round_number}".replace(" ", "_"),
                                                     name, workers)
@@ -127,7 +131,8 @@ def main() -> None:
                          for key, rs in runs.items()}
         found["serial"] = serial_rates(corpus)
     base = found["runs"]["local --workers 1"]["best_tokens_per_s"]
-    print(f"corpus {found['corpus_MB']:.1f} MB of JSONL in {found['items']} work items; Ray start {found['ray_start_s']:.1f} s")
+    ray_start = f"; Ray start {found['ray_start_s']:.1f} s" if "ray_start_s" in found else ""
+    print(f"corpus {found['corpus_MB']:.1f} MB of JSONL in {found['items']} work items{ray_start}")
     for key, run in found["runs"].items():
         print(f"{key:<22} best {run['best_tokens_per_s'] / 1e6:6.2f} M tokens/s  ({run['best_tokens_per_s'] / base:.2f}x local 1)"
               f"  driver CPU {100 * run['driver_cpu_share']:.0f}% of wall")
