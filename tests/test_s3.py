@@ -33,7 +33,7 @@ BLUES = [sys.executable, "-m", "blues_train.cli"]
 
 
 def blues(*args, timeout=300, extra_env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*BLUES, *map(str, args)], cwd=ROOT, env={**env(2), **(extra_env or {})},
+    return subprocess.run([*BLUES, *map(str, args)], cwd=ROOT, env={**env(), **(extra_env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -168,7 +168,7 @@ def test_sigkill_during_s3_prepare_then_the_same_command_completes_it(corpus, s3
     out = "s3://data/killed"
     command = ["prepare", "--dataset", "s3://raw/corpus/code/stdlib.jsonl.zst", "--cache_dir", out,
                "--workers", 1, "--chunk_tokens", 4000]
-    proc = subprocess.Popen([*BLUES, *map(str, command)], cwd=ROOT, env=env(1),
+    proc = subprocess.Popen([*BLUES, *map(str, command)], cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while len(storage.list_files(f"{out}/.prepare-journal", "chunk-*.json")) < 3:
@@ -267,7 +267,7 @@ def test_readme_object_storage_tour_runs_as_written(s3, tmp_path):
     path = f"{sys.executable.rsplit('/', 1)[0]}{os.pathsep}{os.environ['PATH']}"
     output = []
     for command in tour:
-        result = subprocess.run(command, shell=True, cwd=ROOT, env={**env(2), "PATH": path},
+        result = subprocess.run(command, shell=True, cwd=ROOT, env={**env(), "PATH": path},
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
         assert "Traceback" not in result.stderr, command
