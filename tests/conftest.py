@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 # OpenMP threads per process, before torch is imported: the cores shared by the xdist workers.
-# Two trainings of two threads each on two cores spin against each other (2.5x the CPU time of
-# one thread each, measured), and every command a test starts inherits this.
+# Two trainings of two threads each on two cores spin against each other (2 to 3 times the CPU
+# time of one thread each, measured), and every command a test starts inherits this.
 os.environ.setdefault("OMP_NUM_THREADS",
                       str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
@@ -93,8 +93,9 @@ def prose_store(tmp_path_factory, sample_corpus_inputs):
     return _prepared(tmp_path_factory, sample_corpus_inputs["prose"], "prose")
 
 
-# The longest files, longest first (`make test --durations`, 2026-12-02); the first two need
-# no shared training run, so neither worker starts by waiting for the other to build one.
+# The longest files, longest first (from `make test --durations=60`, 2026-12-02). The second
+# needs no shared training run: the second worker does not start by waiting for the first to
+# build the reference run.
 LONGEST_FILES = ["test_lineage.py", "test_postgres_instance.py", "test_dagster_retries.py", "test_s3.py",
                  "test_train.py", "test_checkpoint_safety.py", "test_readme.py", "test_tracking.py",
                  "test_pipelines.py", "test_dagster_dev.py", "test_ui_chromium.py"]
