@@ -35,6 +35,7 @@ from blues_train.serving.report import (
     read_metrics,
 )
 from blues_train.training import checkpoint as checkpoints
+from blues_train.training.config import accelerator_env
 from blues_train.training.tracking import run_link
 from pipelines.config import EvalConfig, MergeConfig, ProjectConfig, TrainConfig, with_overrides
 from pipelines.partitions import checkpoint_partitions, dataset_partitions
@@ -394,7 +395,7 @@ def _launch(pipes: dg.PipesSubprocessClient, context: dg.AssetExecutionContext, 
     """Run training. Killed by a signal: the error stands and the RetryPolicy resumes the
     run; exited with an error (a refused setting, a checkpoint that changed): no retry."""
     try:
-        return pipes.run(context=context, command=command)
+        return pipes.run(context=context, command=command, env=accelerator_env())
     except Exception as exc:  # Dagster's DagsterPipesExecutionError is not public
         code = EXIT_CODE.search(str(exc))
         if code and int(code.group(1)) > 0:

@@ -6,7 +6,13 @@ import hashlib
 import os
 from pathlib import Path
 
-import pytest
+# OpenMP threads per process, before torch is imported: the cores shared by the xdist workers.
+# Two trainings of two threads each on two cores spin against each other (2 to 3 times the CPU
+# time of one thread each, measured), and every command a test starts inherits this.
+os.environ.setdefault("OMP_NUM_THREADS",
+                      str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+
+import pytest  # noqa: E402
 from built_once import built_once
 from s3_server import s3  # noqa: F401 (a moto S3 server for the session)
 from training_runs import mixture_dir, reference, reference_run, two_rank_run  # noqa: F401 (shared fixtures)
@@ -87,16 +93,30 @@ def prose_store(tmp_path_factory, sample_corpus_inputs):
     return _prepared(tmp_path_factory, sample_corpus_inputs["prose"], "prose")
 
 
+# The longest files, longest first (from `make test --durations=60`, 2026-12-02). The second
+# needs no shared training run: the second worker does not start by waiting for the first to
+# build the reference run.
+LONGEST_FILES = ["test_lineage.py", "test_postgres_instance.py", "test_dagster_retries.py", "test_s3.py",
+                 "test_train.py", "test_checkpoint_safety.py", "test_readme.py", "test_tracking.py",
+                 "test_pipelines.py", "test_dagster_dev.py", "test_ui_chromium.py"]
+
+
 def pytest_collection_modifyitems(config, items):
-    slow_files_first(items)
+    longest_files_first(items)
     skip_gpu_tests_without_cuda(items)
 
 
-def slow_files_first(items):
-    """The files that have a test marked `slow` run first, each file's tests in their order:
-    under `-n` (`make test`) a long file started last would end the run alone."""
-    slow = {item.path for item in items if "slow" in item.keywords}
-    items.sort(key=lambda item: item.path not in slow)
+def longest_files_first(items):
+    """LONGEST_FILES first, then the other files that have a test marked `slow`, then the
+    rest, each file's tests in their order: under `-n` (`make test`, each file whole on one
+    worker) a long file started last would end the run alone."""
+    slow = {item.path.name for item in items if "slow" in item.keywords}
+
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES) + (name not in slow)
+
+    items.sort(key=rank)
 
 
 def skip_gpu_tests_without_cuda(items):

@@ -52,7 +52,7 @@ def poisoned_copy(source, dest, marker, *, rehash: bool):
 def resume(mixture_dir, folder, out, *launcher):
     cmd = [*(launcher or [str(BIN / "blues"), "train"]), "--data_cache_dir", str(mixture_dir),
            "--out", str(out), *TRAIN_ARGS, "--resume", str(folder)]
-    return subprocess.run(cmd, cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
 
 
 def refused(result, *phrases):
@@ -98,7 +98,7 @@ def test_generate_and_evaluation_refuse_a_changed_checkpoint(mixture_dir, refere
     marker = tmp_path / "pwned"
     changed = poisoned_copy(reference / "checkpoints" / "step-000008", tmp_path / "changed", marker, rehash=False)
     generate = [str(BIN / "blues"), "generate", "--checkpoint", str(changed), "--prompt", "def", "--max_length", "2"]
-    result = subprocess.run(generate, cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(generate, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     refused(result, "changed since the checkpoint was saved")
     with pytest.raises(BluesError, match="changed since the checkpoint was saved"):
         evaluate_checkpoint(changed, mixture_dir, seq_len=32, windows=2, prompts=["def"], max_length=2,
@@ -106,7 +106,7 @@ def test_generate_and_evaluation_refuse_a_changed_checkpoint(mixture_dir, refere
     # generate reads only model.safetensors and config.json: with matching hashes it works, safely
     rehashed = poisoned_copy(reference / "checkpoints" / "step-000008", tmp_path / "rehashed", marker, rehash=True)
     generate[3] = str(rehashed)
-    result = subprocess.run(generate, cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(generate, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not marker.exists()
 

@@ -27,7 +27,7 @@ UNREACHABLE = {"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_ACCESS_KEY_ID": "b
 
 
 def blues(*args, extra_env=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([*BLUES, *map(str, args)], cwd=ROOT, env={**env(2), **(extra_env or {})},
+    return subprocess.run([*BLUES, *map(str, args)], cwd=ROOT, env={**env(), **(extra_env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -98,7 +98,10 @@ def test_make_dev_stops_on_signal_as_a_background_job(tmp_path, sig):
             time.sleep(0.2)
         left = [" ".join(p.cmdline()) for p in alive(tree)]
         assert not left, f"still running 30 s after {sig.name}: {left}"
-        assert "SupersessionWarning" not in log_path.read_text()  # nobody can act on it under `make dev`
+        log_text = log_path.read_text()
+        assert "SupersessionWarning" not in log_text  # nobody can act on it under `make dev`
+        assert f"the UI at http://127.0.0.1:{port} " in log_text
+        assert " - INFO - " not in log_text, log_text[-2000:]  # no line per daemon tick
     finally:
         for leftover in alive(tree):
             leftover.kill()

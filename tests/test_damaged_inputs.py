@@ -68,7 +68,7 @@ def test_fp16_deepspeed_config_on_a_cpu_is_one_line(mixture_dir, tmp_path):
     config.write_text(json.dumps(ds_config))
     result = subprocess.run([str(BIN / "blues"), "train", "--data_cache_dir", str(mixture_dir), "--out",
                              str(tmp_path / "run"), *TRAIN_ARGS, "--deepspeed", str(config)],
-                            cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=300)
+                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.splitlines() == [f"error: --deepspeed {config}: fp16 needs a GPU and this machine has "
                                           "none; remove the \"fp16\" section (or set \"enabled\": false)"]
@@ -81,7 +81,7 @@ def test_bad_project_config_is_the_first_line_dagster_prints(tmp_path):
     raw["training"]["max_step"] = raw["training"].pop("max_steps")
     config.write_text(json.dumps(raw))
     result = subprocess.run([str(BIN / "dagster"), "asset", "list", "-m", "pipelines.definitions"], cwd=tmp_path,
-                            env={**env(1), "BLUES_CONFIG": str(config), "PYTHONPATH": str(ROOT)},
+                            env={**env(), "BLUES_CONFIG": str(config), "PYTHONPATH": str(ROOT)},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert result.stderr.splitlines()[0] == (f"error: {config}: training.max_step is not a known setting; "
@@ -104,7 +104,7 @@ def with_windows(windows):
 
 
 def lineage_command(run, *argv) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "blues"), "lineage", "--run", str(run), *argv], cwd=ROOT, env=env(1),
+    return subprocess.run([str(BIN / "blues"), "lineage", "--run", str(run), *argv], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=120)
 
 

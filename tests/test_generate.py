@@ -1,4 +1,4 @@
-"""`blues generate` on a checkpoint saved by a short real training run (tiny model, CPU)."""
+"""`blues generate` on the checkpoints of a short real training run (tiny model, CPU)."""
 
 from __future__ import annotations
 
@@ -19,19 +19,9 @@ BLUES = str(Path(sys.executable).parent / "blues")
 
 
 @pytest.fixture(scope="module")
-def run_dir(code_store, prose_store, tmp_path_factory):
-    from blues_train.mixture.merge import merge
-
-    mixture = tmp_path_factory.mktemp("gen_mixture")
-    merge([code_store, prose_store], mixture, val_fraction=0.05)
-    out = tmp_path_factory.mktemp("gen_run")
-    cmd = [sys.executable, "-m", "blues_train.training.train", "--data_cache_dir", str(mixture), "--out", str(out),
-           "--model", "tiny", "--max_steps", "2", "--seq_len", "32", "--global_batch_tokens", "128",
-           "--eval_sequences", "2", "--lr", "1e-2"]
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out
+def run_dir(reference):
+    """The shared reference run (tests/training_runs.py): checkpoints at steps 4 and 8."""
+    return reference
 
 
 def blues(*args) -> subprocess.CompletedProcess:
@@ -55,7 +45,7 @@ def test_greedy_output_repeats(run_dir):
 
 def test_eval_text_prints_perplexity(run_dir, tmp_path):
     text = "The quick brown fox jumps over the lazy dog."
-    result = blues("--checkpoint", str(run_dir / "checkpoints" / "step-000002"), "--eval_text", text)
+    result = blues("--checkpoint", str(run_dir / "checkpoints" / "step-000008"), "--eval_text", text)
     assert result.returncode == 0, result.stderr
     value = float(result.stdout.strip().removeprefix("perplexity: "))
     assert value == pytest.approx(evaluate_perplexity(load_model(run_dir, device="cpu"), text), rel=1e-4)
@@ -64,7 +54,7 @@ def test_eval_text_prints_perplexity(run_dir, tmp_path):
 
 
 def broken_copies(run_dir, tmp_path) -> dict[str, Path]:
-    good = run_dir / "checkpoints" / "step-000002"
+    good = run_dir / "checkpoints" / "step-000008"
     cases = {}
     for name in ("missing", "corrupt", "mismatch"):
         folder = tmp_path / name

@@ -27,6 +27,7 @@ from training_runs import BIN, ROOT, TRAIN_ARGS, checked, env, free_port, losses
 from blues_train.data.prepare import prepare_dataset
 from blues_train.data.store import read_manifest
 from blues_train.data.tokenizer import EOT_ID
+from blues_train.io.command_line import run_command
 from blues_train.io.errors import BluesError
 from blues_train.mixture.loader import PackedSequenceDataset, WindowPiece
 from blues_train.mixture.merge import merge
@@ -173,7 +174,7 @@ def train(mixture, out, dump, *extra, ranks: int = 1) -> None:
     launcher = ([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", free_port(), "--module"]
                 if ranks == 2 else [str(BIN / "python"), "-m"])
     cmd = [*launcher, "blues_train.training.train", "--data_cache_dir", str(mixture), "--out", str(out), *PLANTED_ARGS, *extra]
-    checked(subprocess.run(cmd, cwd=ROOT, env={**env(2 // ranks), "BLUES_WINDOW_DUMP": str(dump)},
+    checked(subprocess.run(cmd, cwd=ROOT, env={**env(ranks), "BLUES_WINDOW_DUMP": str(dump)},
                            capture_output=True, text=True, timeout=600))
 
 
@@ -291,7 +292,9 @@ def test_spike_detection_leaves_the_losses_alone(planted):
 # ---- errors and the pieces of the rule, without training ----
 
 @pytest.mark.slow
-def test_errors_are_one_line(tmp_path, reference):
+def test_errors_are_one_line(tmp_path, reference, capsys):
+    """The first case through `blues lineage`, the others through the same entry point in
+    process (run_command: what the console script calls), without a start-up each."""
     cases = [
         (["--run", str(tmp_path), "--step", "1"], "metrics.jsonl: no metrics"),
         (["--run", str(reference), "--step", "99"], "--step 99: "),
@@ -299,11 +302,16 @@ def test_errors_are_one_line(tmp_path, reference):
         (["--run", str(reference), "--document", "nocolon"], "give SOURCE:INDEX"),
         (["--run", str(reference), "--document", "nosuchfile.txt:0"], "no raw file of that name"),
     ]
-    for argv, message in cases:
-        result = subprocess.run([str(BIN / "blues"), "lineage", *argv], capture_output=True, text=True, cwd=ROOT)
-        assert result.returncode == 2 and result.stdout == ""
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    for i, (argv, message) in enumerate(cases):
+        if i == 0:
+            result = subprocess.run([str(BIN / "blues"), "lineage", *argv], capture_output=True, text=True, cwd=ROOT)
+            code, out, err = result.returncode, result.stdout, result.stderr
+        else:
+            code = run_command(lineage.main, argv)
+            out, err = capsys.readouterr()
+        assert code == 2 and out == ""
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
 
 
 def test_spike_rule():

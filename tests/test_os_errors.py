@@ -92,7 +92,7 @@ def test_prepare_without_permission(tmp_path, sample_corpus_inputs):
     locked.mkdir(mode=0o555)
     cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--",
            str(BIN / "blues"), *prepare_argv(sample_corpus_inputs, locked / "store")]
-    result = subprocess.run(cmd, cwd=ROOT, env=env(1), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert f"error: --cache_dir {locked / 'store'}: permission denied while writing {locked}" in result.stderr
@@ -108,7 +108,7 @@ def test_checkpoint_save_on_a_full_disk(tmp_path, mixture_dir):
         out = disk / "run"
         cmd = [str(BIN / "blues"), "train", "--data_cache_dir", str(mixture_dir), "--out", str(out),
                *TRAIN_ARGS, "--max_steps", "1", "--save_interval", "1"]
-        result = subprocess.run(cmd, cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=300)
+        result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
         assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert errors and "no space left on device while saving the checkpoint" in errors[0], result.stderr

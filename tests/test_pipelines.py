@@ -308,9 +308,10 @@ def test_raw_corpus_sensor(tmp_path, capfd):
 
 
 @pytest.mark.slow
-def test_deepspeed_launcher_reports_from_rank_zero(tmp_path):
+def test_deepspeed_launcher_reports_from_rank_zero(tmp_path, capfd):
     """Two ranks under the DeepSpeed launcher (gloo on a CPU): rank 0 alone opens Pipes,
-    so the run yields one trained_model materialization and one record per checkpoint."""
+    so the run yields one trained_model materialization and one record per checkpoint;
+    the launcher is told it runs on the CPU rather than guessing aloud."""
     project = write_project(tmp_path, corpus_mb=0.05)
     config = load_project_config(project)
     for source in config.datasets:
@@ -325,6 +326,7 @@ def test_deepspeed_launcher_reports_from_rank_zero(tmp_path):
         assert metadata(result, "trained_model")["checkpoints"] == 1
         [checkpoint] = instance.get_dynamic_partitions("checkpoints")
         assert checkpoint.endswith("-step-000001")
+    assert "Setting accelerator to CPU" not in capfd.readouterr().err
 
 
 def test_dagster_home_template(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ def commands(block: str) -> list[str]:
 
 
 def test_readme_command_line_tour_runs_as_written(tmp_path):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     tour = commands(readme_block("## Command line"))
     assert [c.split()[1] for c in tour][:3] == ["sample-corpus", "prepare", "prepare"]
     for command in tour:

@@ -32,9 +32,9 @@ BLUES = [sys.executable, "-m", "blues_train.cli"]
 def blues_train(mixture_dir, out, *extra, wait=True):
     command = [*BLUES, "train", "--data_cache_dir", str(mixture_dir), "--out", str(out), *TRAIN_ARGS, *map(str, extra)]
     if not wait:
-        return subprocess.Popen(command, cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        return subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
-    return subprocess.run(command, cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
 
 
 def one_line_error(result) -> str:

@@ -34,7 +34,7 @@ BLUES = [sys.executable, "-m", "blues_train.cli"]
 
 
 def blues(*args, timeout=300, extra_env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*BLUES, *map(str, args)], cwd=ROOT, env={**env(2), **(extra_env or {})},
+    return subprocess.run([*BLUES, *map(str, args)], cwd=ROOT, env={**env(), **(extra_env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -172,9 +172,9 @@ def test_sigkill_during_s3_prepare_then_the_same_command_completes_it(corpus, s3
         (corpus["local"] / "code" / "stdlib.jsonl.zst").read_bytes()))
     s3.client.upload_file(str(plain), "raw", "plain/stdlib.jsonl")
     out = "s3://data/killed"
-    command = ["prepare", "--dataset", "s3://raw/plain/stdlib.jsonl", "--cache_dir", out,
+   command = ["prepare", "--dataset", "s3://raw/plain/stdlib.jsonl", "--cache_dir", out,
                "--workers", 1, "--chunk_tokens", 4000, "--item_bytes", 100_000]
-    proc = subprocess.Popen([*BLUES, *map(str, command)], cwd=ROOT, env=env(1),
+    proc = subprocess.Popen([*BLUES, *map(str, command)], cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while len(storage.list_files(f"{out}/.prepare-journal", "item-*.json")) < 2:
@@ -263,7 +263,7 @@ def test_paths_and_uris():
 @pytest.mark.slow
 def test_readme_object_storage_tour_runs_as_written(s3, tmp_path):
     """The README's tour on a bucket, every command as written, against the session's server:
-    prepare from s3:// (JSONL.zst, Parquet, CSV, text), merge, verify, train 10 steps from and
+    prepare from s3:// (JSONL.zst, Parquet, CSV, text), merge, verify, train 4 steps from and
     to S3, resume from S3, generate from the S3 checkpoint; then what the bucket holds."""
     s3.bucket("blues-demo")
     tour = commands(readme_block("### Paths and object storage"))
@@ -272,32 +272,32 @@ def test_readme_object_storage_tour_runs_as_written(s3, tmp_path):
     path = f"{sys.executable.rsplit('/', 1)[0]}{os.pathsep}{os.environ['PATH']}"
     output = []
     for command in tour:
-        result = subprocess.run(command, shell=True, cwd=ROOT, env={**env(2), "PATH": path},
+        result = subprocess.run(command, shell=True, cwd=ROOT, env={**env(), "PATH": path},
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
         assert "Traceback" not in result.stderr, command
         output.append(result.stdout)
     assert output[-1].startswith("def parse(")
     out, mixture = "s3://blues-demo/runs/demo", "s3://blues-demo/data_cache/merged"
-    assert "from scratch" in output[5] and f"uploaded {out}/checkpoints/step-000010" in output[5]
-    assert "resumed at step 10" in output[6]
+    assert "from scratch" in output[5] and f"uploaded {out}/checkpoints/step-000004" in output[5]
+    assert "resumed at step 4" in output[6]
     steps = [json.loads(line)["step"] for line in storage.read_bytes(f"{out}/metrics.jsonl").decode().splitlines()]
-    assert steps == list(range(1, 13))
+    assert steps == list(range(1, 7))
     names = {storage.path(u).relative_to(storage.path(out)).as_posix() for u, _, _ in storage.list_files(out)}
     kept = sorted(n.split("/")[1] for n in names if n.startswith("checkpoints/") and n.endswith("/meta.json"))
-    assert kept == ["step-000010", "step-000012"]
+    assert kept == ["step-000004", "step-000006"]
     assert ".blues-writer.json" not in names  # the lease is released
-    meta = json.loads(storage.read_bytes(f"{out}/checkpoints/step-000012/meta.json"))
-    assert meta["mixture"]["path"] == mixture and meta["step"] == 12
-    saved = {n.removeprefix("checkpoints/step-000012/") for n in names if n.startswith("checkpoints/step-000012/")}
+    meta = json.loads(storage.read_bytes(f"{out}/checkpoints/step-000006/meta.json"))
+    assert meta["mixture"]["path"] == mixture and meta["step"] == 6
+    saved = {n.removeprefix("checkpoints/step-000006/") for n in names if n.startswith("checkpoints/step-000006/")}
     assert saved == {*meta["files"], "meta.json"}
     for name, digest in meta["files"].items():  # every file listed is there, as recorded
-        assert storage.sha256(f"{out}/checkpoints/step-000012/{name}") == digest
-    scratch = blues("train", "--data_cache_dir", mixture, "--out", out, "--model", "tiny", "--max_steps", 14)
-    assert "already holds checkpoints up to step-000012" in one_line_error(scratch)
+        assert storage.sha256(f"{out}/checkpoints/step-000006/{name}") == digest
+    scratch = blues("train", "--data_cache_dir", mixture, "--out", out, "--model", "tiny", "--max_steps", 8)
+    assert "already holds checkpoints up to step-000006" in one_line_error(scratch)
     # Lineage reads the run's records, the mixture and the checkpoint on the bucket.
-    lineage = json.loads(ok(blues("lineage", "--run", out, "--step", 11, "--json", "--loss", "--checkpoint", out)).stdout)
-    assert lineage["step"] == 11 and lineage["documents"]
+    lineage = json.loads(ok(blues("lineage", "--run", out, "--step", 5, "--json", "--loss", "--checkpoint", out)).stdout)
+    assert lineage["step"] == 5 and lineage["documents"]
     assert all(math.isfinite(d["mean_loss"]) for d in lineage["documents"])
     exported = ok(blues("export", "--checkpoint", out, "--out", tmp_path / "export", "--dtype", "float32"))
     assert (tmp_path / "export" / "model.safetensors").is_file(), exported.stdout

@@ -35,7 +35,9 @@ def mlflow_database():
 
 @pytest.fixture(scope="module")
 def mlflow_server(mlflow_database, tmp_path_factory):
-    """`mlflow server` on 127.0.0.1 with the PostgreSQL database as its backend store: its URI."""
+    """`mlflow server` on 127.0.0.1 with the PostgreSQL database as its backend store: its URI.
+    Without the server's job execution (MLflow's GenAI jobs, unused by tracking): its seven
+    job-runner processes would take a core for half a minute at start."""
     artifacts = tmp_path_factory.mktemp("mlflow_artifacts")
     port = free_port()
     log = open(artifacts.parent / "mlflow_server.log", "w")
@@ -43,7 +45,8 @@ def mlflow_server(mlflow_database, tmp_path_factory):
         [str(BIN / "mlflow"), "server", "--backend-store-uri",
          f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{mlflow_database}",
          "--default-artifact-root", artifacts.as_uri(), "--host", "127.0.0.1", "--port", port, "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(uri, server, artifacts.parent / "mlflow_server.log")

@@ -64,7 +64,7 @@ def test_two_ranks_match_one_rank(reference, two_rank_run):
 def test_killed_run_resumes_exactly(mixture_dir, reference, tmp_path):
     out = tmp_path / "killed"
     cmd = [str(BIN / "blues"), "train", "--data_cache_dir", str(mixture_dir), "--out", str(out), *TRAIN_ARGS]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while not complete_checkpoints(out / "checkpoints") and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -76,7 +76,7 @@ def test_killed_run_resumes_exactly(mixture_dir, reference, tmp_path):
     half = out / "checkpoints" / "step-000007"  # a folder whose save never finished
     (half / "deepspeed").mkdir(parents=True)
     (half / "model.safetensors").write_bytes(b"partial")
-    result = checked(subprocess.run(cmd + ["--resume", "auto"], cwd=ROOT, env=env(2), capture_output=True,
+    result = checked(subprocess.run(cmd + ["--resume", "auto"], cwd=ROOT, env=env(), capture_output=True,
                                     text=True, timeout=300))
     assert f"resumed at step {int(saved[-1].name[5:])}" in result.stdout
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -38,7 +38,10 @@ def mixture_dir(code_store, prose_store, tmp_path_factory):
     return built_once(tmp_path_factory, "mixture", build)[0]
 
 
-def env(threads: int) -> dict:
+def env(ranks: int = 1) -> dict:
+    """The environment of a command a test starts: its ranks share this process's threads
+    (conftest.py sets them)."""
+    threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")) // ranks)
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
 
@@ -51,13 +54,13 @@ def free_port() -> str:
 def one_rank(mixture, out, *extra) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "blues_train.training.train", "--data_cache_dir", str(mixture), "--out", str(out),
            *TRAIN_ARGS, *extra]
-    return checked(subprocess.run(cmd, cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=300))
+    return checked(subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300))
 
 
 def two_ranks(mixture, out, *extra) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", free_port(), "--module",
            "blues_train.training.train", "--data_cache_dir", str(mixture), "--out", str(out), *TRAIN_ARGS, *extra]
-    return checked(subprocess.run(cmd, cwd=ROOT, env=env(1), capture_output=True, text=True, timeout=300))
+    return checked(subprocess.run(cmd, cwd=ROOT, env=env(ranks=2), capture_output=True, text=True, timeout=300))
 
 
 def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ fields here (`run_options()`), so a resumed run may change them; so may `router_
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import types
 import typing
@@ -38,6 +39,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def accelerator_env() -> dict[str, str]:
+    """The environment DeepSpeed (its launcher, then each rank) needs to start on a machine
+    without CUDA without guessing aloud ("Setting accelerator to CPU..."): the CPU, unless
+    $DS_ACCELERATOR already says."""
+    import torch
+
+    if torch.cuda.is_available() or "DS_ACCELERATOR" in os.environ:
+        return {}
+    return {"DS_ACCELERATOR": "cpu"}
 
 
 class TrainingConfig(Settings):

@@ -69,7 +69,7 @@ from blues_train.io.folder_lock import exclusive_writer
 from blues_train.mixture.loader import PackedSequenceDataset
 from blues_train.mixture.spec import read_mixture
 from blues_train.training import checkpoint, metrics, tracking
-from blues_train.training.config import DEFAULT_SEQ_LEN, TrainingConfig, free_port, from_flags
+from blues_train.training.config import DEFAULT_SEQ_LEN, TrainingConfig, accelerator_env, free_port, from_flags
 from blues_train.training.pipes_bridge import open_reporter
 from blues_train.training.remote_run import RemoteRun
 
@@ -90,8 +90,7 @@ def quiet_deepspeed() -> None:
     """Before DeepSpeed is imported: spare the user its messages nobody can act on, its
     accelerator guess (the start line says `on cpu`) and its scheduler's warning about
     DeepSpeed's own constructor reading the learning rate."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.update(accelerator_env())
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
