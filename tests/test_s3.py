@@ -172,7 +172,7 @@ def test_sigkill_during_s3_prepare_then_the_same_command_completes_it(corpus, s3
         (corpus["local"] / "code" / "stdlib.jsonl.zst").read_bytes()))
     s3.client.upload_file(str(plain), "raw", "plain/stdlib.jsonl")
     out = "s3://data/killed"
-   command = ["prepare", "--dataset", "s3://raw/plain/stdlib.jsonl", "--cache_dir", out,
+    command = ["prepare", "--dataset", "s3://raw/plain/stdlib.jsonl", "--cache_dir", out,
                "--workers", 1, "--chunk_tokens", 4000, "--item_bytes", 100_000]
     proc = subprocess.Popen([*BLUES, *map(str, command)], cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
