@@ -9,15 +9,7 @@ import struct
 import numpy as np
 
 from blues_train.mixture import minhash
-
-MASK = (1 << 64) - 1
-
-
-def splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & MASK
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK
-    return x ^ (x >> 31)
+from reference import MASK, splitmix64
 
 
 def naive_signature(tokens: list[int]) -> list[int]:
