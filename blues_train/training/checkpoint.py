@@ -43,6 +43,7 @@ from blues_train.data.store import file_sha256
 from blues_train.io import storage
 from blues_train.io.atomic import FILE_MODE, folder_error, os_error, sync_dir, write_json_atomic
 from blues_train.io.errors import BluesError
+from blues_train.training.deepspeed_import import import_deepspeed
 from blues_train.training.weights_only import weights_only_loads
 
 FORMAT_VERSION = 2  # 2: meta.json lists every file's sha256
@@ -311,6 +312,7 @@ def deepspeed_load_dir(folder: Path, world_size: int) -> tuple[Path, bool]:
 
 def convert_to_universal(folder: Path) -> None:
     """folder/universal/ from folder/deepspeed/, its hashes recorded in meta.json first."""
+    import_deepspeed()
     from deepspeed.checkpoint import ds_to_universal
 
     tmp = folder / (UNIVERSAL_DIR + ".tmp")

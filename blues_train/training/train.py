@@ -70,6 +70,7 @@ from blues_train.mixture.loader import PackedSequenceDataset
 from blues_train.mixture.spec import read_mixture
 from blues_train.training import checkpoint, metrics, tracking
 from blues_train.training.config import DEFAULT_SEQ_LEN, TrainingConfig, accelerator_env, free_port, from_flags
+from blues_train.training.deepspeed_import import import_deepspeed
 from blues_train.training.pipes_bridge import open_reporter
 from blues_train.training.remote_run import RemoteRun
 
@@ -91,8 +92,7 @@ def quiet_deepspeed() -> None:
     accelerator guess (the start line says `on cpu`) and its scheduler's warning about
     DeepSpeed's own constructor reading the learning rate."""
     os.environ.update(accelerator_env())
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     deepspeed.utils.logger.setLevel(logging.WARNING)
     deepspeed.utils.logger.addFilter(not_scheduler_warning)
 

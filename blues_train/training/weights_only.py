@@ -18,11 +18,13 @@ from contextlib import contextmanager
 import torch
 
 from blues_train.io.errors import BluesError
+from blues_train.training.deepspeed_import import import_deepspeed
 
 
 def allowed_types() -> list[type]:
     """What a ZeRO-2 checkpoint (optimizer shards and the universal copy) pickles besides
     tensors and builtins, found with `torch.serialization.get_unsafe_globals_in_checkpoint`."""
+    import_deepspeed()
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
