@@ -1,7 +1,7 @@
 """`blues prepare`: raw corpora -> a token store (the original `data.py`).
 
-The sources are cut into work items (`work_items`: whole files, JSONL byte ranges, Parquet
-row groups, about 64 MiB of input each) that depend only on the sources, never on who runs
+The sources are cut into work items (`work_items`: whole files, JSONL and CSV byte ranges,
+Parquet row groups, about 64 MiB of input each) that depend only on the sources, never on who runs
 them. An executor (`--executor local|ray`, `blues_train.io.executor`) runs one task per item
 (`item_writer.write_item`): it reads its pieces, encodes them with the `--tokenizer_engine`,
 cuts chunks at document boundaries once `chunk_tokens` is reached (an item's last chunk holds
@@ -111,7 +111,7 @@ def write_store(out: Path, sources, described: list[dict], settings: dict, runne
         drop_leftover_journal(out)
         say(f"{out}: up to date with its {len(sources)} source(s), nothing to do")
         return current
-    items = work_items.plan_items(sources, [d["bytes"] for d in described], settings["item_bytes"])
+    items = work_items.plan(runner, sources, [d["bytes"] for d in described], settings["item_bytes"])
     journal = (RemoteJournal if storage.is_remote(out) else Journal)(out, key, len(items))
     done = dict(journal.items)
     if done:
@@ -120,7 +120,6 @@ def write_store(out: Path, sources, described: list[dict], settings: dict, runne
     run_stats.update(executor=runner.name, work_items=len(items), items_run=len(todo), tokens_per_s=0.0)
     if todo:
         journal.claim()
-        items = number_lines(runner, items)
         positions = {d["path"]: number for number, d in enumerate(described)}
         item_runner, encode_workers = runner, 1
         if isinstance(runner, executor.LocalExecutor) and len(todo) < runner.workers:
@@ -148,13 +147,6 @@ def write_store(out: Path, sources, described: list[dict], settings: dict, runne
     journal.finish(manifest)
     say(format_summary(manifest, out))
     return manifest
-
-
-def number_lines(runner, items: list[list]) -> list[list]:
-    """The items, their JSONL ranges told the line breaks before them (counted as tasks)."""
-    ranges = work_items.ranges_to_count(items)
-    counted = dict(runner.run(work_items.count_newlines, [(piece,) for piece in ranges]))
-    return work_items.with_line_numbers(items, {ranges[n]: count for n, count in counted.items()})
 
 
 def merged_skips(records: list[dict]) -> SkipLog:
