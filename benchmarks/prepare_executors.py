@@ -20,6 +20,7 @@ Measured, on the same corpus (the sample corpus' code and prose text as JSONL, r
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -42,18 +43,25 @@ def noop(n: int) -> int:
     return n
 
 
-def write_corpus(folder: Path, megabytes: int) -> Path:
+def write_corpus(folder: Path, megabytes: int, fmt: str = "jsonl") -> Path:
+    """One JSONL or CSV file (a `text` column, quoted where a document holds line breaks,
+    commas or quotes: most of them) of about `megabytes`."""
     written = write_sample_corpus(folder / "sample", max_mb=4)
     sources = discover_sources([p for paths in written.values() for p in paths], glob="**/*")
     texts = [doc.text for doc in iter_documents(sources, "text", SkipLog())]
-    out = folder / "corpus.jsonl"
+    out = folder / f"corpus.{fmt}"
     size, copy = 0, 0
-    with open(out, "w", encoding="utf-8") as fh:
+    with open(out, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        if fmt == "csv":
+            writer.writerow(["id", "text"])
         while size < megabytes << 20:
-            for text in texts:
-                line = json.dumps({"text": f"copy {copy}\n{text}"}) + "\n"
-                fh.write(line)
-                size += len(line.encode())
+            for number, text in enumerate(texts):
+                if fmt == "csv":
+                    size += writer.writerow([f"{copy}-{number}", f"copy {copy}\n{text}"])
+                else:
+                    line = json.dumps({"text": f"copy {copy}\n{text}"}) + "\n"
+                    size += fh.write(line)
             copy += 1
     return out
 
@@ -74,13 +82,13 @@ def task_overhead(runner, n: int = 200) -> float:
 
 def serial_rates(corpus: Path) -> dict:
     size = corpus.stat().st_size
-    source = Source(corpus, "jsonl", corpus.name)
+    source = Source(corpus, corpus.suffix[1:], corpus.name)
     start = time.perf_counter()
     with open(corpus, "rb") as fh:
         hashlib.file_digest(fh, "sha256")
     sha = time.perf_counter() - start
     start = time.perf_counter()
-    work_items.count_newlines(work_items.Piece(source, 0, size))
+    work_items.count_range(work_items.Piece(source, 0, size))
     count = time.perf_counter() - start
     start = time.perf_counter()
     ten_gb = 10 << 30
@@ -100,14 +108,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--executors", default="local,ray", help="comma-separated: local, ray")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    parser.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="the corpus file's format")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     executors, worker_counts = args.executors.split(","), [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        corpus = write_corpus(work, args.mb)
+        corpus = write_corpus(work, args.mb, args.format)
         found = {"machine": {"cores": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version()},
-                 "corpus_MB": corpus.stat().st_size / 1e6, "item_bytes": ITEM_BYTES}
+                 "corpus_MB": corpus.stat().st_size / 1e6, "format": args.format, "item_bytes": ITEM_BYTES}
         found["task_overhead_ms"] = {"local, 2 processes": 1e3 * task_overhead(LocalExecutor(2))}
         if "ray" in executors:
             start = time.perf_counter()
@@ -132,7 +141,7 @@ def main() -> None:
         found["serial"] = serial_rates(corpus)
     base = found["runs"]["local --workers 1"]["best_tokens_per_s"]
     ray_start = f"; Ray start {found['ray_start_s']:.1f} s" if "ray_start_s" in found else ""
-    print(f"corpus {found['corpus_MB']:.1f} MB of JSONL in {found['items']} work items{ray_start}")
+    print(f"corpus {found['corpus_MB']:.1f} MB of {args.format} in {found['items']} work items{ray_start}")
     for key, run in found["runs"].items():
         print(f"{key:<22} best {run['best_tokens_per_s'] / 1e6:6.2f} M tokens/s  ({run['best_tokens_per_s'] / base:.2f}x local 1)"
               f"  driver CPU {100 * run['driver_cpu_share']:.0f}% of wall")

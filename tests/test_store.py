@@ -104,13 +104,26 @@ def test_chunks_end_at_documents_once_chunk_tokens_is_reached(code_store):
         assert lengths.sum() >= CHUNK > lengths[:-1].sum()
 
 
-def test_same_result_for_one_and_two_workers(tmp_path, sample_corpus_inputs):
+def test_same_result_for_one_and_two_workers(tmp_path, sample_corpus_inputs, prose_store):
+    """Byte-identical for one and two workers, the CSV and the Parquet file cut into many items;
+    the documents those items hold are the uncut store's, in its order."""
     inputs = sample_corpus_inputs["prose"]
-    one = prepare_dataset(inputs, tmp_path / "one", workers=1, chunk_tokens=50_000, progress=False)
-    two = prepare_dataset(inputs, tmp_path / "two", workers=2, chunk_tokens=50_000, progress=False)
+    one = prepare_dataset(inputs, tmp_path / "one", workers=1, chunk_tokens=50_000, item_bytes=100_000,
+                          progress=False)
+    two = prepare_dataset(inputs, tmp_path / "two", workers=2, chunk_tokens=50_000, item_bytes=100_000,
+                          progress=False)
     assert one == two
     for chunk in one["chunks"]:
         assert (tmp_path / "one" / chunk["file"]).read_bytes() == (tmp_path / "two" / chunk["file"]).read_bytes()
+    csv_items = {c["file"].split("-")[1] for c in one["chunks"]
+                 if "docstrings.csv" in store.read_chunk(tmp_path / "one" / c["file"]).column("source").to_pylist()}
+    assert len(csv_items) >= 4  # the CSV file was read in byte ranges
+
+    def documents(folder, manifest):
+        tables = [store.read_chunk(folder / c["file"]) for c in manifest["chunks"]]
+        return [row for t in tables for row in zip(*(t.column(n).to_pylist() for n in ("source", "index", "tokens")))]
+
+    assert documents(tmp_path / "one", one) == documents(prose_store, store.read_manifest(prose_store))
 
 
 def test_rerun_on_unchanged_input_does_nothing(tmp_path, sample_corpus_inputs, capsys):

@@ -1,7 +1,7 @@
 """`blues prepare`: raw corpora -> a token store (the original `data.py`).
 
-The sources are cut into work items (`work_items`: whole files, JSONL byte ranges, Parquet
-row groups, about 64 MiB of input each) that depend only on the sources, never on who runs
+The sources are cut into work items (`work_items`: whole files, JSONL and CSV byte ranges,
+Parquet row groups, about 64 MiB of input each) that depend only on the sources, never on who runs
 them. An executor (`--executor local|ray`, `blues_train.io.executor`) runs one task per item
 (`item_writer.write_item`): it reads its pieces, encodes them with the `--tokenizer_engine`,
 cuts chunks at document boundaries once `chunk_tokens` is reached (an item's last chunk holds
@@ -9,8 +9,8 @@ its rest), spot-checks them against tiktoken and writes them straight into the s
 by item and part (a local run with fewer items than workers, such as one large JSONL.zst, runs
 its items here, each encoded by every worker). Every engine gives tiktoken's ids, so the chunks, their hashes and the
 fingerprint are the same for every engine, executor and worker count. This process only
-plans, hashes the sources through the same executor, journals finished items and writes the
-manifest.
+plans, has the sources hashed through the same executor (in a fresh folder beside the items),
+journals finished items and writes the manifest.
 
 Each finished item is recorded in a journal (`.prepare-journal.jsonl`, keyed on the sources'
 content hashes and the settings) once its chunks are in place; the manifest is written last.
@@ -88,53 +88,80 @@ def prepare_dataset(
     settings = {"chunk_tokens": chunk_tokens, "text_field": text_field, "format": fmt, "glob": glob,
                 "item_bytes": item_bytes}
     with exclusive_writer(out):
-        described = describe_sources(runner, sources)
         engine_ref = tokenizer_engine if not isinstance(tokenizer_engine, str) else engine.name
-        return write_store(out, sources, described, settings, runner, engine, engine_ref, say, progress,
+        return write_store(out, sources, settings, runner, engine, engine_ref, say, progress,
                            {} if run_stats is None else run_stats)
 
 
-def describe_sources(runner, sources) -> list[dict]:
-    """Each source's manifest entry; the hashing (every byte read) runs as tasks."""
-    hashes = dict(runner.run(store.file_sha256, [(source.path,) for source in sources]))
-    return [{"path": source.label, "bytes": source.path.stat().st_size, "sha256": hashes[number],
+def describe_sources(sources, hashes: list[str]) -> list[dict]:
+    """Each source's manifest entry, given its sha256."""
+    return [{"path": source.label, "bytes": source.path.stat().st_size, "sha256": digest,
              "format": source.fmt, **({"real_path": source.real_path} if source.real_path else {})}
-            for number, source in enumerate(sources)]
+            for source, digest in zip(sources, hashes)]
 
 
-def write_store(out: Path, sources, described: list[dict], settings: dict, runner, engine, engine_ref,
-                say, progress: bool, run_stats: dict) -> dict:
-    """The store of `sources` in `out`, resuming a killed run; a no-op when up to date."""
-    key = run_key(described, settings)
-    current = _finished_manifest(out, key)
-    if current is not None:
-        drop_leftover_journal(out)
-        say(f"{out}: up to date with its {len(sources)} source(s), nothing to do")
-        return current
-    items = work_items.plan_items(sources, [d["bytes"] for d in described], settings["item_bytes"])
-    journal = (RemoteJournal if storage.is_remote(out) else Journal)(out, key, len(items))
-    done = dict(journal.items)
+def write_store(out: Path, sources, settings: dict, runner, engine, engine_ref, say, progress: bool,
+                run_stats: dict) -> dict:
+    """The store of `sources` in `out`, resuming a killed run; a no-op when up to date.
+
+    What a store is made from (its run key) includes the sources' sha256. Where a manifest or
+    a journal may be reused, they are hashed first; in a fresh folder the hashing runs as tasks
+    beside the items (one large file's hash would otherwise hold every worker up), and the
+    journal begins once the key is known, with the items finished by then."""
+    journal_class = RemoteJournal if storage.is_remote(out) else Journal
+    described = None
+    if journal_class.started(out):
+        hashes = dict(runner.run(store.file_sha256, [(source.path,) for source in sources]))
+        described = describe_sources(sources, [hashes[n] for n in range(len(sources))])
+        current = _finished_manifest(out, run_key(described, settings))
+        if current is not None:
+            drop_leftover_journal(out)
+            say(f"{out}: up to date with its {len(sources)} source(s), nothing to do")
+            return current
+    items = work_items.plan(runner, sources, [source.path.stat().st_size for source in sources],
+                            settings["item_bytes"])
+
+    def open_journal():
+        journal = journal_class(out, run_key(described, settings), len(items))
+        journal.claim()
+        return journal
+
+    journal = open_journal() if described is not None else None
+    done = dict(journal.items) if journal else {}
     if done:
         say(f"{out}: resuming after {len(done)} of {len(items)} finished work item(s)")
     todo = [number for number in range(len(items)) if number not in done]
     run_stats.update(executor=runner.name, work_items=len(items), items_run=len(todo), tokens_per_s=0.0)
-    if todo:
-        journal.claim()
-        items = number_lines(runner, items)
-        positions = {d["path"]: number for number, d in enumerate(described)}
-        item_runner, encode_workers = runner, 1
-        if isinstance(runner, executor.LocalExecutor) and len(todo) < runner.workers:
-            # fewer items than cores (one large JSONL.zst): items one after another, here, each
-            # encoded by every worker, as prepare did before items existed
-            item_runner, encode_workers = executor.LocalExecutor(1), runner.workers
-        tasks = [(ItemTask(out, n, items[n], positions, settings["text_field"], settings["chunk_tokens"],
-                           engine_ref, encode_workers),) for n in todo]
-        with Meter(progress) as meter:
-            for _, record in item_runner.run(write_item, tasks):
-                journal.record(record)
-                done[record["item"]] = record
-                meter.update(record["input_bytes"], sum(c["n_tokens"] for c in record["chunks"]))
+    hash_tasks = [(store.file_sha256, (source.path,)) for source in sources] if described is None else []
+    positions = {source.label: number for number, source in enumerate(sources)}
+    item_runner, encode_workers = runner, 1
+    if isinstance(runner, executor.LocalExecutor) and len(todo) < runner.workers:
+        # fewer items than cores (one large JSONL.zst): items one after another, here, each
+        # encoded by every worker, as prepare did before items existed
+        item_runner, encode_workers = executor.LocalExecutor(1), runner.workers
+    item_tasks = [(write_item, (ItemTask(out, n, items[n], positions, settings["text_field"], settings["chunk_tokens"],
+                                         engine_ref, encode_workers),)) for n in todo]
+    hashes, waiting = {}, []
+    with Meter(progress) as meter:
+        for position, result in item_runner.run_tasks(hash_tasks + item_tasks):
+            if position < len(hash_tasks):
+                hashes[position] = result
+            else:
+                done[result["item"]] = result
+                waiting.append(result)
+                meter.update(result["input_bytes"], sum(c["n_tokens"] for c in result["chunks"]))
+            if journal is None and len(hashes) == len(hash_tasks):
+                described = describe_sources(sources, [hashes[n] for n in range(len(sources))])
+                journal = open_journal()
+            if journal is not None:
+                for record in waiting:
+                    journal.record(record)
+                waiting = []
+        if todo:
             run_stats["tokens_per_s"] = meter.tokens / max(time.perf_counter() - meter.start, 1e-9)
+    if journal is None:  # no sources: nothing ran
+        described = describe_sources(sources, [])
+        journal = open_journal()
     records = [done[number] for number in range(len(items))]
     skips = merged_skips(records)
     tally = Tally(records)
@@ -148,13 +175,6 @@ def write_store(out: Path, sources, described: list[dict], settings: dict, runne
     journal.finish(manifest)
     say(format_summary(manifest, out))
     return manifest
-
-
-def number_lines(runner, items: list[list]) -> list[list]:
-    """The items, their JSONL ranges told the line breaks before them (counted as tasks)."""
-    ranges = work_items.ranges_to_count(items)
-    counted = dict(runner.run(work_items.count_newlines, [(piece,) for piece in ranges]))
-    return work_items.with_line_numbers(items, {ranges[n]: count for n, count in counted.items()})
 
 
 def merged_skips(records: list[dict]) -> SkipLog:
@@ -258,6 +278,11 @@ def _valid_item(out, record, items: int) -> bool:
 class Journal:
     """Finished items of an unfinished run, so that the same command skips them."""
 
+    @staticmethod
+    def started(out: Path) -> bool:
+        """Whether `out` holds a manifest or a journal (something a run may keep)."""
+        return (out / store.MANIFEST).exists() or (out / JOURNAL).exists()
+
     def __init__(self, out: Path, key: str, items: int):
         self.out, self.key, self.path = out, key, out / JOURNAL
         self.items = self._valid_records(items)
@@ -335,6 +360,10 @@ class RemoteJournal:
     have their sha256; the manifest, written last, is the commit point."""
 
     FOLDER = store.REMOTE_JOURNAL
+
+    @classmethod
+    def started(cls, out) -> bool:
+        return (out / store.MANIFEST).exists() or (out / cls.FOLDER / "key.json").exists()
 
     def __init__(self, out, key: str, items: int):
         self.out, self.key, self.folder = out, key, out / self.FOLDER

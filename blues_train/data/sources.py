@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -185,16 +186,29 @@ def _files_of(given: Path, fmt: str | None, glob: str) -> list[tuple[Path, Path,
 
 
 @dataclass(frozen=True)
+class CsvState:
+    """Where a CSV file stands at a byte: its line breaks before it, those of them outside
+    quotes (records ended), and whether the byte is inside quotes (1) or not (0)."""
+
+    newlines: int = 0
+    records: int = 0
+    inside: int = 0
+
+
+@dataclass(frozen=True)
 class Piece:
     """A part of one source that one work item reads (`blues_train.data.work_items` cuts them):
-    the whole file (`end` None), a byte range of JSONL whose records are those that begin in
-    [start, end) (`newlines_before`: the line breaks before `start`), or Parquet row groups
-    [start, end)."""
+    the whole file (`end` None); a byte range of JSONL or CSV whose records are those that
+    begin in [start, end) (`newlines_before`: the line breaks before `start`; CSV: `csv`, the
+    file's state at `start`, and `inside_at_end`, whether `end` is inside quotes); or Parquet
+    row groups [start, end)."""
 
     source: Source
     start: int = 0
     end: int | None = None
     newlines_before: int = 0
+    csv: CsvState | None = None
+    inside_at_end: int = 0
 
 
 def iter_documents(sources: list[Source], text_field: str, skips: SkipLog) -> Iterator[Document]:
@@ -278,16 +292,89 @@ def looks_binary(head: bytes) -> bool:
 
 
 def read_csv(piece: Piece, text_field: str, skips: SkipLog) -> Iterator[Document]:
+    """The records of the piece: the whole file, or those that begin in its byte range
+    (from the first record boundary at or after `start` to the first at or after `end`)."""
     source = piece.source
     csv.field_size_limit(CSV_FIELD_LIMIT)
     with storage.open_text(source.path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         rows = csv.reader(fh, strict=True)
         header = _csv_header(rows, source)
-        if text_field not in header:
-            _missing(skips, f"{source.label}:1 (columns: {', '.join(header)})")
+        if piece.end is None:
+            if text_field not in header:
+                _missing(skips, f"{source.label}:1 (columns: {', '.join(header)})")
+                return
+            yield from _csv_rows(rows, source, header.index(text_field), len(header), skips)
             return
-        column = header.index(text_field)
-        yield from _csv_rows(rows, source, column, len(header), skips)
+    if text_field not in header:
+        if piece.start == 0:
+            _missing(skips, f"{source.label}:1 (columns: {', '.join(header)})")
+        return
+    with storage.open_input(source.path) as fh:
+        first, state = _csv_boundary(fh, piece.start, piece.csv)
+        last, _ = _csv_boundary(fh, piece.end, CsvState(inside=piece.inside_at_end))
+        if piece.start == 0:  # the header is the file's first record: the rows start after it
+            fh.seek(0)
+            rows = csv.reader(_text_lines(fh, last), strict=True)
+            _csv_header(rows, source)
+            yield from _csv_rows(rows, source, header.index(text_field), len(header), skips)
+            return
+        if first >= last:
+            return
+        fh.seek(first)
+        rows = csv.reader(_text_lines(fh, last - first, encoding="utf-8"), strict=True)
+        yield from _csv_rows(rows, source, header.index(text_field), len(header), skips,
+                             index=state.records - 1, lines_before=state.newlines)
+
+
+def _csv_boundary(fh, position: int, state: CsvState) -> tuple[int, CsvState]:
+    """The first record boundary at or after `position` (where a record begins: just after a
+    line break outside quotes), given the file's `state` at `position`, and the state there
+    (its `newlines` and `records` counted from `state`'s, its `inside` 0)."""
+    newlines, records, inside = state.newlines, state.records, state.inside
+    if position == 0:
+        return 0, state
+    fh.seek(position - 1)
+    if fh.read(1) == b"\n" and not inside:  # the quote parity before a line break is the one after it
+        return position, state
+    while block := fh.read(1 << 16):
+        quotes = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 0x22)
+        for at in _newline_positions(block):
+            if (inside + np.searchsorted(quotes, at)) % 2 == 0:
+                newlines += block.count(b"\n", 0, at) + 1
+                return position + at + 1, CsvState(newlines, records + 1, 0)
+        newlines += block.count(b"\n")
+        inside = (inside + len(quotes)) % 2
+        position += len(block)
+    return position, CsvState(newlines, records, inside)
+
+
+def _newline_positions(block: bytes):
+    at = block.find(b"\n")
+    while at >= 0:
+        yield at
+        at = block.find(b"\n", at + 1)
+
+
+def _text_lines(fh, size: int, encoding: str = "utf-8-sig"):
+    """`size` bytes of `fh` from where it stands, as the text lines a CSV reader takes."""
+    return io.TextIOWrapper(io.BufferedReader(_Limited(fh, size)), encoding=encoding, errors="surrogateescape",
+                            newline="")
+
+
+class _Limited(io.RawIOBase):
+    """At most `size` bytes of `fh`, from where it stands."""
+
+    def __init__(self, fh, size: int):
+        self.fh, self.left = fh, size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.fh.read(min(len(buffer), self.left))
+        buffer[: len(data)] = data
+        self.left -= len(data)
+        return len(data)
 
 
 def _csv_header(rows, source: Source) -> list[str]:
@@ -299,8 +386,10 @@ def _csv_header(rows, source: Source) -> list[str]:
         raise BluesError(f"{source.label}:1: unreadable CSV header ({exc})") from None
 
 
-def _csv_rows(rows, source, column, width, skips) -> Iterator[Document]:
-    index, line = 0, rows.line_num + 1
+def _csv_rows(rows, source, column, width, skips, index: int = 0, lines_before: int = 0) -> Iterator[Document]:
+    """The documents of `rows`, the first of them record `index` (after the header) and
+    beginning after `lines_before` lines of the file."""
+    line = lines_before + rows.line_num + 1
     while True:
         try:
             row = next(rows)
@@ -316,7 +405,7 @@ def _csv_rows(rows, source, column, width, skips) -> Iterator[Document]:
                 skips.add("malformed_csv", location)
             else:
                 yield Document(row[column], source.label, index, location)
-        index, line = index + 1, rows.line_num + 1
+        index, line = index + 1, lines_before + rows.line_num + 1
 
 
 def read_jsonl(piece: Piece, text_field: str, skips: SkipLog) -> Iterator[Document]:

@@ -1,8 +1,9 @@
 """Where independent work items run: `local` processes on this machine, or a `ray` cluster.
 
 `prepare`, `verify` and `dedup` cut their work into items whose results do not depend on
-which process ran them, and hand a function and the items' arguments to an executor; the
-executor returns each item's result as it finishes (any order), and the caller puts them in
+which process ran them, and hand a function and the items' arguments to an executor (or, to mix kinds of work in one
+run, (function, arguments) pairs: `run_tasks`); the executor returns each item's result as it
+finishes (any order), and the caller puts them in
 order. `local` with one worker runs the items on the calling thread; with more, in processes
 forked from this one (each dies with it). `ray` submits each item as a Ray task: without an
 address it starts a Ray instance on this machine, with `auto` or `ray://host:port` it joins a
@@ -56,14 +57,18 @@ class LocalExecutor:
 
     def run(self, function, arguments: list[tuple]):
         """(position in `arguments`, function(*its arguments)) for each, as they finish."""
-        if self.workers == 1 or len(arguments) < 2:
-            for position, args in enumerate(arguments):
+        return self.run_tasks([(function, args) for args in arguments])
+
+    def run_tasks(self, tasks: list[tuple]):
+        """(position in `tasks`, function(*arguments)) for each (function, arguments), as they finish."""
+        if self.workers == 1 or len(tasks) < 2:
+            for position, (function, args) in enumerate(tasks):
                 yield position, function(*args)
             return
-        pool = ProcessPoolExecutor(min(self.workers, len(arguments)), initializer=die_with_parent,
+        pool = ProcessPoolExecutor(min(self.workers, len(tasks)), initializer=die_with_parent,
                                    mp_context=multiprocessing.get_context("fork"))
         try:
-            futures = {pool.submit(function, *args): position for position, args in enumerate(arguments)}
+            futures = {pool.submit(function, *args): position for position, (function, args) in enumerate(tasks)}
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -91,16 +96,21 @@ class RayExecutor:
                                  "start the cluster (`ray start --head`) or check the address") from None
 
     def run(self, function, arguments: list[tuple]):
-        remote = self.ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(function)
-        limit = self.workers or len(arguments)
-        waiting = list(enumerate(arguments))[::-1]
+        return self.run_tasks([(function, args) for args in arguments])
+
+    def run_tasks(self, tasks: list[tuple]):
+        remotes = {}
+        limit = self.workers or len(tasks)
+        waiting = list(enumerate(tasks))[::-1]
         running = {}
         while waiting or running:
             while waiting and len(running) < limit:
-                position, args = waiting.pop()
-                running[remote.remote(*args)] = position
+                position, (function, args) = waiting.pop()
+                if function not in remotes:
+                    remotes[function] = self.ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(function)
+                running[remotes[function].remote(*args)] = position, function
             done, _ = self.ray.wait(list(running), num_returns=1)
-            position = running.pop(done[0])
+            position, function = running.pop(done[0])
             yield position, self._result(done[0], function)
 
     def _result(self, ref, function):
