@@ -14,7 +14,8 @@ Measured, on the same corpus (the sample corpus' code and prose text as JSONL, r
   of a 10 GB JSONL (no read) and of a 10 GB JSONL.zst (one item: a single zstd frame cannot be cut).
 
     PYTHONPATH=. .venv/bin/python benchmarks/prepare_executors.py [--mb 40] [--rounds 2]
-        [--executors local,ray] [--workers 1,2] [--json benchmarks/results/prepare_executors.json]
+        [--executors local,ray] [--workers 1,2] [--format jsonl|csv] [--item_mb 4]
+        [--json benchmarks/results/prepare_executors.json]
 """
 
 from __future__ import annotations
@@ -66,10 +67,11 @@ def write_corpus(folder: Path, megabytes: int, fmt: str = "jsonl") -> Path:
     return out
 
 
-def timed_prepare(corpus: Path, out: Path, executor_name: str, workers: int) -> tuple[float, float, dict]:
+def timed_prepare(corpus: Path, out: Path, executor_name: str, workers: int,
+                  item_bytes: int = ITEM_BYTES) -> tuple[float, float, dict]:
     cpu, start = time.process_time(), time.perf_counter()
     manifest = prepare_dataset([corpus], out, workers=workers, executor_name=executor_name, progress=False,
-                               item_bytes=ITEM_BYTES, tokenizer_engine="auto")
+                               item_bytes=item_bytes, tokenizer_engine="auto")
     return time.perf_counter() - start, time.process_time() - cpu, manifest
 
 
@@ -109,6 +111,8 @@ def main() -> None:
     parser.add_argument("--executors", default="local,ray", help="comma-separated: local, ray")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="the corpus file's format")
+    parser.add_argument("--item_mb", type=int, default=ITEM_BYTES >> 20,
+                        help="work item size; larger than the corpus = the whole file one item (as before it was cut)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     executors, worker_counts = args.executors.split(","), [int(w) for w in args.workers.split(",")]
@@ -116,7 +120,7 @@ def main() -> None:
         work = Path(tmp)
         corpus = write_corpus(work, args.mb, args.format)
         found = {"machine": {"cores": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version()},
-                 "corpus_MB": corpus.stat().st_size / 1e6, "format": args.format, "item_bytes": ITEM_BYTES}
+                 "corpus_MB": corpus.stat().st_size / 1e6, "format": args.format, "item_bytes": args.item_mb << 20}
         found["task_overhead_ms"] = {"local, 2 processes": 1e3 * task_overhead(LocalExecutor(2))}
         if "ray" in executors:
             start = time.perf_counter()
@@ -128,7 +132,7 @@ def main() -> None:
             for name, workers in [(e, w) for e in executors for w in worker_counts]:
                 key = f"{name} --workers {workers}"
                 wall, cpu, manifest = timed_prepare(corpus, work / f"{key}-{round_number}".replace(" ", "_"),
-                                                    name, workers)
+                                                    name, workers, args.item_mb << 20)
                 fingerprints.add(manifest["fingerprint"])
                 runs.setdefault(key, []).append({"wall_s": wall, "driver_cpu_s": cpu,
                                                  "tokens": manifest["totals"]["tokens"]})

@@ -180,6 +180,8 @@ def test_killed_run_is_invisible_then_resumed_without_redoing_items(tmp_path, sa
     assert resumed == clean
     files = [name for c in clean["chunks"] for name in (c["file"], c["index"]["file"])]
     assert sorted(p.name for p in out.iterdir()) == sorted(files + ["manifest.json"])
+    for name in files + ["manifest.json"]:  # the fresh run hashed its sources beside the items, the resumed one first
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
 
 
 def resumed_items(manifest) -> int:

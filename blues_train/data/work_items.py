@@ -155,26 +155,30 @@ def csv_counts(piece: Piece) -> CsvCounts:
     array = np.frombuffer(data, dtype=np.uint8)
     before = start - first
     own = array[before: before + end - start]
-    quotes = np.flatnonzero(own == QUOTE)
-    newlines = np.flatnonzero(own == NEWLINE)
+    all_quotes = np.flatnonzero(array == QUOTE)  # positions in `array`
+    quotes = all_quotes[np.searchsorted(all_quotes, before): np.searchsorted(all_quotes, before + end - start)]
+    newlines = np.flatnonzero(own == NEWLINE) + before
     inside_before_newline = np.searchsorted(quotes, newlines) % 2  # quotes before each break, mod 2
     records = tuple(int(np.count_nonzero(inside_before_newline == q)) for q in (0, 1))
-    returns = np.flatnonzero(own == CARRIAGE_RETURN) + before + 1  # the byte after each, maybe past the range
-    lone_return = np.any(np.concatenate([array, [0]])[returns] != NEWLINE)  # the csv reader ends a record there
-    if lone_return or np.any(own == 0):
+    if data.find(b"\r", before, before + end - start) >= 0:
+        returns = np.flatnonzero(own == CARRIAGE_RETURN) + before + 1  # the byte after each, maybe past the data
+        follows = returns < len(array)
+        lone_return = not np.all(follows) or np.any(array[returns[follows]] != NEWLINE)  # a record ends there
+    else:
+        lone_return = False
+    if lone_return or data.find(b"\0", before, before + end - start) >= 0:
         return CsvCounts(len(quotes), len(newlines), records, (False, False))
     head = len(BOM) if start == 0 and data.startswith(BOM) else 0  # the byte-order mark precedes the first field
-    valid = tuple(_quotes_valid(array, before, end - start, head, q) for q in (0, 1))
+    valid = tuple(_quotes_valid(array, all_quotes, before, end - start, head, q) for q in (0, 1))
     return CsvCounts(len(quotes), len(newlines), records, valid)
 
 
-def _quotes_valid(array: np.ndarray, before: int, length: int, head: int, inside: int) -> bool:
+def _quotes_valid(array: np.ndarray, quotes: np.ndarray, before: int, length: int, head: int, inside: int) -> bool:
     """Whether every run of quotes that begins in the range (`array[before: before + length]`;
-    the bytes after it let a run finish) stands where RFC 4180 allows one, the range starting
-    inside quotes iff `inside`: outside quotes a run opens a field (after a field's edge) and,
-    if even, closes it too (before an edge); inside, an odd run closes the field (before an
-    edge), an even one is escaped quotes."""
-    quotes = np.flatnonzero(array == QUOTE)
+    the bytes after it let a run finish; `quotes`: the positions of `array`'s quotes) stands
+    where RFC 4180 allows one, the range starting inside quotes iff `inside`: outside quotes a
+    run opens a field (after a field's edge) and, if even, closes it too (before an edge);
+    inside, an odd run closes the field (before an edge), an even one is escaped quotes."""
     if not len(quotes):
         return True
     firsts = np.concatenate([[0], np.flatnonzero(np.diff(quotes) != 1) + 1])
@@ -188,10 +192,10 @@ def _quotes_valid(array: np.ndarray, before: int, length: int, head: int, inside
     starts, ends, lengths = starts[own], ends[own], lengths[own]
     own_quotes_before = np.searchsorted(quotes, starts) - np.searchsorted(quotes, before)
     inside_at = (inside + own_quotes_before) % 2
-    padded = np.concatenate([array, [NEWLINE]])  # the end of the file is a field's edge
     previous = np.where(starts > 0, array[np.maximum(starts - 1, 0)], NEWLINE)
     at_edge_before = np.isin(previous, FIELD_EDGE) | (starts == head)
-    at_edge_after = np.isin(padded[ends], FIELD_EDGE) | (ends >= len(array))
+    following = array[np.minimum(ends, len(array) - 1)]
+    at_edge_after = np.isin(following, FIELD_EDGE) | (ends >= len(array))  # the end of the file is an edge
     closes = np.where(inside_at == 0, lengths % 2 == 0, lengths % 2 == 1)
     return bool(np.all(((inside_at == 1) | at_edge_before) & (~closes | at_edge_after)))
 
