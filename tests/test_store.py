@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import re
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -182,6 +183,44 @@ def test_killed_run_is_invisible_then_resumed_without_redoing_items(tmp_path, sa
     assert sorted(p.name for p in out.iterdir()) == sorted(files + ["manifest.json"])
     for name in files + ["manifest.json"]:  # the fresh run hashed its sources beside the items, the resumed one first
         assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+
+
+def slow_sha256(path) -> str:
+    """A source's hash that finishes after other work items (a large file's): their journal
+    records wait for the run key."""
+    if path.suffix == ".csv":
+        time.sleep(3.0)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def folder_bytes(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_fresh_and_resumed_runs_make_the_same_store(tmp_path, sample_corpus_inputs, monkeypatch):
+    """A fresh run hashes its sources beside the items (here the hashes finish last); a killed
+    run resumed hashes first. Both stores are byte for byte the one-worker fresh store."""
+    inputs, out = sample_corpus_inputs["prose"], tmp_path / "s"
+    prepare_dataset(inputs, tmp_path / "clean", chunk_tokens=CHUNK, workers=1, progress=False, item_bytes=ITEM)
+    clean = folder_bytes(tmp_path / "clean")
+    monkeypatch.setattr(store, "file_sha256", slow_sha256)
+    prepare_dataset(inputs, tmp_path / "late", chunk_tokens=CHUNK, workers=2, progress=False, item_bytes=ITEM)
+    assert folder_bytes(tmp_path / "late") == clean
+    monkeypatch.undo()
+    real_write = item_writer.ChunkBuilder._write
+
+    def write_then_die(builder, *job):
+        if builder.task.number == 3:
+            raise Killed
+        real_write(builder, *job)
+
+    monkeypatch.setattr(item_writer.ChunkBuilder, "_write", write_then_die)
+    with pytest.raises(Killed):
+        prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=1, progress=False, item_bytes=ITEM)
+    monkeypatch.setattr(item_writer.ChunkBuilder, "_write", real_write)
+    assert (out / prepare.JOURNAL).is_file() and not (out / "manifest.json").exists()
+    prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=2, progress=False, item_bytes=ITEM)
+    assert folder_bytes(out) == clean
 
 
 def resumed_items(manifest) -> int:
