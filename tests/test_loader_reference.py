@@ -59,3 +59,23 @@ def test_lineage_answers_are_todays(mixture_dir, tmp_path):
     assert new.document_length(document) == old.document_length(document)
     name = old.document_ids([document])[0]
     assert new.find_document(name.source, name.index) == old.find_document(name.source, name.index)
+
+
+def test_source_pieces_are_todays_at_any_cut():
+    """The pieces of any token range of a source stream (inside an epoch, across epoch
+    boundaries, several epochs, one-token documents) are today's, from the naive masks."""
+    from blues_train.mixture import loader
+
+    rng = np.random.default_rng(7)
+    length = np.concatenate([[1, 1, 3], rng.integers(1, 40, 300)]).astype(np.int64)
+    chunk = np.repeat(np.arange(10), 30)[: len(length)].astype(np.int32)
+    start = np.zeros(len(length), dtype=np.int64)
+    old = reference_loader.Source(chunk, start, length, chunk, per_pass=0)
+    new = loader.Source(chunk, start, length, chunk, per_pass=0, tokens=int(length.sum()), first=0)
+    total = int(length.sum())
+    cuts = [(0, 1), (0, total), (1, 2), (5, total + 5), (total - 1, total + 1), (3, 3 * total + 11)]
+    cuts += [tuple(sorted(rng.integers(0, 4 * total, 2) + [0, 1])) for _ in range(40)]
+    for first, end in cuts:
+        for a, b in zip(reference_loader.source_pieces(old, [1, 2], first, end),
+                        loader.source_pieces(new, [1, 2], first, end)):
+            assert np.array_equal(a, b), (first, end)

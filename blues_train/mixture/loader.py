@@ -366,18 +366,23 @@ def epoch_order(source: Source, rng: np.random.Generator) -> np.ndarray:
 
 
 def source_pieces(source: Source, seeds: list[int], first: int, end: int):
-    """Pieces of the source stream's tokens [first, end): (doc indices, offsets, lengths)."""
+    """Pieces of the source stream's tokens [first, end): (doc indices, offsets, lengths).
+    Documents are non-empty, so the ones that overlap [first, end) are one run of the epoch's
+    order, found by binary search."""
     per_epoch = source.tokens
     docs, offsets, lengths = [], [], []
     for epoch in range(first // per_epoch, (end - 1) // per_epoch + 1):
         order = epoch_order(source, np.random.default_rng([*seeds, epoch]))
-        doc_end = np.cumsum(source.length[order])
+        length = source.length[order]
+        doc_end = np.cumsum(length)
         doc_end += epoch * per_epoch
-        doc_start = doc_end - source.length[order]
-        inside = np.flatnonzero((doc_end > first) & (doc_start < end))
-        doc_start, doc_end = doc_start[inside], doc_end[inside]
+        lo = int(np.searchsorted(doc_end, first, side="right"))
+        hi = int(np.searchsorted(doc_end, end, side="left")) + 1  # the first document ending at or past `end`
+        hi = min(hi, len(order))
+        doc_end = doc_end[lo:hi]
+        doc_start = doc_end - length[lo:hi]
         cut_start = np.maximum(doc_start, first)
-        docs.append(order[inside])
+        docs.append(order[lo:hi])
         offsets.append(cut_start - doc_start)
         lengths.append(np.minimum(doc_end, end) - cut_start)
     return np.concatenate(docs), np.concatenate(offsets), np.concatenate(lengths)
