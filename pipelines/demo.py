@@ -2,7 +2,8 @@
 
 Writes the sample corpus, then materializes, through Dagster and in this process,
 raw corpora -> tokenized_dataset/<dataset> (one asset per dataset) -> merged_dataset ->
-trained_model (the tiny model) -> model_checkpoint, model_eval, with every blocking check.
+trained_model (the tiny model) -> model_checkpoint, model_eval, with every blocking check,
+then exports the last checkpoint for transformers (`exports/demo`) and says what to try next.
 The runs are recorded in the project-local DAGSTER_HOME, so `make dev` shows them after.
 """
 
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from blues_train.data.sample_corpus import write_sample_corpus
+from blues_train.serving.export import export
 from blues_train.serving.report import read_metrics
 
 QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -88,9 +90,24 @@ def main(argv=None) -> int:
           f"min {evaluation['min_expert_load']:.2f} (1.0 = balanced)")
     print_markdown(evaluation["samples"])
 
+    exported = export(model["run_dir"], config_path.parent / "exports" / "demo")
+    print(f"\n== export\n{exported['path']}: the last checkpoint for transformers, with its model card (README.md)")
+
     print(f"\ndone in {time.perf_counter() - started:.0f} s; runs recorded in {os.environ['DAGSTER_HOME']}")
-    print("Open the UI: `make dev`, then http://127.0.0.1:3000 (Assets > global lineage).")
+    print(next_steps(model["run_dir"], exported["path"]))
     return 0
+
+
+def next_steps(run_dir, exported) -> str:
+    """What to try next, on the command line and in the UI."""
+    return "\n".join([
+        "Next, on the command line:",
+        f'  .venv/bin/blues generate --checkpoint {run_dir} --prompt "def " --max_length 40',
+        f"  .venv/bin/blues lineage --run {run_dir} --step 1   (the documents that step trained on)",
+        f"  python -c \"import transformers; transformers.AutoModelForCausalLM.from_pretrained('{exported}')\"",
+        "In the UI: `make dev`, then http://127.0.0.1:3000: Catalog lists the assets (each asset's Plots tab "
+        "draws loss and perplexity across checkpoints), Lineage draws the graph, Runs holds this demo's runs.",
+    ])
 
 
 def print_markdown(text: str) -> None:

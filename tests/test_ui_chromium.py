@@ -122,6 +122,8 @@ def run_demo(tmp_path, config, monkeypatch) -> list[str]:
                            "--corpus_mb", "0.05"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "Setting accelerator to CPU" not in done.stdout + done.stderr  # nobody can act on it
+    assert (config.parent / "exports" / "demo" / "model.safetensors").is_file()  # the export it names
+    assert "blues generate --checkpoint" in done.stdout and "Catalog lists the assets" in done.stdout
     with dg.DagsterInstance.get() as instance:
         return instance.get_dynamic_partitions("checkpoints")
 
