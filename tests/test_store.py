@@ -16,7 +16,7 @@ import pytest
 import zstandard
 
 from blues_train import cli
-from blues_train.data import item_writer, prepare, store
+from blues_train.data import item_writer, store
 from blues_train.data.prepare import prepare_dataset
 from blues_train.io.errors import BluesError
 
@@ -150,6 +150,23 @@ class Killed(Exception):
     """Stands for the process dying between two work items."""
 
 
+def prepare_killed_at(item: int, monkeypatch, inputs, out, dying=lambda out: None) -> None:
+    """A one-worker prepare of `inputs` into `out` that dies as work item `item` writes its first
+    chunk (after `dying(out)`), the items before it finished."""
+    real_write = item_writer.ChunkBuilder._write
+
+    def write_then_die(builder, *job):
+        if builder.task.number == item:
+            dying(out)
+            raise Killed
+        real_write(builder, *job)
+
+    monkeypatch.setattr(item_writer.ChunkBuilder, "_write", write_then_die)
+    with pytest.raises(Killed):
+        prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=1, progress=False, item_bytes=ITEM)
+    monkeypatch.setattr(item_writer.ChunkBuilder, "_write", real_write)
+
+
 ITEM = 64 << 10  # the prose corpus (Parquet, CSV, text files) in several work items
 
 
@@ -158,20 +175,10 @@ def test_killed_run_is_invisible_then_resumed_without_redoing_items(tmp_path, sa
     inputs, out = sample_corpus_inputs["prose"], tmp_path / "s"
     clean = prepare_dataset(inputs, tmp_path / "clean", chunk_tokens=CHUNK, workers=1, progress=False,
                             item_bytes=ITEM)
-    real_write = item_writer.ChunkBuilder._write
-
-    def write_then_die(builder, *job):
-        if builder.task.number == 2:
-            (out / ".chunk-00002-00000.arrow.tmp").write_bytes(b"half a chunk")
-            raise Killed
-        real_write(builder, *job)
-
-    monkeypatch.setattr(item_writer.ChunkBuilder, "_write", write_then_die)
-    with pytest.raises(Killed):
-        prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=1, progress=False, item_bytes=ITEM)
+    prepare_killed_at(2, monkeypatch, inputs, out,
+                      lambda out: (out / ".chunk-00002-00000.arrow.tmp").write_bytes(b"half a chunk"))
     with pytest.raises(BluesError, match="no manifest.json"):
         store.read_manifest(out)
-    monkeypatch.setattr(item_writer.ChunkBuilder, "_write", real_write)
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("chunk-0000[01]-*")}
     assert finished
 
@@ -197,30 +204,15 @@ def folder_bytes(folder) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_fresh_and_resumed_runs_make_the_same_store(tmp_path, sample_corpus_inputs, monkeypatch):
-    """A fresh run hashes its sources beside the items (here the hashes finish last); a killed
-    run resumed hashes first. Both stores are byte for byte the one-worker fresh store."""
-    inputs, out = sample_corpus_inputs["prose"], tmp_path / "s"
+def test_items_finished_before_the_hashes_wait_for_the_run_key(tmp_path, sample_corpus_inputs, monkeypatch):
+    """A fresh run hashes its sources beside the items; here the hashes finish last, so the
+    items' journal records wait for the run key. The store is the one-worker store byte for byte
+    (a killed run resumed, which hashes first: test_killed_run_is_invisible_then_resumed_...)."""
+    inputs = sample_corpus_inputs["prose"]
     prepare_dataset(inputs, tmp_path / "clean", chunk_tokens=CHUNK, workers=1, progress=False, item_bytes=ITEM)
-    clean = folder_bytes(tmp_path / "clean")
     monkeypatch.setattr(store, "file_sha256", slow_sha256)
     prepare_dataset(inputs, tmp_path / "late", chunk_tokens=CHUNK, workers=2, progress=False, item_bytes=ITEM)
-    assert folder_bytes(tmp_path / "late") == clean
-    monkeypatch.undo()
-    real_write = item_writer.ChunkBuilder._write
-
-    def write_then_die(builder, *job):
-        if builder.task.number == 3:
-            raise Killed
-        real_write(builder, *job)
-
-    monkeypatch.setattr(item_writer.ChunkBuilder, "_write", write_then_die)
-    with pytest.raises(Killed):
-        prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=1, progress=False, item_bytes=ITEM)
-    monkeypatch.setattr(item_writer.ChunkBuilder, "_write", real_write)
-    assert (out / prepare.JOURNAL).is_file() and not (out / "manifest.json").exists()
-    prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=2, progress=False, item_bytes=ITEM)
-    assert folder_bytes(out) == clean
+    assert folder_bytes(tmp_path / "late") == folder_bytes(tmp_path / "clean")
 
 
 def resumed_items(manifest) -> int:
@@ -231,17 +223,7 @@ def test_damaged_finished_item_is_redone(tmp_path, sample_corpus_inputs, monkeyp
     inputs, out = sample_corpus_inputs["prose"], tmp_path / "s"
     clean = prepare_dataset(inputs, tmp_path / "clean", chunk_tokens=CHUNK, workers=1, progress=False,
                             item_bytes=ITEM)
-    real_write = item_writer.ChunkBuilder._write
-
-    def write_then_die(builder, *job):
-        if builder.task.number == 2:
-            raise Killed
-        real_write(builder, *job)
-
-    monkeypatch.setattr(item_writer.ChunkBuilder, "_write", write_then_die)
-    with pytest.raises(Killed):
-        prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=1, progress=False, item_bytes=ITEM)
-    monkeypatch.setattr(item_writer.ChunkBuilder, "_write", real_write)
+    prepare_killed_at(2, monkeypatch, inputs, out)
     (out / "chunk-00001-00000.arrow").write_bytes(b"corrupt")
     assert prepare_dataset(inputs, out, chunk_tokens=CHUNK, workers=1, progress=False, item_bytes=ITEM) == clean
 
