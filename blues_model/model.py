@@ -171,10 +171,15 @@ class BluesLM(nn.Module):
         super().__init__()
         self.config, self.options = config, options
         backend = resolve_backend(options.attn_backend)
-        self.embed = nn.Embedding(config.padded_vocab_size, config.d_model)
+        # Built on the meta device (to load weights into) it draws nothing: drawing on meta
+        # tensors imports torch._dynamo, seconds of every `blues generate`.
+        meta = torch.empty(0).is_meta
+        shape = (config.padded_vocab_size, config.d_model)
+        self.embed = nn.Embedding(*shape, _weight=torch.empty(shape) if meta else None)
         self.blocks = nn.ModuleList(Block(config, i, backend) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.init_weights()
+        if not meta:
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):

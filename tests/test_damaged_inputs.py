@@ -22,6 +22,8 @@ from training_runs import BIN, ROOT, TRAIN_ARGS, env
 
 from blues_train.data.prepare import prepare_dataset
 from blues_train.data.store import read_manifest
+from blues_train.io.command_line import run_command
+from blues_train.serving import lineage
 from blues_train.training.config import DEFAULT_DS_CONFIG
 
 TOPICS_ROWS = 40  # of the sample corpus' prose/topics.parquet: enough rows for a few documents of each kind
@@ -103,9 +105,17 @@ def with_windows(windows):
     return lambda line: json.dumps({**json.loads(line), "windows": windows}).encode()
 
 
-def lineage_command(run, *argv) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "blues"), "lineage", "--run", str(run), *argv], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=120)
+def lineage_command(run, *argv, capsys=None) -> tuple[int, str]:
+    """`blues lineage --run run *argv`: its exit code and stderr, from the console script, or
+    in this process (the same main and error handling, without the interpreter's start) when
+    capsys is given."""
+    if capsys is None:
+        result = subprocess.run([str(BIN / "blues"), "lineage", "--run", str(run), *argv], cwd=ROOT, env=env(),
+                                capture_output=True, text=True, timeout=120)
+        return result.returncode, result.stderr
+    capsys.readouterr()
+    code = run_command(lineage.main, ["--run", str(run), *argv])
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -114,18 +124,20 @@ def lineage_command(run, *argv) -> subprocess.CompletedProcess:
     (with_windows([0, 99999999999]), "windows [0, 99999999999] are not [16, 20), the 4 windows its layout deals"),
     (with_windows([16, 20, 24]), "windows: list should have at most 2 items"),
 ])
-def test_damaged_metrics_line_is_refused_with_its_file_and_line(reference, tmp_path, damage, problem):
+def test_damaged_metrics_line_is_refused_with_its_file_and_line(reference, tmp_path, capsys, damage, problem):
     run = damaged_run(reference, tmp_path, 5, damage)
-    for argv in (["--step", "5"], ["--step", "2"], ["--document", "stdlib.jsonl.zst:0"], ["--spikes"]):
-        result = lineage_command(run, *argv)
-        assert result.returncode == 2, result.stderr[-3000:]
-        error = result.stderr.splitlines()
+    # The first query through the console script, the others in this process.
+    queries = (["--step", "5"], ["--step", "2"], ["--document", "stdlib.jsonl.zst:0"], ["--spikes"])
+    for i, argv in enumerate(queries):
+        code, stderr = lineage_command(run, *argv, capsys=capsys if i else None)
+        assert code == 2, stderr[-3000:]
+        error = stderr.splitlines()
         assert len(error) == 1 and error[0].startswith(f"error: {run / 'metrics.jsonl'}:5: "), error
         assert problem in error[0]
 
 
-def test_torn_last_metrics_line_is_skipped(reference, tmp_path):
+def test_torn_last_metrics_line_is_skipped(reference, tmp_path, capsys):
     run = damaged_run(reference, tmp_path, 8, lambda line: line[:30] + b"\xff")
-    result = lineage_command(run, "--step", "8")
-    assert result.returncode == 2 and "records steps 1-7" in result.stderr, result.stderr[-3000:]
-    assert lineage_command(run, "--step", "7").returncode == 0
+    code, stderr = lineage_command(run, "--step", "8")
+    assert code == 2 and "records steps 1-7" in stderr, stderr[-3000:]
+    assert lineage_command(run, "--step", "7", capsys=capsys)[0] == 0

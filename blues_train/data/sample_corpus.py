@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections
 import csv
+import functools
 import io
 import json
 import sys
@@ -31,10 +33,12 @@ ZSTD_LEVEL = 10
 PARQUET_ROW_GROUP = 64
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+HOLDS_STATEMENTS = (ast.stmt, ast.excepthandler, ast.match_case)  # where a documented node can sit
 PROSE_SHARES = {"topics": 0.4, "docstrings": 0.45, "texts": 0.15}
 
 
-def stdlib_files(suffix: str) -> list[tuple[str, str]]:
+@functools.cache
+def stdlib_files(suffix: str) -> tuple[tuple[str, str], ...]:
     """(relative path, text) of the standard library's UTF-8 files with `suffix`, sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
     found = []
@@ -46,7 +50,7 @@ def stdlib_files(suffix: str) -> list[tuple[str, str]]:
             found.append((relative.as_posix(), path.read_bytes().decode("utf-8")))
         except UnicodeDecodeError:
             continue  # a few test files are deliberately in other encodings
-    return found
+    return tuple(found)
 
 
 def take(items, budget: int) -> list:
@@ -60,6 +64,16 @@ def take(items, budget: int) -> list:
     return taken
 
 
+def statements(tree: ast.Module):
+    """The module and its statements, in ast.walk's order (breadth first), without descending
+    into expressions: a tenth of the nodes."""
+    queue = collections.deque([tree])
+    while queue:
+        node = queue.popleft()
+        yield node
+        queue.extend(child for child in ast.iter_child_nodes(node) if isinstance(child, HOLDS_STATEMENTS))
+
+
 def module_docstrings(name: str, source: str) -> str:
     """A module's docstring and those of its classes and functions, as one document."""
     try:
@@ -67,7 +81,7 @@ def module_docstrings(name: str, source: str) -> str:
     except SyntaxError:
         return ""
     parts = []
-    for node in ast.walk(tree):
+    for node in statements(tree):
         if isinstance(node, DOCUMENTED) and (doc := ast.get_docstring(node)):
             parts.append(f"{name if node is tree else node.name}\n\n{doc}")
     return "\n\n".join(parts)

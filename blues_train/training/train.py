@@ -519,7 +519,7 @@ def train_steps(run: Run) -> None:
 
 
 def start(cfg: TrainingConfig) -> Run:
-    """Everything before the first step: what to resume, the model, DeepSpeed, the loaders."""
+    """Everything before the first step: what to resume, the loaders, the model, DeepSpeed."""
     quiet_deepspeed()
     import deepspeed
 
@@ -544,6 +544,12 @@ def start(cfg: TrainingConfig) -> Run:
 
     rank, world_size = init_distributed()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    # The loaders first: a store that cannot be read fails before a large model is built.
+    loaders = [PackedSequenceDataset(cfg.data_cache_dir, cfg.seq_len, seed=cfg.seed, rank=rank,
+                                     world_size=world_size, split=split, chunk_cache_dir=cfg.chunk_cache_dir,
+                                     chunk_cache_bytes=int(cfg.chunk_cache_gb * 2**30),
+                                     index_cache_dir=cfg.index_cache_dir)
+               for split in ("train", "val")]
     torch.manual_seed(cfg.seed)
     model = BluesLM(config, cfg.run_options())
     micro, grad_accum = batch_layout(cfg, world_size, model, device)
@@ -559,12 +565,6 @@ def start(cfg: TrainingConfig) -> Run:
         if universal:
             ds_config["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config)
-
-    loaders = [PackedSequenceDataset(cfg.data_cache_dir, cfg.seq_len, seed=cfg.seed, rank=rank,
-                                     world_size=world_size, split=split, chunk_cache_dir=cfg.chunk_cache_dir,
-                                     chunk_cache_bytes=int(cfg.chunk_cache_gb * 2**30),
-                                     index_cache_dir=cfg.index_cache_dir)
-               for split in ("train", "val")]
     if resume_from:
         checkpoint.load(engine, load_dir)
         loaders[0].load_state_dict(resume_meta["loader"])
