@@ -38,7 +38,9 @@ demo: $(STAMP)
 
 # pytest-xdist: each test file runs whole on one worker (its module fixtures are built once);
 # the stores and training runs are built once for all workers (tests/built_once.py).
-TEST_WORKERS ?= 2
+# Three workers on two cores: tests wait on servers and subprocesses much of the time
+# (measured 2026-12-03: 2 workers 900 s, 3 workers 666 s, 4 workers 937 s).
+TEST_WORKERS ?= 3
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
