@@ -35,11 +35,17 @@ def tasks_dir(mixture_dir, tmp_path_factory):
     return out
 
 
+FORKS = []
+os.register_at_fork(before=lambda: FORKS.append(os.getpid()))
+
+
 def blues_eval(checkpoint, tasks_dir, *extra) -> dict:
-    """Run `blues eval --json --log_samples`; the results JSON it wrote."""
-    before = set(results_files(checkpoint))
+    """Run `blues eval --json --log_samples`; the results JSON it wrote. It forks nothing:
+    a fork of a process running torch's threads may deadlock (the harness's bootstrap pool did)."""
+    before, forks = set(results_files(checkpoint)), len(FORKS)
     assert cli.main(["eval", "--checkpoint", str(checkpoint), "--tasks", TASKS, "--include_path", str(tasks_dir),
                      "--log_samples", "--json", "--limit", str(LIMIT), *extra]) == 0
+    assert len(FORKS) == forks
     [new] = set(results_files(checkpoint)) - before
     return json.loads(new.read_text())
 

@@ -21,7 +21,9 @@ Needs the `eval` extra: pip install 'blues[eval]'.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,14 +71,32 @@ def evaluate(checkpoint_path, tasks: list[str], include_path: str | None = None,
     folder = checkpoint_folder(checkpoint_path)
     model = load_model(folder, device)
     started = time.perf_counter()
-    results = lm_eval.simple_evaluate(model=BluesHarnessLM(model, batch_size), tasks=tasks, limit=limit,
-                                      task_manager=manager, log_samples=log_samples)
+    with bootstrap_in_process():
+        results = lm_eval.simple_evaluate(model=BluesHarnessLM(model, batch_size), tasks=tasks, limit=limit,
+                                          task_manager=manager, log_samples=log_samples)
     meta = checkpoint.read_meta(folder) if (folder / checkpoint.META_FILE).exists() else {}
     results["blues"] = {"checkpoint": str(folder.resolve()), "step": meta.get("step"),
                         "weights_sha256": meta.get("files", {}).get(checkpoint.MODEL_FILE),
                         "batch_size": batch_size, "limit": limit, "include_path": include_path,
                         "seconds": time.perf_counter() - started}
     return results
+
+
+@contextlib.contextmanager
+def bootstrap_in_process():
+    """The harness bootstraps a perplexity's standard error in a `multiprocessing` pool
+    forked from this process by default; a fork of a process running torch's threads can
+    deadlock in the child (seen: `blues eval` hanging for good in the pool's exit).
+    `DISABLE_MULTIPROC` makes the harness draw the same resamples in process."""
+    before = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["DISABLE_MULTIPROC"]
+        else:
+            os.environ["DISABLE_MULTIPROC"] = before
 
 
 def scores(results: dict) -> dict[str, float]:
