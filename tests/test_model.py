@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from blues_model import BluesConfig, BluesLM, RunOptions, count_parameters, flops_per_token
-from blues_model.model import chunked_cross_entropy
+from blues_model.model import chunked_cross_entropy, cross_entropy_chunk, cross_entropy_chunk_eager
 
 
 def tiny(**overrides) -> BluesConfig:
@@ -105,6 +105,24 @@ def test_chunked_cross_entropy_equals_plain_value_and_grads():
     for got, want in zip(chunked_grads, plain_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert chunked_grads[1][vocab:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_cross_entropy_chunk_equals_the_compiled_paths_function(dtype):
+    """The CPU path (in place) against the function CUDA compiles, padded columns and
+    ignored rows included, in both dtypes; every row ignored gives 0 and no gradient."""
+    torch.manual_seed(0)
+    vocab, padded = 1000, 1024
+    logits = (torch.randn(9, padded) * 4).to(dtype)
+    target, valid = torch.randint(0, vocab, (9,)), torch.tensor([True] * 6 + [False] * 3)
+    want = cross_entropy_chunk(logits, target, valid, vocab, True)
+    got = cross_entropy_chunk_eager(logits.clone(), target, valid, vocab, True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7)
+    assert got[1].dtype == dtype and got[1][:, vocab:].abs().sum() == 0
+    assert cross_entropy_chunk_eager(logits.clone(), target, valid, vocab, False)[1] is None
+    nothing = cross_entropy_chunk_eager(logits.clone(), target, torch.zeros(9, dtype=torch.bool), vocab, True)
+    assert nothing[0] == 0 and nothing[1].abs().sum() == 0
 
 
 def test_model_loss_equals_cross_entropy_of_logits():
