@@ -1,12 +1,15 @@
 """A small real Blues project for the Dagster tests: the sample corpus (a fraction of a
-MB per dataset), a project configuration pointing at it, tiny training settings."""
+MB per dataset), a project configuration pointing at it, small training settings (the model of
+training_runs.py)."""
 
 import json
 from pathlib import Path
 
+from training_runs import MODEL
+
 from blues_train.data.sample_corpus import write_sample_corpus
 
-TRAINING = {"model": "tiny", "max_steps": 2, "seq_len": 64, "global_batch_tokens": 256,
+TRAINING = {"model": MODEL, "max_steps": 2, "seq_len": 64, "global_batch_tokens": 256,
             "save_interval": 1, "eval_interval": 2, "args": ["--eval_sequences", "4"]}
 
 

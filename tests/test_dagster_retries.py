@@ -12,7 +12,7 @@ import dagster as dg
 import psutil  # installed with deepspeed
 import pytest
 from test_pipelines import EVERYTHING, metadata, resources
-from training_runs import STEPS, assert_close
+from training_runs import LR, MODEL, STEPS, assert_close
 from training_runs import losses as reference_losses
 
 from pipelines import assets
@@ -34,8 +34,8 @@ def project(tmp_path, sample_corpus_dir, code_store, prose_store, mixture_dir, r
         "sources": [{"name": "code", "input": str(sample_corpus_dir / "code"), "glob": "**/*.jsonl.zst"},
                     {"name": "prose", "input": str(sample_corpus_dir / "prose"), "glob": "**/*"}],
         "mixture": {"output": str(mixture_dir), "val_fraction": 0.05},
-        "training": {"model": "tiny", "out": "runs", "max_steps": STEPS, "seq_len": 32, "global_batch_tokens": 128,
-                     "micro_batch": 1, "lr": 2e-2, "eval_interval": 4, "eval_sequences": 4},
+        "training": {"model": MODEL, "out": "runs", "max_steps": STEPS, "seq_len": 32, "global_batch_tokens": 128,
+                     "micro_batch": 1, "lr": LR, "eval_interval": 4, "eval_sequences": 4},
     }))
     return path, reference_losses(reference)
 

@@ -1,5 +1,5 @@
 """The Dagster code location, in process: definitions, the whole graph on real data with
-the tiny model, a corrupt chunk stopping training, the schedule and the sensor."""
+the small test model, a corrupt chunk stopping training, the schedule and the sensor."""
 
 import json
 import math

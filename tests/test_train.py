@@ -14,9 +14,10 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
-from training_runs import BIN, ROOT, STEPS, TRAIN_ARGS, assert_close, checked, env, losses, one_rank, records, two_ranks
+from training_runs import BIN, MODEL, ROOT, STEPS, TRAIN_ARGS, assert_close, checked, env, losses, one_rank, records, two_ranks
 
 from blues_train.training.checkpoint import complete_checkpoints
 
@@ -47,9 +48,10 @@ def test_checkpoints_are_complete_consolidated_and_pruned(reference, mixture_dir
     assert meta["step"] == STEPS and meta["world_size"] == 1
     assert meta["mixture"]["fingerprint"] == mixture["fingerprint"]
     assert meta["loader"]["windows"] == STEPS * 4 and meta["code_version"]
-    assert json.loads((kept[-1] / "config.json").read_text())["d_model"] == 64
+    d_model = json.loads(Path(MODEL).read_text())["d_model"]
+    assert json.loads((kept[-1] / "config.json").read_text())["d_model"] == d_model
     weights = load_file(str(kept[-1] / "model.safetensors"))
-    assert weights["embed.weight"].shape == (200064, 64)
+    assert weights["embed.weight"].shape == (200064, d_model)
 
 
 def test_two_ranks_match_one_rank(reference, two_rank_run):
