@@ -150,28 +150,47 @@ class Node:
         self.proc.wait()
 
 
-def wait_for_nodes(address: str, count: int) -> None:
-    """Until the cluster at `address` answers with `count` live nodes (its head may still be starting)."""
+def wait_for_nodes(address: str, count: int, node: Node) -> bool:
+    """Whether the cluster at `address` answers with `count` live nodes (its head may still be
+    starting) before `node`, the last started, exits (a port taken between free_port() and
+    `ray start`) or two minutes pass."""
     probe = ("import ray, time; ray.init(address='{}', log_to_driver=False)\n"
              "while len([n for n in ray.nodes() if n['Alive']]) < {}: time.sleep(0.2)").format(address, count)
     deadline = time.monotonic() + 120
-    while subprocess.run([sys.executable, "-c", probe], env=CLUSTER_ENV, timeout=120, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL).returncode != 0:
+    while node.proc.poll() is None:
+        with subprocess.Popen([sys.executable, "-c", probe], env=CLUSTER_ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) as waiting:
+            while waiting.poll() is None and node.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            waiting.kill()
+        if waiting.returncode == 0:
+            return True
         assert time.monotonic() < deadline, f"no Ray cluster of {count} node(s) at {address}"
         time.sleep(1)
+    return False
+
+
+def started(address: str, count: int, *flags) -> Node:
+    """A node started with `flags`, once the cluster at `address` has `count` live nodes;
+    started again on other ports when `ray start` exits first."""
+    for _ in range(3):
+        node = Node(*flags)
+        if wait_for_nodes(address, count, node):
+            return node
+        node.stop()
+    raise AssertionError(f"ray start {' '.join(map(str, flags))} exited three times")
 
 
 def test_two_node_cluster_loses_a_node_mid_prepare_and_the_store_is_the_same(every_format, local_store, tmp_path):
     port = free_port()
     address = f"127.0.0.1:{port}"
-    head = Node("--head", "--node-ip-address", "127.0.0.1", "--port", port, "--num-cpus", 1, "--include-dashboard", "false",
-                "--ray-client-server-port", free_port(), "--min-worker-port", 0, "--max-worker-port", 0)
+    head = started(address, 1, "--head", "--node-ip-address", "127.0.0.1", "--port", port, "--num-cpus", 1,
+                   "--include-dashboard", "false", "--ray-client-server-port", free_port(), "--min-worker-port", 0,
+                   "--max-worker-port", 0)
     other = None
     try:
-        wait_for_nodes(address, 1)
-        other = Node("--address", address, "--node-ip-address", "127.0.0.1", "--num-cpus", 2, "--resources", '{"second_node": 1}',
-                     "--min-worker-port", 0, "--max-worker-port", 0)
-        wait_for_nodes(address, 2)
+        other = started(address, 2, "--address", address, "--node-ip-address", "127.0.0.1", "--num-cpus", 2,
+                        "--resources", '{"second_node": 1}', "--min-worker-port", 0, "--max-worker-port", 0)
         out = tmp_path / "cluster"
         command = [sys.executable, "-m", "blues_train.cli", "prepare", "--cache_dir", str(out), "--glob", "**/*",
                    "--chunk_tokens", str(CHUNK), "--item_bytes", str(ITEM), "--executor", "ray",
