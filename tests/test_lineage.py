@@ -370,8 +370,9 @@ def test_window_pieces_across_a_pass_boundary(mixture_dir):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::dagster.PreviewWarning")  # raised inside Dagster Pipes
 def test_trained_model_shows_the_spikes(planted):
-    """The planted run once more, launched by the trained_model asset: its metadata lists
-    the spikes training recorded, each with its worst documents."""
+    """The planted run's second half once more, launched by the trained_model asset (resumed
+    from its step-6 checkpoint; the spikes are after step 6): its metadata lists the spikes
+    training recorded, each with its worst documents."""
     import dagster as dg
 
     from pipelines import assets
@@ -380,7 +381,8 @@ def test_trained_model_shows_the_spikes(planted):
     root = planted["root"]
     training = {"model": "tiny", "max_steps": PLANTED_STEPS, "seq_len": SEQ_LEN, "global_batch_tokens": 128,
                 "micro_batch": 1, "lr": 3e-2, "eval_interval": PLANTED_STEPS, "save_interval": PLANTED_STEPS,
-                "spike_window": 3, "args": ["--eval_sequences", "4"], "out": "dagster_runs"}
+                "spike_window": 3, "out": "dagster_runs",
+                "args": ["--eval_sequences", "4", "--resume", str(planted["run"] / "checkpoints" / "step-000006")]}
     mixture = json.loads((planted["mixture"] / "mixture.json").read_text())
     config = {"datasets": {"paths": ["plain_store", "noise_store"], "merge_strategy": "weighted",
                            "weights": [s["weight"] for s in mixture["sources"]]},
@@ -399,6 +401,7 @@ def test_trained_model_shows_the_spikes(planted):
         shown = event.step_materialization_data.materialization.metadata
     [run] = (root / "dagster_runs").iterdir()
     expected = [r["step"] for r in records(planted["run"]) if "spike" in r]
+    assert min(expected) > 6 and records(run)[0]["step"] == 7
     assert shown["spike_count"].value == len(expected) > 0
     rows = [record.data for record in shown["spikes"].value.records]
     assert [row["step"] for row in rows] == expected

@@ -41,7 +41,7 @@ def test_readme_command_line_tour_runs_as_written(tmp_path):
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
         assert "Traceback" not in result.stderr, command
         if command.startswith("blues train"):  # no --seq_len: the tiny model's 256, not the default 1024
-            assert "x seq_len 256 = 512 tokens per step" in result.stdout
+            assert "x seq_len 256 = 256 tokens per step" in result.stdout
     assert "perplexity: " in result.stdout
 
     example = readme_block("### `blues generate`", "python")
