@@ -14,7 +14,10 @@ the first window minus before construction (and the peak, ru_maxrss, minus the s
 the private part, RssAnon: mapped cache files are shared page cache);
 pass stall = the longest wait between two windows over the end of pass 0, the consumer
 taking STEP_S per window (a training step) from PASS_TAIL windows before the end;
-windows/s of rank 0 at world sizes 1, 8 and 64 (warm, for RATE_S after its first window); lineage: what
+windows/s of rank 0 at world sizes 1, 8 and 64 (warm, for RATE_S after its first window; at
+world > 1 over its windows of the stream's first SHARED_CHUNKS chunks, once with no chunk token
+files, rank 0 decompressing every chunk itself, and once `_shared`, the token files present as
+when the machine's other ranks built them); lineage: what
 `blues lineage --step` does (a loader on the run's mixture, the pieces and names of the 8
 windows of one step) and `--document` (find a document, list its windows in pass 0).
 
@@ -52,6 +55,7 @@ STEP_S = 0.01
 PASS_TAIL = 400
 RATE_S = 3.0  # windows/s: taken for at least this long, and at least MIN_RATE_WINDOWS
 MIN_RATE_WINDOWS = 64
+SHARED_CHUNKS = 16
 STEP_WINDOWS = 8
 
 
@@ -139,12 +143,13 @@ def measure(task: str, impl: str, mixture: str, cache: str | None, arg: str) -> 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"seconds": seconds, "rss_added_mb": rss_mb() - before, "peak_added_mb": peak - before,
                 "private_added_mb": rss_mb("RssAnon") - private_before}
-    if task == "rate":
-        dataset = loader(impl, mixture, world=int(arg), cache=cache)
+    if task == "rate":  # arg: world size, or "world:windows" for exactly that many windows
+        world, _, windows = arg.partition(":")
+        dataset = loader(impl, mixture, world=int(world), cache=cache)
         it, taken = iter(dataset), 0
         next(it)
         t0 = time.perf_counter()
-        while taken < MIN_RATE_WINDOWS or time.perf_counter() - t0 < RATE_S:
+        while (taken < int(windows) if windows else taken < MIN_RATE_WINDOWS or time.perf_counter() - t0 < RATE_S):
             next(it)
             taken += 1
         return {"windows_per_s": taken / (time.perf_counter() - t0)}
@@ -203,7 +208,17 @@ def bench_size(work: Path, billions: float, mean_length: float, quick: bool) -> 
     result["stall"] = run("stall", "indexed", mixture, cache)
     for world in ("1", "8") if quick else ("1", "8", "64"):
         result[f"baseline_rate_w{world}"] = run("rate", "baseline", mixture, None, world)
-        result[f"rate_w{world}"] = run("rate", "indexed", mixture, cache, world)
+        for old in cache.rglob("tokens-*.npy"):  # rank 0 alone on its machine: it decompresses every chunk
+            old.unlink()
+        if world == "1":
+            result["rate_w1"] = run("rate", "indexed", mixture, cache, world)
+            continue
+        # rank 0's windows of the first SHARED_CHUNKS chunks of the stream: decompressing each
+        # chunk itself (alone on its machine), then again with the token files there (as when
+        # the machine's other ranks built them; fewer than loader.TOKEN_FILES_KEPT)
+        windows = f"{world}:{SHARED_CHUNKS * CHUNK_TOKENS // (SEQ_LEN * int(world))}"
+        result[f"rate_w{world}"] = run("rate", "indexed", mixture, cache, windows)
+        result[f"rate_w{world}_shared"] = run("rate", "indexed", mixture, cache, windows)
     result["baseline_lineage"] = run("lineage", "baseline", mixture, None)
     result["lineage"] = run("lineage", "indexed", mixture, cache)
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -125,6 +126,37 @@ def test_chunk_cache_is_bounded(code_store):
     for chunk in [0, 1, 2, 3, 1, 0] if len(paths) >= 4 else range(len(paths)):
         assert len(cache.get(chunk)) == manifest["chunks"][chunk]["n_tokens"]
         assert len(cache.tokens) <= 2
+
+
+def test_ranks_map_each_chunk_decompressed_once_per_machine(code_store, prose_store, tmp_path, monkeypatch):
+    """Ranks of a multi-rank run read chunks from uncompressed token files in the index cache,
+    built by the first rank that needs each: at most TOKEN_FILES_KEPT stay; once built, a rank
+    reads its windows from them alone (here: with the chunk files gone); the windows are those
+    of a single process, which decompresses in memory and writes none."""
+    from blues_train.mixture import loader
+
+    stores = [shutil.copytree(s, tmp_path / s.name) for s in (code_store, prose_store)]
+    merge(stores, tmp_path / "mix", weights=[0.6, 0.4], val_fraction=0.2, seed=3)
+    single = PackedSequenceDataset(tmp_path / "mix", SEQ_LEN, index_cache_dir=tmp_path / "single")
+    n = 2 * single.num_windows(0)
+    expected = take(single, n)
+    assert not list((tmp_path / "single").rglob("tokens-*"))
+    chunks = sorted(stores[0].glob("*.arrow")) + sorted(stores[1].glob("*.arrow"))
+
+    monkeypatch.setattr(loader, "TOKEN_FILES_KEPT", 2)
+    pruned = PackedSequenceDataset(tmp_path / "mix", SEQ_LEN, rank=1, world_size=2, index_cache_dir=tmp_path / "few")
+    assert all(torch.equal(w, expected[2 * i + 1]) for i, w in enumerate(take(pruned, n // 2)))
+    assert len(list((tmp_path / "few").rglob("tokens-*.npy"))) == 2
+    monkeypatch.undo()
+
+    cache = tmp_path / "index"
+    rank0 = PackedSequenceDataset(tmp_path / "mix", SEQ_LEN, rank=0, world_size=2, index_cache_dir=cache)
+    assert all(torch.equal(w, expected[2 * i]) for i, w in enumerate(take(rank0, n // 2)))
+    assert len(list(cache.rglob("tokens-*.npy"))) == len(chunks) > 2
+    for chunk in chunks:
+        chunk.unlink()
+    rank1 = PackedSequenceDataset(tmp_path / "mix", SEQ_LEN, rank=1, world_size=2, index_cache_dir=cache)
+    assert all(torch.equal(w, expected[2 * i + 1]) for i, w in enumerate(take(rank1, n // 2)))
 
 
 def test_validation_restarts_repeat_over_many_passes(mixture):

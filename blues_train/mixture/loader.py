@@ -28,7 +28,9 @@ Start-up reads no tokens. Each store's document index (blues_train/data/doc_inde
 every document's length and identity; the split's document table and each pass plan are
 built from it once per machine and memory-mapped (blues_train/mixture/plan_cache.py), keyed on the
 mixture fingerprint, seed, split and pass. From the middle of a pass on, the next one's plan
-is built on a background thread; each rank packs only its own windows.
+is built on a background thread; each rank packs only its own windows. With several ranks,
+each chunk is decompressed once per machine into an uncompressed token file beside the plans,
+which every rank maps and reads only its own windows' pages of (ChunkCache).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ BLOCK_TOKENS = 1 << 20  # windows are cut from the packed stream about this many
 DOCUMENT = {"chunk": 0, "row": 1, "start": 2, "length": 3}
 PIECE = {"chunk": 0, "source": 1, "start": 2, "length": 3, "packed_start": 4, "doc": 5}
 PLANS_KEPT = 3  # pass plans a loader keeps mapped, and the cache keeps on disk per split and seed
+TOKEN_FILE_PREFIX = "tokens-"
+TOKEN_FILES_KEPT = 32  # uncompressed chunk token files kept on disk per mixture (ChunkCache)
 
 
 @dataclass
@@ -150,12 +154,20 @@ class ChunkCache:
 
     Remote chunks (`paths` entries that are `storage.RemotePath`s) are read from their local
     copies in `files` (a `ChunkFiles`), given each chunk's (sha256, bytes) in `chunks`.
+
+    With `shared` (the mixture's PlanCache, for ranks of a multi-rank run), a chunk is
+    decompressed once per machine into `tokens-<sha256>.npy` there, uncompressed, and every
+    rank and DataLoader worker maps that file: a rank reads only the pages of its own windows
+    (at world 64 about 1/64 of each chunk) instead of decompressing the whole chunk itself.
+    At most TOKEN_FILES_KEPT such files stay on disk (the ranks of a node read the same few
+    chunks at a time). Where the folder cannot take them (read-only, full), chunks are
+    decompressed in memory as without `shared`.
     """
 
     def __init__(self, paths: list, n_tokens: list[int], capacity: int, files: ChunkFiles | None = None,
-                 chunks: list | None = None):
+                 chunks: list | None = None, shared: PlanCache | None = None):
         self.paths, self.n_tokens, self.capacity = paths, n_tokens, capacity
-        self.files, self.chunks = files, chunks
+        self.files, self.chunks, self.shared = files, chunks, shared
         self.tokens: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def local_path(self, chunk: int):
@@ -172,15 +184,39 @@ class ChunkCache:
         if chunk in self.tokens:
             self.tokens.move_to_end(chunk)
             return self.tokens[chunk]
+        tokens = self._shared(chunk) if self.shared is not None else None
+        if tokens is None:
+            tokens = self._decompress(chunk)
+        self.tokens[chunk] = tokens
+        if len(self.tokens) > self.capacity:
+            self.tokens.popitem(last=False)
+        return tokens
+
+    def _decompress(self, chunk: int) -> np.ndarray:
         tokens = chunk_tokens(store.read_chunk(self.local_path(chunk)))
         if len(tokens) != self.n_tokens[chunk]:
             raise BluesError(
                 f"{self.paths[chunk]}: holds {len(tokens)} tokens, the manifest says "
                 f"{self.n_tokens[chunk]}; it changed while training: run `blues verify`"
             )
-        self.tokens[chunk] = tokens
-        if len(self.tokens) > self.capacity:
-            self.tokens.popitem(last=False)
+        return tokens
+
+    def _shared(self, chunk: int) -> np.ndarray | None:
+        """Chunk `chunk`'s tokens mapped from the machine's token file (built if missing), or
+        None where the cache folder cannot hold it."""
+        name = f"{TOKEN_FILE_PREFIX}{self.chunks[chunk][0][:32]}.npy"
+        size = self.n_tokens[chunk]
+        built = not self.shared.has(name)
+        try:
+            tokens = self.shared.get(name, lambda: self._decompress(chunk),
+                                     lambda a: a.dtype == np.uint32 and a.shape == (size,))
+        except BluesError:
+            if self.shared.has(name):
+                raise  # written but unreadable: the disk is failing
+            self.shared = None  # read-only or full: this process decompresses in memory
+            return None
+        if built:
+            self.shared.keep_recent(f"{TOKEN_FILE_PREFIX}*.npy", TOKEN_FILES_KEPT)
         return tokens
 
 
@@ -586,7 +622,8 @@ class PackedSequenceDataset(IterableDataset):
             epoch, window = self.advance((epoch, window), stop - window)
 
     def _chunk_cache(self) -> ChunkCache:
-        return ChunkCache(self.chunk_paths, self.chunk_sizes, self.cache_chunks, self.chunk_files, self.chunk_meta)
+        return ChunkCache(self.chunk_paths, self.chunk_sizes, self.cache_chunks, self.chunk_files, self.chunk_meta,
+                          shared=self.plan_cache if self.world_size > 1 else None)
 
     def _prefetch(self, cache: ChunkCache, epoch: int, window: int, windows: int) -> None:
         plan = self.pass_plan(epoch)

@@ -15,8 +15,11 @@ together build it once: the others wait, then map what the first wrote. Files ar
 to a temporary name and renamed (a reader sees a whole file or none); a file that does not
 parse, or fails its caller's check (its length, the tokens it covers), is built again.
 
-Pass plans are pruned: each `get` marks its file used (its mtime), and the loader keeps on
-disk only the few most recently used plans of each split and seed (`keep_recent`); an older
+The loader of a multi-rank run also keeps here each chunk's tokens, decompressed once per
+machine (`tokens-<chunk sha256>.npy`, see loader.ChunkCache).
+
+Pass plans and token files are pruned: each `get` marks its file used (its mtime), and the
+loader keeps on disk only the few most recently used of each kind (`keep_recent`); an older
 one is deleted under its lock (skipped while another process holds it) and, if a lineage
 query or a resume wants it again, rebuilt identically. A process that mapped a deleted file
 keeps reading it.
@@ -73,6 +76,10 @@ class PlanCache:
             raise BluesError(f"{self.folder / name}: written but unreadable; check the disk, or give "
                              "another --index_cache_dir")
         return found
+
+    def has(self, name: str) -> bool:
+        """Whether the folder holds a file `name` (readable or not)."""
+        return (self.folder / name).exists()
 
     def keep_recent(self, pattern: str, keep: int) -> None:
         """Delete all but the `keep` most recently used files of the folder matching `pattern`
