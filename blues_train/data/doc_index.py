@@ -59,7 +59,7 @@ def derive_index(table, labels: list[str], where) -> bytes:
         raise BluesError(f"{where}: source {unknown!r} is not in its store's manifest.json sources; "
                          "run `blues verify` and prepare the dataset again")
     return encode_index(store.doc_lengths(table), [position[name] for name in names],
-                        table.column("index").to_numpy())
+                        store.integers(table.column("index")))
 
 
 def as_written(data: bytes, n_docs: int) -> np.ndarray | None:

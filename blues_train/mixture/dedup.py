@@ -126,7 +126,7 @@ def chunk_signature(chunk_path: str, sha256: str) -> bytes:
     if hashlib.sha256(data).hexdigest() != sha256:
         raise BluesError(f"{chunk_path}: its sha256 is not the manifest's; run `blues verify` and prepare it again")
     table = store.read_chunk(chunk_path, data)
-    parts = [batch.flatten().to_numpy() for batch in table.column("tokens").chunks]  # views, no combined copy
+    parts = [store.integers(batch.flatten()) for batch in table.column("tokens").chunks]  # views, no combined copy
     tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
     offsets = np.concatenate([[0], np.cumsum(store.doc_lengths(table), dtype=np.int64)])
     rows, signature = minhash.signatures(tokens, offsets)
@@ -176,7 +176,7 @@ def bucket_pairs(files: list[Path], firsts: list[int], key: str) -> set[tuple[in
     for part in range(partitions):
         values, docs = [], []
         for file, first in zip(files, firsts):
-            column = read_columns(file, [key]).column(0).to_numpy()
+            column = store.integers(read_columns(file, [key]).column(0))
             mine = np.flatnonzero(column % np.uint64(partitions) == part)
             values.append(column[mine])
             docs.append(mine + first)
@@ -200,9 +200,9 @@ def gather(files: list[Path], firsts: list[int], docs: np.ndarray, names: list[s
         for name in names:
             column = table.column(name).combine_chunks()
             if name == "signature":
-                values = column.values.to_numpy().reshape(-1, minhash.PERMUTATIONS)
+                values = store.integers(column.values).reshape(-1, minhash.PERMUTATIONS)
             else:
-                values = column.to_numpy()
+                values = store.integers(column)
             found[name].append(values[docs[lo:hi] - firsts[number]])
     return {name: np.concatenate(parts) for name, parts in found.items()}
 
@@ -327,7 +327,7 @@ def counts(paths, manifests, removals: pa.Table) -> list[dict]:
     """Per dataset: documents removed for each reason, and their tokens."""
     fingerprints = np.asarray(removals.column("dataset_fingerprint").to_pylist(), dtype=object)
     reasons = np.asarray(removals.column("reason").to_pylist(), dtype=object)
-    tokens = removals.column("tokens").to_numpy()
+    tokens = store.integers(removals.column("tokens"))
     rows = []
     for path, manifest in zip(paths, manifests):
         mine = fingerprints == manifest["fingerprint"]
@@ -403,7 +403,7 @@ def opening(store_dir, source: str, index: int) -> str:
         rows = np.flatnonzero((records["source"] == position) & (records["index"] == index))
         if len(rows):
             path = store.chunk_path(store_dir, chunk)
-            tokens = store.read_chunk(path).column("tokens")[int(rows[0])].values.to_numpy()
+            tokens = store.integers(store.read_chunk(path).column("tokens")[int(rows[0])].values)
             return tokenizer.decode(tokens[:SAMPLE_CHARS])[:SAMPLE_CHARS]
     raise BluesError(f"{store_dir}: holds no record {index} of {source}, which the dedup result names; "
                      "run `blues dedup` again")
@@ -451,7 +451,7 @@ def removal_of(mixture: dict, fingerprint: str, source: str, index: int) -> dict
     table = read_removals(mixture["dedup"]["path"], current_result(mixture))
     mine = ((np.asarray(table.column("dataset_fingerprint").to_pylist(), dtype=object) == fingerprint)
             & (np.asarray(table.column("source").to_pylist(), dtype=object) == source)
-            & (table.column("index").to_numpy() == index))
+            & (store.integers(table.column("index")) == index))
     found = np.flatnonzero(mine)
     return table.slice(int(found[0]), 1).to_pylist()[0] if len(found) else None
 
@@ -463,7 +463,7 @@ def removed_rows(mixture: dict) -> list[dict[int, np.ndarray]]:
     record = current_result(mixture)
     table = read_removals(mixture["dedup"]["path"], record)
     fingerprints = np.asarray(table.column("dataset_fingerprint").to_pylist(), dtype=object)
-    chunk, row = table.column("chunk").to_numpy(), table.column("row").to_numpy()
+    chunk, row = store.integers(table.column("chunk")), store.integers(table.column("row"))
     out = []
     for entry in mixture["sources"]:
         mine = fingerprints == entry["fingerprint"]

@@ -238,7 +238,7 @@ def plan_chunks(plan: "Pass", first: int, end: int) -> list[int]:
 
 def chunk_tokens(table: pa.Table) -> np.ndarray:
     """All tokens of a chunk table, documents concatenated, as one uint32 array."""
-    parts = [batch.values.to_numpy() for batch in table.column("tokens").chunks]
+    parts = [store.integers(batch.values) for batch in table.column("tokens").chunks]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 

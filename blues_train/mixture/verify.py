@@ -214,7 +214,7 @@ def check_counts(manifest_file, number, chunk, file, rows, lengths, report) -> N
 
 
 def check_token_ids(file: Path, table, lengths: np.ndarray, report: VerifyReport) -> None:
-    tokens = pc.list_flatten(table.column("tokens")).to_numpy()
+    tokens = store.integers(pc.list_flatten(table.column("tokens")))
     bad = np.flatnonzero(tokens >= N_VOCAB)
     if len(bad):
         row = int(np.searchsorted(np.cumsum(lengths), bad[0], side="right"))
