@@ -24,7 +24,6 @@ from blues_train.io import storage
 from blues_train.io.atomic import write_json_atomic
 from blues_train.io.errors import BluesError
 from blues_train.mixture.dedup import dedup, removal_sample
-from blues_train.mixture.loader import realized_shares
 from blues_train.mixture.merge import merge
 from blues_train.mixture.spec import read_mixture
 from blues_train.serving.report import (
@@ -261,6 +260,8 @@ def build_merged_dataset(tokenized: list[dg.AssetsDefinition],
             dedup=cfg.dedup.output if deduplicated and cfg.dedup else None,
         )
         total = manifest["total_tokens"]
+        from blues_train.mixture.loader import realized_shares  # imports torch: not in every Dagster process
+
         try:
             realized = [round(share, 4) for share in realized_shares(manifest)[0]]
         except BluesError as exc:  # a store unreadable: the blocking mixture_integrity check says why

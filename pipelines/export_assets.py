@@ -7,7 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from blues_train.io.errors import BluesError
-from blues_train.serving.export import DEFAULT_DTYPE, DTYPES, export
+from blues_train.serving.export_dtypes import DEFAULT_DTYPE, DTYPES
 from pipelines.assets import _latest_checkpoint, trained_model
 from pipelines.versions import versioned_asset
 
@@ -45,6 +45,8 @@ def hf_model(context: dg.AssetExecutionContext, config: HfExportConfig) -> dg.Ma
     tokenizer as tokenizer.json)."""
     checkpoint = _latest_checkpoint(context)
     try:
+        from blues_train.serving.export import export  # imports torch: only where a model is exported
+
         summary = export(checkpoint, export_folder(checkpoint), config.dtype)
     except BluesError as exc:
         raise dg.Failure(description=str(exc)) from None

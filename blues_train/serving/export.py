@@ -66,12 +66,11 @@ from blues_train.io.atomic import (
 )
 from blues_train.io.errors import BluesError
 from blues_train.io.folder_lock import exclusive_writer
+from blues_train.serving.export_dtypes import DEFAULT_DTYPE, DTYPES
 from blues_train.serving.generate import checkpoint_folder, load_model
 from blues_train.serving.model_card import model_card, training_lineage
 from blues_train.training import checkpoint, remote_run
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-DEFAULT_DTYPE = "bfloat16"
 QWEN2_MOE, MIXTRAL = "Qwen2MoeForCausalLM", "MixtralForCausalLM"
 EXPORT_FILE = "blues_export.json"  # provenance; also marks a folder an earlier export wrote
 WEIGHTS_FILE = "model.safetensors"
@@ -296,7 +295,7 @@ def write_export(model: BluesLM, out, dtype: str = DEFAULT_DTYPE, source: dict |
     out = Path(out)
     check_out(out)
     c = model.config
-    weights = hf_weights(model, DTYPES[dtype])
+    weights = hf_weights(model, getattr(torch, dtype))
     summary = {
         "architecture": architecture(c), "dtype": dtype, "parameters": parameter_count(weights),
         "vocab_size": c.vocab_size, "layers": c.n_layers, "moe_layers": len(c.moe_layers),

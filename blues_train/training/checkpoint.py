@@ -35,16 +35,16 @@ from importlib import metadata
 from itertools import chain, count
 from pathlib import Path
 from types import SimpleNamespace
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
 from blues_train.data.store import file_sha256
 from blues_train.io import storage
 from blues_train.io.atomic import FILE_MODE, folder_error, os_error, sync_dir, write_json_atomic
 from blues_train.io.errors import BluesError
 from blues_train.training.deepspeed_import import import_deepspeed
-from blues_train.training.weights_only import weights_only_loads
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 2  # 2: meta.json lists every file's sha256
 DEEPSPEED_DIR = "deepspeed"
@@ -202,6 +202,7 @@ def fsync_tree(folder: Path) -> None:
 def save(engine, root, step: int, *, config: dict, meta: dict, keep_last: int) -> Path | None:
     """Save step `step` atomically; all ranks call it. Returns the folder on rank 0."""
     import torch.distributed as dist
+    from safetensors.torch import save_file
 
     root = Path(root)
     rank = dist.get_rank()
@@ -289,6 +290,8 @@ def compare(folder: Path, recorded: dict, present: dict) -> None:
 
 def load(engine, load_dir: Path) -> None:
     """engine.load_checkpoint, with every .pt read by a weights-only load."""
+    from blues_train.training.weights_only import weights_only_loads
+
     with weights_only_loads():
         engine.load_checkpoint(str(load_dir), tag=DEEPSPEED_TAG)
 
@@ -321,6 +324,8 @@ def convert_to_universal(folder: Path) -> None:
                            output_folder=str(tmp / DEEPSPEED_TAG), num_extract_workers=1,
                            num_merge_workers=1, keep_temp_folder=False, strict=True,
                            inject_missing_state=True)  # the arguments of its command line
+    from blues_train.training.weights_only import weights_only_loads
+
     with open(os.devnull, "w") as quiet, redirect_stdout(quiet), weights_only_loads():
         ds_to_universal.main(args)
     hashes = file_hashes(folder, tmp.name)
