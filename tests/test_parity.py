@@ -11,6 +11,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from reference import naive_moe
+from training_runs import LR, MODEL
 
 from blues_model import BluesConfig, BluesLM, RunOptions
 from blues_model.moe import MoE
@@ -42,12 +43,12 @@ def test_fast_path_losses_equal_reference_path(code_store, prose_store, tmp_path
     stream = iter(PackedSequenceDataset(tmp_path / "mix", 32, seed=0))
     batches = [torch.stack([next(stream) for _ in range(4)]) for _ in range(6)]
 
-    config = BluesConfig.from_dict({**BluesConfig.preset("tiny").to_dict(), "router_noise": False})
+    config = BluesConfig.from_dict({**BluesConfig.resolve(MODEL).to_dict(), "router_noise": False})
     torch.manual_seed(0)
     fast = BluesLM(config, RunOptions(loss_chunk_tokens=48))
     reference = copy.deepcopy(fast)
     use_reference_moe(reference)
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=2e-2) for m in (fast, reference)]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=LR) for m in (fast, reference)]
 
     fast_losses, reference_losses = [], []
     for windows in batches:
