@@ -71,7 +71,7 @@ def test_damaged_plan_cache_is_rebuilt(tmp_path, mixture_dir):
 
 
 def build_slowly(folder, log):
-    def build():
+    def build(allocate):
         with open(log, "a") as fh:
             fh.write("built\n")
         time.sleep(0.5)

@@ -31,6 +31,7 @@ from blues_train.io.command_line import run_command
 from blues_train.io.errors import BluesError
 from blues_train.mixture.loader import PackedSequenceDataset, WindowPiece
 from blues_train.mixture.merge import merge
+from blues_train.mixture.plan_cache import FORMAT_VERSION
 from blues_train.mixture.spec import held_out
 from blues_train.serving import lineage
 from blues_train.training.metrics import SpikeDetector, document_losses
@@ -127,7 +128,7 @@ def test_index_cache_dir_is_where_lineage_reads_its_tables(capsys, tmp_path, ref
     there once (then read, not rebuilt) and the answers are the same."""
     step = report(capsys, "--run", reference, "--step", 5)
     assert report(capsys, "--run", reference, "--step", 5, "--index_cache_dir", tmp_path) == step
-    [folder] = tmp_path.glob("v1-*")
+    [folder] = tmp_path.glob(f"v{FORMAT_VERSION}-*")
     tables = sorted(p.name for p in folder.glob("*.npy"))
     assert {"documents-train.npy", "plan-train-seed0-pass0.npy"} <= set(tables)
     written = {name: (folder / name).stat().st_ino for name in tables}

@@ -68,7 +68,7 @@ def test_source_pieces_are_todays_at_any_cut():
 
     rng = np.random.default_rng(7)
     length = np.concatenate([[1, 1, 3], rng.integers(1, 40, 300)]).astype(np.int64)
-    chunk = np.repeat(np.arange(10), 30)[: len(length)].astype(np.int32)
+    chunk = np.repeat(np.arange(11), 30)[: len(length)].astype(np.int32)  # 30 documents a chunk
     start = np.zeros(len(length), dtype=np.int64)
     old = reference_loader.Source(chunk, start, length, chunk, per_pass=0)
     new = loader.Source(chunk, start, length, chunk, per_pass=0, tokens=int(length.sum()), first=0)

@@ -116,3 +116,53 @@ def test_checkpoint_save_on_a_full_disk(tmp_path, mixture_dir):
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == []  # the .tmp- folder is gone
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk, leave: int) -> None:
+    """Take all but about `leave` bytes of a tmpfs."""
+    total = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    (disk / "filler").write_bytes(b"\1" * max(total - leave, 0))
+
+
+def test_index_cache_on_a_full_disk_is_one_line(tmp_path, mixture_dir):
+    """The loader's tables are written in place through a mapping: a full disk must be an
+    error when the file is sized (its space reserved), not SIGBUS when a page is written.
+    Two pages are left: enough for a sparse file's first and last page, not for the table."""
+    from blues_train.io.errors import BluesError
+    from blues_train.mixture.loader import PackedSequenceDataset
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    table = PackedSequenceDataset(mixture_dir, 64, index_cache_dir=tmp_path / "whole").documents
+    assert table.nbytes + 128 > 2 * 4096  # the premise: a page between the header's and the last
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "4m")
+    try:
+        fill(disk, 2 * 4096)
+        with pytest.raises(BluesError, match="no space left on device while writing .*index cache"):
+            PackedSequenceDataset(mixture_dir, 64, index_cache_dir=disk / "cache")
+        assert not list((disk / "cache").rglob("*.tmp")) and not list((disk / "cache").rglob("*.npy"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_ranks_decompress_in_memory_where_token_files_cannot_be_written(tmp_path, mixture_dir):
+    """A multi-rank loader whose index cache turned read-only (its tables built) reads its
+    windows by decompressing chunks itself: the same windows, no error, no token file."""
+    from blues_train.mixture.loader import PackedSequenceDataset
+    from reference import take
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    single = PackedSequenceDataset(mixture_dir, 64, index_cache_dir=tmp_path / "single")
+    expected = take(single, 40)
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "16m")
+    try:
+        PackedSequenceDataset(mixture_dir, 64, rank=1, world_size=2, index_cache_dir=disk).num_windows(0)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        rank1 = PackedSequenceDataset(mixture_dir, 64, rank=1, world_size=2, index_cache_dir=disk)
+        assert all((a == b).all() for a, b in zip(take(rank1, 20), expected[1::2]))
+        assert not list(disk.rglob("tokens-*"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -471,14 +471,6 @@ def removed_rows(mixture: dict) -> list[dict[int, np.ndarray]]:
     return out
 
 
-def keep_mask(chunks: np.ndarray, rows: np.ndarray, removed: dict[int, np.ndarray]) -> np.ndarray:
-    """Which of the documents (chunk number in the store, row) were not removed."""
-    keep = np.ones(len(rows), dtype=bool)
-    for chunk, gone in removed.items():
-        keep &= ~((chunks == chunk) & np.isin(rows, gone))
-    return keep
-
-
 def flag_parser() -> argparse.ArgumentParser:
     parser = command_line.flag_parser("blues dedup", "Find exact and near-duplicate documents across token stores.")
     parser.add_argument("--datasets", nargs="+", required=True, help="token store folders, in keep order")

@@ -51,7 +51,7 @@ from blues_train.data.tokenizer import EOT_ID
 from blues_train.io import storage
 from blues_train.io.chunk_files import ChunkFiles
 from blues_train.io.errors import BluesError
-from blues_train.mixture.plan_cache import PlanCache, cache_folder
+from blues_train.mixture.plan_cache import PlanCache, cache_folder, in_memory
 from blues_train.mixture.spec import held_out_by_base, read_mixture, source_base, source_manifest
 
 SPLITS = ("train", "val")
@@ -60,10 +60,11 @@ BLOCK_TOKENS = 1 << 20  # windows are cut from the packed stream about this many
 # The document table and pass plans are int64 tables stored column-major, so that each column
 # is contiguous in the mapped file (np.searchsorted on a strided column would copy it whole).
 DOCUMENT = {"chunk": 0, "row": 1, "start": 2, "length": 3}
-PIECE = {"chunk": 0, "source": 1, "start": 2, "length": 3, "packed_start": 4, "doc": 5}
+PIECE = {"doc": 0, "start": 1, "length": 2, "packed_start": 3}  # chunk and source: from the document
 PLANS_KEPT = 3  # pass plans a loader keeps mapped, and the cache keeps on disk per split and seed
 TOKEN_FILE_PREFIX = "tokens-"
 TOKEN_FILES_KEPT = 32  # uncompressed chunk token files kept on disk per mixture (ChunkCache)
+BATCH_DOCUMENTS = 1 << 18  # index records read and filtered together (split_batches)
 
 
 @dataclass
@@ -133,20 +134,28 @@ class DocumentWindow:
 class Pass:
     """One pass of the mixture as pieces of documents, in stream order (views of its plan)."""
 
-    chunk: np.ndarray
-    start: np.ndarray
-    length: np.ndarray
-    source: np.ndarray
-    packed_start: np.ndarray  # position of each piece in the packed stream (EOTs included)
     doc: np.ndarray  # the piece's document: its number in the split's document table
+    start: np.ndarray  # offset of the piece's first token in its chunk
+    length: np.ndarray
+    packed_start: np.ndarray  # position of each piece in the packed stream (EOTs included)
     n_windows: int
+    documents: np.ndarray  # the split's document table
+    source_firsts: np.ndarray  # each source's first document number (ascending)
 
     @classmethod
-    def of(cls, plan: np.ndarray, seq_len: int) -> "Pass":
+    def of(cls, plan: np.ndarray, seq_len: int, documents: np.ndarray, source_firsts: np.ndarray) -> "Pass":
         """The pass whose pieces are `plan` (a PIECE table), cut into windows of seq_len."""
-        chunk, source, start, length, packed_start, doc = plan.T
+        doc, start, length, packed_start = plan.T
         packed_end = int(packed_start[-1] + length[-1] + 1)
-        return cls(chunk, start, length, source, packed_start, doc, n_windows=max(packed_end - 1, 0) // seq_len)
+        return cls(doc, start, length, packed_start, max(packed_end - 1, 0) // seq_len, documents, source_firsts)
+
+    def chunks(self, lo: int, hi: int) -> np.ndarray:
+        """The chunk of each of pieces [lo, hi)."""
+        return self.documents[:, DOCUMENT["chunk"]][self.doc[lo:hi]]
+
+    def source(self, k: int) -> int:
+        """The mixture source of piece k."""
+        return int(np.searchsorted(self.source_firsts, self.doc[k], side="right")) - 1
 
 
 class ChunkCache:
@@ -208,7 +217,7 @@ class ChunkCache:
         size = self.n_tokens[chunk]
         built = not self.shared.has(name)
         try:
-            tokens = self.shared.get(name, lambda: self._decompress(chunk),
+            tokens = self.shared.get(name, lambda allocate: self._decompress(chunk),
                                      lambda a: a.dtype == np.uint32 and a.shape == (size,))
         except BluesError:
             if self.shared.has(name):
@@ -233,7 +242,7 @@ def plan_chunks(plan: "Pass", first: int, end: int) -> list[int]:
     """The chunks the pass's packed tokens [first, end) come from, in stream order."""
     lo = max(int(np.searchsorted(plan.packed_start, first, side="right")) - 1, 0)
     hi = int(np.searchsorted(plan.packed_start, end, side="left"))
-    return list(dict.fromkeys(plan.chunk[lo:hi].tolist()))
+    return list(dict.fromkeys(plan.chunks(lo, hi).tolist()))
 
 
 def chunk_tokens(table: pa.Table) -> np.ndarray:
@@ -281,21 +290,59 @@ def is_table(array: np.ndarray, columns: dict) -> bool:
             and array.flags.f_contiguous)
 
 
-def split_documents(mixture: dict, chunks: MixtureChunks, files: ChunkFiles | None, split: str) -> np.ndarray:
-    """The split's non-empty documents, every source's in chunk and row order (a DOCUMENT table),
-    without those the mixture's dedup result removed."""
-    fraction = mixture["validation"]["fraction"]
-    bases = [np.array([source_base(s["sha256"]) for s in manifest["sources"]], dtype=np.uint64)
-             for manifest in chunks.manifests]
-    removed = removed_rows(mixture)
-    parts = [without_removed(chunk_documents(chunk_index(mixture, chunks, files, number),
-                                             bases[chunks.owner[number][0]], number, fraction, split),
-                             chunks, removed)
-             for number in range(len(chunks.paths))]
-    table = np.empty((sum(len(part) for part in parts), len(DOCUMENT)), dtype=np.int64, order="F")
+def split_documents(mixture: dict, chunks: MixtureChunks, files: ChunkFiles | None, split: str,
+                    allocate=in_memory) -> np.ndarray:
+    """The split's non-empty documents, every source's in chunk and row order (a DOCUMENT table
+    in `allocate`d memory), without those the mixture's dedup result removed."""
+    parts = [part for _, part in split_batches(mixture, chunks, files, split)]
+    table = allocate((sum(len(part) for part in parts), len(DOCUMENT)))
     for column in range(len(DOCUMENT)):  # each column copied once, contiguous
         if parts:
             np.concatenate([part[:, column] for part in parts], out=table[:, column])
+    return table
+
+
+def split_batches(mixture: dict, chunks: MixtureChunks, files: ChunkFiles | None, split: str):
+    """(mixture source, DOCUMENT table) of the split's documents, in chunk and row order, a batch
+    of one store's chunks of about BATCH_DOCUMENTS index records at a time."""
+    fraction = mixture["validation"]["fraction"]
+    removed = removed_rows(mixture)
+    bounds = chunks.source_bounds().tolist()
+    for source, manifest in enumerate(chunks.manifests):
+        bases = np.array([source_base(s["sha256"]) for s in manifest["sources"]], dtype=np.uint64)
+        batch: list[tuple[int, np.ndarray]] = []
+        for number in range(bounds[source], bounds[source + 1]):
+            batch.append((number, chunk_index(mixture, chunks, files, number)))
+            if sum(len(records) for _, records in batch) >= BATCH_DOCUMENTS or number + 1 == bounds[source + 1]:
+                yield source, batch_documents(batch, chunks, bases, fraction, split,
+                                              removed[source] if removed else {})
+                batch = []
+
+
+def batch_documents(batch: list[tuple[int, np.ndarray]], chunks: MixtureChunks, bases: np.ndarray,
+                    fraction: float, split: str, removed: dict[int, np.ndarray]) -> np.ndarray:
+    """The split's non-empty documents (a DOCUMENT table) of a batch of (chunk number, index
+    records) of one store, without the rows `removed` lists ({chunk number in the store: rows})."""
+    numbers = [number for number, _ in batch]
+    counts = np.array([len(records) for _, records in batch], dtype=np.int64)
+    records = np.concatenate([records for _, records in batch])
+    firsts = np.cumsum(counts) - counts  # each chunk's first record in the batch
+    lengths = records["length"].astype(np.int64)
+    keep = held_out_by_base(bases[records["source"]], records["index"], fraction) == (split == "val")
+    keep &= lengths > 0
+    for number, first, count in zip(numbers, firsts.tolist(), counts.tolist()):
+        rows = removed.get(chunks.owner[number][1])
+        if rows is not None:
+            keep[first + rows[rows < count]] = False
+    chunk_starts = np.cumsum([0] + [chunks.n_tokens[number] for number in numbers[:-1]])
+    starts = np.cumsum(lengths) - lengths - np.repeat(chunk_starts, counts)
+    rows = np.arange(len(records)) - np.repeat(firsts, counts)
+    kept = np.flatnonzero(keep)
+    table = np.empty((len(kept), len(DOCUMENT)), dtype=np.int64, order="F")
+    table[:, DOCUMENT["chunk"]] = np.repeat(numbers, counts)[kept]
+    table[:, DOCUMENT["row"]] = rows[kept]
+    table[:, DOCUMENT["start"]] = starts[kept]
+    table[:, DOCUMENT["length"]] = lengths[kept]
     return table
 
 
@@ -306,32 +353,6 @@ def removed_rows(mixture: dict) -> list[dict[int, np.ndarray]] | None:
     from blues_train.mixture import dedup  # only a deduplicated mixture reads Parquet
 
     return dedup.removed_rows(mixture)
-
-
-def without_removed(documents: np.ndarray, chunks: MixtureChunks, removed) -> np.ndarray:
-    """A chunk's DOCUMENT table without the rows `removed` (removed_rows) lists."""
-    if removed is None or not len(documents):
-        return documents
-    from blues_train.mixture import dedup
-
-    number = int(documents[0, DOCUMENT["chunk"]])
-    source, local = chunks.owner[number]
-    keep = dedup.keep_mask(np.full(len(documents), local), documents[:, DOCUMENT["row"]], removed[source])
-    return documents[keep]
-
-
-def chunk_documents(records: np.ndarray, bases: np.ndarray, chunk_id: int, fraction: float,
-                    split: str) -> np.ndarray:
-    """The non-empty documents of `split` in a chunk, given its index records (a DOCUMENT table)."""
-    lengths = records["length"].astype(np.int64)
-    held = held_out_by_base(bases[records["source"]], records["index"], fraction)
-    keep = np.flatnonzero((lengths > 0) & (held == (split == "val")))
-    table = np.empty((len(keep), len(DOCUMENT)), dtype=np.int64, order="F")
-    table[:, DOCUMENT["chunk"]] = chunk_id
-    table[:, DOCUMENT["row"]] = keep
-    table[:, DOCUMENT["start"]] = (np.cumsum(lengths) - lengths)[keep]
-    table[:, DOCUMENT["length"]] = lengths[keep]
-    return table
 
 
 def source_totals(documents: np.ndarray, chunks: MixtureChunks) -> np.ndarray:
@@ -362,17 +383,12 @@ def pass_tokens(entry: dict, tokens: int, split: str) -> int:
 
 
 def split_tokens(mixture: dict, split: str) -> list[int]:
-    """Each source's tokens in `split`, from the document index one chunk at a time (memory does
-    not grow with documents)."""
+    """Each source's tokens in `split`, from the document index a batch of chunks at a time
+    (memory does not grow with documents)."""
     chunks = MixtureChunks.of(mixture)
     files = ChunkFiles() if any(isinstance(p, storage.RemotePath) for p in chunks.paths) else None
     tokens = [0] * len(mixture["sources"])
-    fraction = mixture["validation"]["fraction"]
-    removed = removed_rows(mixture)
-    for number, (source, _) in enumerate(chunks.owner):
-        bases = np.array([source_base(s["sha256"]) for s in chunks.manifests[source]["sources"]], dtype=np.uint64)
-        documents = without_removed(chunk_documents(chunk_index(mixture, chunks, files, number), bases, number,
-                                                    fraction, split), chunks, removed)
+    for source, documents in split_batches(mixture, chunks, files, split):
         tokens[source] += int(documents[:, DOCUMENT["length"]].sum())
     return tokens
 
@@ -389,24 +405,36 @@ def epoch_order(source: Source, rng: np.random.Generator) -> np.ndarray:
     its cost. The sorts are quicksorts (SIMD, about twice a stable sort's speed); only when
     two keys of a chunk are equal (about n^2 / 2^54 odds) is the source sorted stably, so the
     order is the same."""
-    bounds = np.concatenate([[0], np.flatnonzero(np.diff(source.chunk)) + 1, [len(source.chunk)]])
-    chunk_rank = rng.permutation(len(bounds) - 1)
-    keys = rng.random(len(source.chunk))
-    spans = [bounds[i: i + 2].tolist() for i in np.argsort(chunk_rank).tolist()]
-    if not spans:
+    chunk = source.chunk
+    if not len(chunk):
         return np.zeros(0, dtype=np.int64)
-    order = np.concatenate([np.argsort(keys[lo:hi]) + lo for lo, hi in spans])
-    if np.any(keys[order[1:]] == keys[order[:-1]]):
-        order = np.concatenate([np.argsort(keys[lo:hi], kind="stable") + lo for lo, hi in spans])
+    # where each chunk's documents begin (chunk numbers ascend), and the end
+    bounds = np.unique(np.searchsorted(chunk, np.arange(int(chunk[0]), int(chunk[-1]) + 2)))
+    chunk_rank = rng.permutation(len(bounds) - 1)
+    keys = rng.random(len(chunk))
+    spans = [bounds[i: i + 2].tolist() for i in np.argsort(chunk_rank).tolist()]
+
+    def sort(kind: str) -> np.ndarray:
+        order, at = np.empty(len(chunk), dtype=np.int64), 0
+        for lo, hi in spans:
+            order[at: at + hi - lo] = np.argsort(keys[lo:hi], kind=kind)
+            order[at: at + hi - lo] += lo
+            at += hi - lo
+        return order
+
+    order = sort("quicksort")
+    ranked = keys[order]
+    if np.any(ranked[1:] == ranked[:-1]):
+        order = sort("stable")
     return order
 
 
 def source_pieces(source: Source, seeds: list[int], first: int, end: int):
     """Pieces of the source stream's tokens [first, end): (doc indices, offsets, lengths).
     Documents are non-empty, so the ones that overlap [first, end) are one run of the epoch's
-    order, found by binary search."""
+    order, found by binary search; only its first and last can be cut."""
     per_epoch = source.tokens
-    docs, offsets, lengths = [], [], []
+    parts = []
     for epoch in range(first // per_epoch, (end - 1) // per_epoch + 1):
         order = epoch_order(source, np.random.default_rng([*seeds, epoch]))
         length = source.length[order]
@@ -415,39 +443,46 @@ def source_pieces(source: Source, seeds: list[int], first: int, end: int):
         lo = int(np.searchsorted(doc_end, first, side="right"))
         hi = int(np.searchsorted(doc_end, end, side="left")) + 1  # the first document ending at or past `end`
         hi = min(hi, len(order))
-        doc_end = doc_end[lo:hi]
-        doc_start = doc_end - length[lo:hi]
-        cut_start = np.maximum(doc_start, first)
-        docs.append(order[lo:hi])
-        offsets.append(cut_start - doc_start)
-        lengths.append(np.minimum(doc_end, end) - cut_start)
-    return np.concatenate(docs), np.concatenate(offsets), np.concatenate(lengths)
+        lengths, offsets = length[lo:hi], np.zeros(hi - lo, dtype=np.int64)
+        head = first - int(doc_end[lo] - length[lo])  # tokens of the first document before `first`
+        if head > 0:
+            offsets[0] = head
+            lengths[0] -= head
+        tail = int(doc_end[hi - 1]) - end  # tokens of the last document at or past `end`
+        if tail > 0:
+            lengths[-1] -= tail
+        parts.append((order[lo:hi], offsets, lengths))
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(np.concatenate(column) for column in zip(*parts))
 
 
-def build_pass(sources: list[Source], seeds: list[int], epoch: int) -> np.ndarray:
-    """Pass `epoch` (a PIECE table): every source's share, interleaved by progress. Each
-    column is gathered once, in pass order, straight into the column-major table."""
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in ("chunk", "source", "start", "length", "doc")}
-    progress = []
-    for i, source in enumerate(sources):
-        if source.per_pass == 0:
-            continue
+def build_pass(documents: np.ndarray, sources: list[Source], seeds: list[int], epoch: int,
+               allocate=in_memory) -> np.ndarray:
+    """Pass `epoch` (a PIECE table in `allocate`d memory): every source's share, interleaved by
+    progress. Each column is written once, in pass order; chunk and start are read from the
+    split's document table by document."""
+    def pieces(i: int):
+        source = sources[i]
         first = epoch * source.per_pass
         docs, offsets, lengths = source_pieces(source, [*seeds, i], first, first + source.per_pass)
-        columns["chunk"].append(source.chunk[docs])
-        columns["source"].append(np.full(len(docs), i, dtype=np.int64))
-        columns["start"].append(source.start[docs] + offsets)
-        columns["length"].append(lengths)
-        columns["doc"].append(docs + source.first)
+        docs += source.first
         position = np.cumsum(lengths) - lengths
-        progress.append((position + lengths / 2) / source.per_pass)
-    order = np.argsort(np.concatenate(progress), kind="stable")  # a merge of sorted runs: near linear
-    plan = np.empty((len(order), len(PIECE)), dtype=np.int64, order="F")
-    for name, parts in columns.items():
-        plan[:, PIECE[name]] = np.concatenate(parts)[order]
+        return (docs, offsets, lengths), (position + lengths / 2) / source.per_pass
+
+    built = [pieces(i) for i, source in enumerate(sources) if source.per_pass > 0]
+    runs = [run for run, _ in built]
+    order = np.argsort(np.concatenate([progress for _, progress in built]), kind="stable")  # a merge of sorted runs
+    del built
+    plan = allocate((len(order), len(PIECE)))
+    doc, start, length = (plan[:, PIECE[name]] for name in ("doc", "start", "length"))
+    for k, column in enumerate((doc, start, length)):
+        np.take(np.concatenate([run[k] for run in runs]), order, out=column)
+    del runs, order
+    start += documents[:, DOCUMENT["start"]][doc]  # start held the offsets into each document
     packed = plan[:, PIECE["packed_start"]]
-    np.cumsum(plan[:, PIECE["length"]] + 1, out=packed)
-    packed -= plan[:, PIECE["length"]] + 1
+    np.cumsum(length + 1, out=packed)
+    packed -= length + 1
     return plan
 
 
@@ -467,7 +502,7 @@ def pack(plan: Pass, first: int, out: np.ndarray, cache: ChunkCache) -> None:
     end = first + len(out)
     lo = int(np.searchsorted(plan.packed_start, first, side="right")) - 1
     hi = int(np.searchsorted(plan.packed_start, end, side="left"))
-    pieces = zip(plan.packed_start[lo:hi].tolist(), plan.chunk[lo:hi].tolist(),
+    pieces = zip(plan.packed_start[lo:hi].tolist(), plan.chunks(lo, hi).tolist(),
                  plan.start[lo:hi].tolist(), plan.length[lo:hi].tolist())
     pos = first
     for packed, chunk, start, length in pieces:
@@ -511,7 +546,8 @@ class PackedSequenceDataset(IterableDataset):
         self.plan_cache = PlanCache(cache_folder(mixture_dir, self.mixture["fingerprint"], index_cache_dir))
         self.documents = self.plan_cache.get(f"documents-{split}.npy", self._split_documents,
                                              lambda table: is_table(table, DOCUMENT))
-        totals = self.plan_cache.get(f"sources-{split}.npy", lambda: source_totals(self.documents, self.chunks),
+        totals = self.plan_cache.get(f"sources-{split}.npy",
+                                     lambda allocate: source_totals(self.documents, self.chunks),
                                      lambda t: t.shape == (len(self.mixture["sources"]), 2)
                                      and int(t[:, 0].sum()) == len(self.documents))
         self.sources = table_sources(self.documents, totals, self.mixture, split)
@@ -530,8 +566,8 @@ class PackedSequenceDataset(IterableDataset):
             raise BluesError(f"{mixture_dir}: one pass of the {split} split is shorter than "
                              f"one window of seq_len + 1 = {seq_len + 1} tokens")
 
-    def _split_documents(self) -> np.ndarray:
-        return split_documents(self.mixture, self.chunks, self.chunk_files, self.split)
+    def _split_documents(self, allocate) -> np.ndarray:
+        return split_documents(self.mixture, self.chunks, self.chunk_files, self.split, allocate)
 
     def pass_plan(self, epoch: int) -> Pass:
         """Pass `epoch`'s plan (mapped from the plan cache); the few most recently used are kept."""
@@ -540,7 +576,8 @@ class PackedSequenceDataset(IterableDataset):
         else:
             future = self._pending().pop(epoch, None)
             records = future.result() if future is not None else self._plan_records(epoch)
-            self._plans[epoch] = Pass.of(records, self.seq_len)
+            self._plans[epoch] = Pass.of(records, self.seq_len, self.documents,
+                                         np.array([source.first for source in self.sources]))
             self._n_windows[epoch] = self._plans[epoch].n_windows
             while len(self._plans) > PLANS_KEPT:
                 self._plans.popitem(last=False)
@@ -554,7 +591,8 @@ class PackedSequenceDataset(IterableDataset):
                 "length"]]) == pass_tokens_total + len(plan) - 1)
 
         prefix = f"plan-{self.split}-seed{self.seed}-pass"
-        plan = self.plan_cache.get(f"{prefix}{epoch}.npy", lambda: build_pass(self.sources, self.seeds, epoch), valid)
+        plan = self.plan_cache.get(f"{prefix}{epoch}.npy", lambda allocate: build_pass(
+            self.documents, self.sources, self.seeds, epoch, allocate), valid)
         self.plan_cache.keep_recent(f"{prefix}*.npy", PLANS_KEPT)
         return plan
 
@@ -785,9 +823,9 @@ class PackedSequenceDataset(IterableDataset):
 
     def _piece(self, plan: Pass, k: int, skip: int, stop: int, window_start: int) -> WindowPiece:
         """Piece k of the plan, its tokens [skip, stop) (of the piece) at `window_start`."""
-        _, row, start, length = self.documents[int(plan.doc[k])].tolist()
+        chunk, row, start, length = self.documents[int(plan.doc[k])].tolist()
         offset = int(plan.start[k]) - start
-        return WindowPiece(int(plan.source[k]), int(plan.chunk[k]), row, offset + skip, offset + stop,
+        return WindowPiece(plan.source(k), chunk, row, offset + skip, offset + stop,
                            length, window_start, window_start + stop - skip)
 
 

@@ -5,15 +5,18 @@ on the mixture (its fingerprint), the loader seed, the split and the pass number
 seq_len, rank or world size. They are written as NumPy `.npy` files in one folder per
 mixture fingerprint and format version:
 
-    <index_cache_dir or MIXTURE/.blues-index>/v1-<fingerprint[:32]>/documents-train.npy
+    <index_cache_dir or MIXTURE/.blues-index>/v2-<fingerprint[:32]>/documents-train.npy
                                                                  /plan-train-seed0-pass0.npy
 
 and opened with `np.load(mmap_mode="r")`, so ranks and DataLoader workers of one machine
 share one copy in the page cache and private memory does not grow with documents. A table
 is built under an exclusive lock on its own lock file (`.NAME.lock`), so ranks that start
 together build it once: the others wait, then map what the first wrote. Files are written
-to a temporary name and renamed (a reader sees a whole file or none); a file that does not
-parse, or fails its caller's check (its length, the tokens it covers), is built again.
+to a temporary name, synced and renamed (a reader sees a whole file or none); a file that does
+not parse, or fails its caller's check (its length, the tokens it covers), is built again. The
+large tables are built in place, in the temporary file mapped writable, its blocks reserved
+first (posix_fallocate: a full disk is an error there, not SIGBUS on a page written later), so
+a build neither holds them in private memory nor copies them into the page cache.
 
 The loader of a multi-rank run also keeps here each chunk's tokens, decompressed once per
 machine (`tokens-<chunk sha256>.npy`, see loader.ChunkCache).
@@ -38,8 +41,15 @@ from blues_train.io import storage
 from blues_train.io.atomic import os_error, sync_dir
 from blues_train.io.errors import BluesError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FOLDER = ".blues-index"
+Build = Callable[[Callable[..., np.ndarray]], np.ndarray]
+reserve = getattr(os, "posix_fallocate", None)  # absent on macOS: tables are built in memory, then written
+
+
+def in_memory(shape: tuple, dtype=np.int64) -> np.ndarray:
+    """An F-ordered array in private memory: `allocate` where no file is written."""
+    return np.empty(shape, dtype=dtype, order="F")
 
 
 def cache_folder(mixture_dir, fingerprint: str, index_cache_dir=None) -> Path:
@@ -60,9 +70,12 @@ class PlanCache:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
-    def get(self, name: str, build: Callable[[], np.ndarray], valid: Callable[[np.ndarray], bool]) -> np.ndarray:
-        """Array `name`: mapped from the folder when present and `valid`, else `build()` (once
-        across processes sharing the folder), written, and mapped."""
+    def get(self, name: str, build: Build, valid: Callable[[np.ndarray], bool]) -> np.ndarray:
+        """Array `name`: mapped from the folder when present and `valid`, else `build(allocate)`
+        (once across processes sharing the folder), written, and mapped. `build` returns the
+        array to write: one it computed, or the one `allocate(shape, dtype)` gave it to fill, an
+        F-ordered array mapped on the file being written (a large table is written in place,
+        never copied through private memory)."""
         found = self._load(name, valid)
         if found is not None:
             self._mark_used(name)
@@ -70,7 +83,7 @@ class PlanCache:
         with self._lock(name):
             found = self._load(name, valid)  # another process may have built it meanwhile
             if found is None:
-                self._save(name, build())
+                self._save(name, build)
                 found = self._load(name, valid)
         if found is None:
             raise BluesError(f"{self.folder / name}: written but unreadable; check the disk, or give "
@@ -115,19 +128,37 @@ class PlanCache:
             return None  # truncated or damaged: built again
         return array if valid(array) else None
 
-    def _save(self, name: str, array: np.ndarray) -> None:
+    def _save(self, name: str, build: Build) -> None:
         path = self.folder / name
         temp = self.folder / f".{name}.{os.getpid()}.tmp"
+        mapped: list[np.ndarray] = []
+
+        def allocate(shape: tuple, dtype=np.int64) -> np.ndarray:
+            if reserve is None or not np.prod(shape):
+                return in_memory(shape, dtype)
+            array = np.lib.format.open_memmap(temp, mode="w+", dtype=dtype, shape=shape, fortran_order=True)
+            with open(temp, "r+b") as fh:  # a full disk fails here, not as SIGBUS on a page written later
+                reserve(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+            mapped.append(array)
+            return array
+
         try:
-            with open(temp, "wb") as fh:
-                np.save(fh, array, allow_pickle=False)
-                fh.flush()
-                os.fsync(fh.fileno())
+            array = build(allocate)
+            if mapped and array is mapped[0]:
+                array.flush()
+                with open(temp, "r+b") as fh:
+                    os.fsync(fh.fileno())
+            else:
+                with open(temp, "wb") as fh:
+                    np.save(fh, array, allow_pickle=False)
+                    fh.flush()
+                    os.fsync(fh.fileno())
             os.replace(temp, path)
             sync_dir(self.folder)
         except OSError as exc:
-            temp.unlink(missing_ok=True)
             raise os_error(exc, path, "writing the loader's index cache (--index_cache_dir)") from None
+        finally:
+            temp.unlink(missing_ok=True)
 
     def _lock(self, name: str):
         return FileLock(self.folder / f".{name}.lock")
