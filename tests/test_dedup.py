@@ -192,13 +192,24 @@ def deduplicated_mixture(planted, result):
     return out
 
 
-def trained_documents(mixture_dir, split: str) -> set:
+def trained_documents(mixture_dir, split: str, index_cache_dir=None) -> set:
     """(store letter, record index) of every document in one pass of the split."""
     from blues_train.mixture.loader import PackedSequenceDataset
 
-    data = PackedSequenceDataset(mixture_dir, seq_len=64, split=split)
+    data = PackedSequenceDataset(mixture_dir, seq_len=64, split=split, index_cache_dir=index_cache_dir)
     pieces = [p for w in range(data.num_windows(0)) for p in data.window_pieces(w)]
     return {(d.dataset[-1], d.index) for d in data.document_ids(pieces)}
+
+
+def test_removed_documents_are_the_same_read_a_chunk_at_a_time(deduplicated_mixture, monkeypatch, tmp_path):
+    """The split's documents are read a batch of chunks at a time; a batch of one chunk removes
+    the same documents as a batch of a whole store."""
+    from blues_train.mixture import loader
+
+    whole = {split: trained_documents(deduplicated_mixture, split, tmp_path / "whole") for split in ("train", "val")}
+    monkeypatch.setattr(loader, "BATCH_DOCUMENTS", 1)
+    for split in ("train", "val"):
+        assert trained_documents(deduplicated_mixture, split, tmp_path / "one") == whole[split]
 
 
 def test_merge_records_the_result_and_shares_are_over_what_remains(planted, result, deduplicated_mixture):

@@ -79,3 +79,23 @@ def test_source_pieces_are_todays_at_any_cut():
         for a, b in zip(reference_loader.source_pieces(old, [1, 2], first, end),
                         loader.source_pieces(new, [1, 2], first, end)):
             assert np.array_equal(a, b), (first, end)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, "all"])
+def test_documents_are_todays_read_in_any_batches(mixture_dir, tmp_path, monkeypatch, chunks):
+    """The split's document table, read a batch of chunks at a time (one chunk, two, all of a
+    store), holds today's documents of each source."""
+    from blues_train.data import store
+    from blues_train.mixture import loader
+    from blues_train.mixture.spec import read_mixture
+
+    first_store = store.read_manifest(read_mixture(mixture_dir)["sources"][0]["path"])
+    batch = {1: 1, 2: first_store["chunks"][0]["n_docs"] + 1, "all": 1 << 40}[chunks]
+    monkeypatch.setattr(loader, "BATCH_DOCUMENTS", batch)
+    for split in ("train", "val"):
+        old = reference_loader.PackedSequenceDataset(mixture_dir, 64, split=split)
+        new = PackedSequenceDataset(mixture_dir, 64, split=split, index_cache_dir=tmp_path)
+        assert len(first_store["chunks"]) > 2
+        for a, b in zip(old.sources, new.sources):
+            for column in ("chunk", "start", "length", "row"):
+                assert np.array_equal(getattr(a, column), getattr(b, column)), (split, column)

@@ -311,12 +311,14 @@ def split_batches(mixture: dict, chunks: MixtureChunks, files: ChunkFiles | None
     for source, manifest in enumerate(chunks.manifests):
         bases = np.array([source_base(s["sha256"]) for s in manifest["sources"]], dtype=np.uint64)
         batch: list[tuple[int, np.ndarray]] = []
+        pending = 0  # index records in the batch
         for number in range(bounds[source], bounds[source + 1]):
             batch.append((number, chunk_index(mixture, chunks, files, number)))
-            if sum(len(records) for _, records in batch) >= BATCH_DOCUMENTS or number + 1 == bounds[source + 1]:
+            pending += len(batch[-1][1])
+            if pending >= BATCH_DOCUMENTS or number + 1 == bounds[source + 1]:
                 yield source, batch_documents(batch, chunks, bases, fraction, split,
                                               removed[source] if removed else {})
-                batch = []
+                batch, pending = [], 0
 
 
 def batch_documents(batch: list[tuple[int, np.ndarray]], chunks: MixtureChunks, bases: np.ndarray,
