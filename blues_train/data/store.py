@@ -65,11 +65,10 @@ def read_manifest(store_dir) -> dict:
             f"(this Blues reads {FORMAT_VERSION}); prepare the dataset again"
         )
     validated(StoreManifest, manifest, f"{path}: ", advice="; prepare the dataset again")
-    for number, chunk in enumerate(manifest["chunks"]):  # and no symbolic link leads out of the store
-        storage.inside(store_dir, chunk["file"], f"{path}: chunks[{number}].file", "prepare the dataset again")
-        if "index" in chunk:
-            storage.inside(store_dir, chunk["index"]["file"], f"{path}: chunks[{number}].index.file",
-                           "prepare the dataset again")
+    named = [(chunk["file"], f"{path}: chunks[{number}].file") for number, chunk in enumerate(manifest["chunks"])]
+    named += [(chunk["index"]["file"], f"{path}: chunks[{number}].index.file")
+              for number, chunk in enumerate(manifest["chunks"]) if "index" in chunk]
+    storage.all_inside(store_dir, named, "prepare the dataset again")  # no symbolic link leads out of the store
     return manifest
 
 

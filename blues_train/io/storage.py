@@ -71,9 +71,10 @@ def path(given):
 def is_plain_name(name, subpaths: bool = False) -> bool:
     """A name read from a file that may become a path: not empty, '.' or '..', no '/', no
     backslash, no NUL; with `subpaths` a relative path (`universal/x`) every part of which is so."""
-    parts = name.split("/") if subpaths and isinstance(name, str) else [name]
-    return isinstance(name, str) and all(
-        part not in ("", ".", "..") and not any(c in part for c in "/\\\0") for part in parts)
+    if not isinstance(name, str):
+        return False
+    return all(part not in ("", ".", "..") and "/" not in part and "\\" not in part and "\0" not in part
+               for part in (name.split("/") if subpaths else (name,)))
 
 
 def inside(folder, name, entry: str, advice: str, subpaths: bool = False):
@@ -91,6 +92,29 @@ def inside(folder, name, entry: str, advice: str, subpaths: bool = False):
             and not target.resolve().is_relative_to(Path(folder).resolve()):
         raise BluesError(f"{entry} {name!r}: leads outside {folder} through a symbolic link; {advice}")
     return target
+
+
+def all_inside(folder, named, advice: str) -> None:
+    """`inside` for many (name, entry) pairs of one folder, whose symbolic links are listed once
+    (a start-up checks thousands of chunk names): only a link, or a name that is not plain, is
+    looked at further."""
+    links = symbolic_links(folder)
+    for name, entry in named:
+        if links is None or name in links or not is_plain_name(name):
+            inside(folder, name, entry, advice)
+
+
+def symbolic_links(folder) -> set[str] | None:
+    """The names of a local folder's symbolic links (none on object storage); None when the
+    folder cannot be listed (each name is then checked alone)."""
+    target = path(folder)
+    if not isinstance(target, Path):
+        return set()
+    try:
+        with os.scandir(target) as entries:
+            return {entry.name for entry in entries if entry.is_symlink()}
+    except OSError:
+        return None
 
 
 def is_remote(given) -> bool:

@@ -265,8 +265,9 @@ class MixtureChunks:
     @classmethod
     def of(cls, mixture: dict) -> "MixtureChunks":
         manifests = [source_manifest(entry) for entry in mixture["sources"]]
-        listed = [(i, k, store.chunk_path(entry["path"], chunk), chunk)
-                  for i, (entry, manifest) in enumerate(zip(mixture["sources"], manifests))
+        folders = [storage.path(entry["path"]) for entry in mixture["sources"]]
+        listed = [(i, k, store.chunk_path(folder, chunk), chunk)
+                  for i, (folder, manifest) in enumerate(zip(folders, manifests))
                   for k, chunk in enumerate(manifest["chunks"])]
         return cls(manifests, [path for _, _, path, _ in listed], [c["n_tokens"] for *_, c in listed],
                    [(c["sha256"], c["bytes"]) for *_, c in listed], [(i, k) for i, k, _, _ in listed])
