@@ -126,7 +126,7 @@ class PlanCache:
             return None
         except (ValueError, OSError, EOFError):
             return None  # truncated or damaged: built again
-        return array if valid(array) else None
+        return np.asarray(array) if valid(array) else None  # a plain view: memmap's slicing costs microseconds
 
     def _save(self, name: str, build: Build) -> None:
         path = self.folder / name
