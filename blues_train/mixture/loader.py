@@ -644,11 +644,12 @@ class PackedSequenceDataset(IterableDataset):
         offset = self._taken * self.world_size  # global windows since self._start
         epoch, window = self.advance(self._start, offset)
         stream = np.empty(self.block_windows * self.seq_len + 1, dtype=np.uint32)  # reused
+        block = self.block_windows * self.world_size  # global windows: about block_windows of this rank's
         while True:
-            stop = min(window + self.block_windows, self.num_windows(epoch))
+            stop = min(window + block, self.num_windows(epoch))
             if cache.files is not None:  # this block's chunks, then the next block's, in the background
                 self._prefetch(cache, epoch, window, stop - window)
-                self._prefetch(cache, *self.advance((epoch, window), stop - window), self.block_windows)
+                self._prefetch(cache, *self.advance((epoch, window), stop - window), block)
             if window >= self.num_windows(epoch) // 2:  # half a pass to build the next one in
                 self._plan_ahead(epoch + 1)
             mine = np.flatnonzero(self._is_mine(offset + np.arange(stop - window), worker_id, n_workers))
