@@ -65,6 +65,7 @@ PLANS_KEPT = 3  # pass plans a loader keeps mapped, and the cache keeps on disk 
 TOKEN_FILE_PREFIX = "tokens-"
 TOKEN_FILES_KEPT = 32  # uncompressed chunk token files kept on disk per mixture (ChunkCache)
 BATCH_DOCUMENTS = 1 << 18  # index records read and filtered together (split_batches)
+PACK_RUNS = 32  # runs of a rank's consecutive windows packed together (with many ranks: windows)
 
 
 @dataclass
@@ -500,23 +501,32 @@ def realized_shares(mixture: dict, split: str = "train") -> tuple[list[float], l
     return (np.array(per_pass) / sum(per_pass)).tolist(), tokens
 
 
-def pack(plan: Pass, first: int, out: np.ndarray, cache: ChunkCache) -> None:
-    """Fill `out` with the pass's packed stream (documents joined by EOT) from token `first`."""
-    end = first + len(out)
-    lo = int(np.searchsorted(plan.packed_start, first, side="right")) - 1
-    hi = int(np.searchsorted(plan.packed_start, end, side="left"))
-    pieces = zip(plan.packed_start[lo:hi].tolist(), plan.chunks(lo, hi).tolist(),
-                 plan.start[lo:hi].tolist(), plan.length[lo:hi].tolist())
-    pos = first
-    for packed, chunk, start, length in pieces:
-        skip = pos - packed
-        if skip < length:
-            take = min(length - skip, end - pos)
-            out[pos - first: pos - first + take] = cache.get(chunk)[start + skip: start + skip + take]
-            pos += take
-        if pos < end:
-            out[pos - first] = EOT_ID
-            pos += 1
+def pack(plan: Pass, firsts: np.ndarray, spans: np.ndarray, out: np.ndarray, cache: ChunkCache) -> None:
+    """Fill `out` with runs of the pass's packed stream (documents joined by EOT), one after
+    another: run r is the stream's tokens [firsts[r], firsts[r] + spans[r]). The pieces of all
+    runs are found and read from the plan at once (a rank of many reads scattered windows)."""
+    ends = firsts + spans
+    lo = np.searchsorted(plan.packed_start, firsts, side="right") - 1
+    counts = np.searchsorted(plan.packed_start, ends, side="left") - lo
+    pieces = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+    packed, chunks, starts, lengths = (column.tolist() for column in (
+        plan.packed_start[pieces], plan.documents[:, DOCUMENT["chunk"]][plan.doc[pieces]],
+        plan.start[pieces], plan.length[pieces]))
+    k = at = 0
+    for first, end, count in zip(firsts.tolist(), ends.tolist(), counts.tolist()):
+        pos = first
+        for j in range(k, k + count):
+            skip = pos - packed[j]
+            if skip < lengths[j]:
+                take = min(lengths[j] - skip, end - pos)
+                start = starts[j] + skip
+                out[at + pos - first: at + pos - first + take] = cache.get(chunks[j])[start: start + take]
+                pos += take
+            if pos < end:
+                out[at + pos - first] = EOT_ID
+                pos += 1
+        k += count
+        at += end - first
 
 
 class PackedSequenceDataset(IterableDataset):
@@ -643,8 +653,9 @@ class PackedSequenceDataset(IterableDataset):
         cache = self._chunk_cache()
         offset = self._taken * self.world_size  # global windows since self._start
         epoch, window = self.advance(self._start, offset)
-        stream = np.empty(self.block_windows * self.seq_len + 1, dtype=np.uint32)  # reused
+        stream = np.empty((self.block_windows + 1) * (self.seq_len + 1), dtype=np.uint32)  # reused
         block = self.block_windows * self.world_size  # global windows: about block_windows of this rank's
+        L = self.seq_len
         while True:
             stop = min(window + block, self.num_windows(epoch))
             if cache.files is not None:  # this block's chunks, then the next block's, in the background
@@ -653,13 +664,19 @@ class PackedSequenceDataset(IterableDataset):
             if window >= self.num_windows(epoch) // 2:  # half a pass to build the next one in
                 self._plan_ahead(epoch + 1)
             mine = np.flatnonzero(self._is_mine(offset + np.arange(stop - window), worker_id, n_workers))
-            for run in np.split(mine, np.flatnonzero(np.diff(mine) > 1) + 1) if len(mine) else []:
-                span = (len(run) - 1) * self.seq_len + self.seq_len + 1  # this rank's consecutive windows
-                pack(self.pass_plan(epoch), (window + run[0]) * self.seq_len, stream[:span], cache)
-                for row in range(len(run)):
-                    self._taken += 1
-                    start = row * self.seq_len
-                    yield torch.from_numpy(stream[start: start + self.seq_len + 1].astype(np.int64))
+            breaks = np.flatnonzero(np.diff(mine) > 1) + 1
+            runs = np.split(mine, breaks) if len(mine) else []  # this rank's consecutive windows
+            for group in range(0, len(runs), PACK_RUNS):
+                firsts = np.array([(window + int(run[0])) * L for run in runs[group: group + PACK_RUNS]])
+                sizes = [len(run) for run in runs[group: group + PACK_RUNS]]
+                spans = np.array(sizes) * L + 1
+                pack(self.pass_plan(epoch), firsts, spans, stream, cache)
+                at = 0
+                for size, span in zip(sizes, spans.tolist()):
+                    for row in range(size):
+                        self._taken += 1
+                        yield torch.from_numpy(stream[at + row * L: at + row * L + L + 1].astype(np.int64))
+                    at += span
             offset += stop - window
             epoch, window = self.advance((epoch, window), stop - window)
 
@@ -741,7 +758,7 @@ class PackedSequenceDataset(IterableDataset):
         if self._lookup_cache is None:
             self._lookup_cache = self._chunk_cache()
         out = np.empty(self.seq_len + 1, dtype=np.uint32)
-        pack(self.pass_plan(epoch), in_pass * self.seq_len, out, self._lookup_cache)
+        pack(self.pass_plan(epoch), np.array([in_pass * self.seq_len]), np.array([len(out)]), out, self._lookup_cache)
         return out
 
     def document_ids(self, documents) -> list[DocumentId]:
