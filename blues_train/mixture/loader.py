@@ -666,10 +666,12 @@ class PackedSequenceDataset(IterableDataset):
             mine = np.flatnonzero(self._is_mine(offset + np.arange(stop - window), worker_id, n_workers))
             breaks = np.flatnonzero(np.diff(mine) > 1) + 1
             runs = np.split(mine, breaks) if len(mine) else []  # this rank's consecutive windows
-            for group in range(0, len(runs), PACK_RUNS):
-                firsts = np.array([(window + int(run[0])) * L for run in runs[group: group + PACK_RUNS]])
-                sizes = [len(run) for run in runs[group: group + PACK_RUNS]]
+            group, count = 0, 1  # 1, 2, 4, ... PACK_RUNS runs: the first window comes at once
+            while group < len(runs):
+                firsts = np.array([(window + int(run[0])) * L for run in runs[group: group + count]])
+                sizes = [len(run) for run in runs[group: group + count]]
                 spans = np.array(sizes) * L + 1
+                group, count = group + count, min(2 * count, PACK_RUNS)
                 pack(self.pass_plan(epoch), firsts, spans, stream, cache)
                 at = 0
                 for size, span in zip(sizes, spans.tolist()):
