@@ -159,6 +159,22 @@ def test_ranks_map_each_chunk_decompressed_once_per_machine(code_store, prose_st
     assert all(torch.equal(w, expected[2 * i + 1]) for i, w in enumerate(take(rank1, n // 2)))
 
 
+def test_a_token_file_cut_short_while_read_is_one_line(mixture, tmp_path):
+    """A rank reads the token files it opened with pread: one cut short meanwhile is an error
+    naming it, not windows of garbage."""
+    dataset = PackedSequenceDataset(mixture, 64, rank=1, world_size=2, index_cache_dir=tmp_path)
+    windows = iter(dataset)
+    next(windows)
+    files = list(tmp_path.rglob("tokens-*.npy"))
+    assert files
+    for path in files:
+        with open(path, "r+b") as fh:
+            fh.truncate(256)
+    with pytest.raises(BluesError, match="tokens-.*npy: shorter than when it was checked"):
+        for _ in range(dataset.num_windows(0)):
+            next(windows)
+
+
 def test_validation_restarts_repeat_over_many_passes(mixture):
     """What training's evaluate does: rewind to the same start, read past several passes."""
     val = PackedSequenceDataset(mixture, 64, split="val")

@@ -30,7 +30,7 @@ built from it once per machine and memory-mapped (blues_train/mixture/plan_cache
 mixture fingerprint, seed, split and pass. From the middle of a pass on, the next one's plan
 is built on a background thread; each rank packs only its own windows. With several ranks,
 each chunk is decompressed once per machine into an uncompressed token file beside the plans,
-which every rank maps and reads only its own windows' pages of (ChunkCache).
+which every rank reads only its own windows from (ChunkCache).
 """
 
 from __future__ import annotations
@@ -167,8 +167,8 @@ class ChunkCache:
 
     With `shared` (the mixture's PlanCache, for ranks of a multi-rank run), a chunk is
     decompressed once per machine into `tokens-<sha256>.npy` there, uncompressed, and every
-    rank and DataLoader worker maps that file: a rank reads only the pages of its own windows
-    (at world 64 about 1/64 of each chunk) instead of decompressing the whole chunk itself.
+    rank and DataLoader worker reads from that file only its own windows' tokens (at world 64
+    about 1/64 of each chunk), with pread, instead of decompressing the whole chunk itself.
     At most TOKEN_FILES_KEPT such files stay on disk (the ranks of a node read the same few
     chunks at a time). Where the folder cannot take them (read-only, full), chunks are
     decompressed in memory as without `shared`.
@@ -178,7 +178,7 @@ class ChunkCache:
                  chunks: list | None = None, shared: PlanCache | None = None):
         self.paths, self.n_tokens, self.capacity = paths, n_tokens, capacity
         self.files, self.chunks, self.shared = files, chunks, shared
-        self.tokens: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.tokens: OrderedDict[int, np.ndarray | TokenFile] = OrderedDict()
 
     def local_path(self, chunk: int):
         """Where chunk `chunk` is read from: its own path, or its local copy."""
@@ -190,7 +190,15 @@ class ChunkCache:
             self.files.prefetch((self.paths[c], *self.chunks[c]) for c in chunks
                                 if c not in self.tokens and isinstance(self.paths[c], storage.RemotePath))
 
-    def get(self, chunk: int) -> np.ndarray:
+    def copy(self, chunk: int, start: int, out: np.ndarray) -> None:
+        """Chunk `chunk`'s tokens [start, start + len(out)) into `out`."""
+        tokens = self.get(chunk)
+        if isinstance(tokens, TokenFile):
+            tokens.read(start, out)
+        else:
+            out[:] = tokens[start: start + len(out)]
+
+    def get(self, chunk: int) -> np.ndarray | TokenFile:
         if chunk in self.tokens:
             self.tokens.move_to_end(chunk)
             return self.tokens[chunk]
@@ -227,7 +235,31 @@ class ChunkCache:
             return None
         if built:
             self.shared.keep_recent(f"{TOKEN_FILE_PREFIX}*.npy", TOKEN_FILES_KEPT)
-        return tokens
+        if not hasattr(os, "preadv"):
+            return tokens
+        try:
+            return TokenFile(tokens.base)
+        except OSError:
+            return tokens  # pruned since it was mapped: the mapping still reads it
+
+
+class TokenFile:
+    """A chunk's token file, validated and mapped by PlanCache (`mapped`: its np.memmap), read
+    with pread: a rank of many reads a few pages of each chunk, and mapping them costs more
+    than the copies. The open file keeps the tokens readable if the file is pruned meanwhile."""
+
+    def __init__(self, mapped: np.memmap):
+        self.path, self.offset, self.itemsize = mapped.filename, mapped.offset, mapped.itemsize
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self, start: int, out: np.ndarray) -> None:
+        if os.preadv(self.fd, [out], self.offset + start * self.itemsize) != out.nbytes:
+            raise BluesError(f"{self.path}: shorter than when it was checked; it changed while training "
+                             "(delete it: it is rebuilt from its chunk)")
+
+    def __del__(self):
+        if hasattr(self, "fd"):
+            os.close(self.fd)
 
 
 def chunk_file(paths: list, files: ChunkFiles | None, chunks: list | None, chunk: int):
@@ -520,7 +552,7 @@ def pack(plan: Pass, firsts: np.ndarray, spans: np.ndarray, out: np.ndarray, cac
             if skip < lengths[j]:
                 take = min(lengths[j] - skip, end - pos)
                 start = starts[j] + skip
-                out[at + pos - first: at + pos - first + take] = cache.get(chunks[j])[start: start + take]
+                cache.copy(chunks[j], start, out[at + pos - first: at + pos - first + take])
                 pos += take
             if pos < end:
                 out[at + pos - first] = EOT_ID
