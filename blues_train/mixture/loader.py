@@ -150,9 +150,9 @@ class Pass:
         packed_end = int(packed_start[-1] + length[-1] + 1)
         return cls(doc, start, length, packed_start, max(packed_end - 1, 0) // seq_len, documents, source_firsts)
 
-    def chunks(self, lo: int, hi: int) -> np.ndarray:
-        """The chunk of each of pieces [lo, hi)."""
-        return self.documents[:, DOCUMENT["chunk"]][self.doc[lo:hi]]
+    def chunks(self, pieces) -> np.ndarray:
+        """The chunk of each of these pieces (a slice or an index array)."""
+        return self.documents[:, DOCUMENT["chunk"]][self.doc[pieces]]
 
     def source(self, k: int) -> int:
         """The mixture source of piece k."""
@@ -275,7 +275,7 @@ def plan_chunks(plan: "Pass", first: int, end: int) -> list[int]:
     """The chunks the pass's packed tokens [first, end) come from, in stream order."""
     lo = max(int(np.searchsorted(plan.packed_start, first, side="right")) - 1, 0)
     hi = int(np.searchsorted(plan.packed_start, end, side="left"))
-    return list(dict.fromkeys(plan.chunks(lo, hi).tolist()))
+    return list(dict.fromkeys(plan.chunks(slice(lo, hi)).tolist()))
 
 
 def chunk_tokens(table: pa.Table) -> np.ndarray:
@@ -542,8 +542,7 @@ def pack(plan: Pass, firsts: np.ndarray, spans: np.ndarray, out: np.ndarray, cac
     counts = np.searchsorted(plan.packed_start, ends, side="left") - lo
     pieces = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
     packed, chunks, starts, lengths = (column.tolist() for column in (
-        plan.packed_start[pieces], plan.documents[:, DOCUMENT["chunk"]][plan.doc[pieces]],
-        plan.start[pieces], plan.length[pieces]))
+        plan.packed_start[pieces], plan.chunks(pieces), plan.start[pieces], plan.length[pieces]))
     k = at = 0
     for first, end, count in zip(firsts.tolist(), ends.tolist(), counts.tolist()):
         pos = first
