@@ -48,15 +48,11 @@ def chunk_path(store_dir, chunk):
     return storage.path(store_dir) / name
 
 
-def read_manifest(store_dir) -> dict:
-    """The manifest of a finished token store; BluesError if there is none or it is broken."""
+def read_manifest(store_dir, data: bytes | None = None) -> dict:
+    """The manifest of a finished token store (`data`: its bytes, already read by
+    `manifest_bytes`); BluesError if there is none or it is broken."""
     path = storage.path(store_dir) / MANIFEST
-    if not path.is_file():
-        raise BluesError(
-            f"{store_dir} is not a token store: it has no {MANIFEST} "
-            "(never prepared, or its prepare run did not finish: run `blues prepare` again)"
-        )
-    manifest = storage.read_json(path)
+    manifest = storage.parse_json(path, manifest_bytes(store_dir) if data is None else data)
     if not isinstance(manifest, dict) or manifest.get("kind", KIND) != KIND:
         raise BluesError(f"{path}: not a token store manifest (kind {KIND!r} expected)")
     if manifest.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
@@ -70,6 +66,17 @@ def read_manifest(store_dir) -> dict:
               for number, chunk in enumerate(manifest["chunks"]) if "index" in chunk]
     storage.all_inside(store_dir, named, "prepare the dataset again")  # no symbolic link leads out of the store
     return manifest
+
+
+def manifest_bytes(store_dir) -> bytes:
+    """The bytes of a finished token store's manifest; BluesError if there is none."""
+    path = storage.path(store_dir) / MANIFEST
+    if not path.is_file():
+        raise BluesError(
+            f"{store_dir} is not a token store: it has no {MANIFEST} "
+            "(never prepared, or its prepare run did not finish: run `blues prepare` again)"
+        )
+    return storage.read_file(path)
 
 
 Sha256 = Annotated[str, Field(pattern="^[0-9a-f]{64}$")]

@@ -341,19 +341,31 @@ def read_json(given, flag: str = ""):
     """The JSON value of the file or object `given`, for every JSON file Blues reads. Unreadable,
     not UTF-8, not JSON or nested too deep to parse: one line naming it (after `flag`, the flag
     it was given as)."""
+    return parse_json(given, read_file(given, flag), flag)
+
+
+def read_file(given, flag: str = "") -> bytes:
+    """The bytes of the file or object `given`; unreadable: one line naming it (after `flag`)."""
     where = f"{flag} {given}".lstrip()
     try:
-        return json.loads(read_bytes(given).decode("utf-8"))
+        return read_bytes(given)
+    except FileNotFoundError:
+        raise BluesError(f"{where}: not found") from None
+    except OSError as exc:
+        raise os_error(exc, where, "reading") from None
+
+
+def parse_json(given, data: bytes, flag: str = ""):
+    """`read_json` of the bytes `data` read from `given`."""
+    where = f"{flag} {given}".lstrip()
+    try:
+        return json.loads(data.decode("utf-8"))
     except RecursionError:
         raise BluesError(f"{where}: not valid JSON (nested too deeply to parse)") from None
     except UnicodeDecodeError as exc:
         raise BluesError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except ValueError as exc:
         raise BluesError(f"{where}: not valid JSON ({exc})") from None
-    except FileNotFoundError:
-        raise BluesError(f"{where}: not found") from None
-    except OSError as exc:
-        raise os_error(exc, where, "reading") from None
 
 
 def open_input(given):

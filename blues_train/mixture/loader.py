@@ -51,8 +51,9 @@ from blues_train.data.tokenizer import EOT_ID
 from blues_train.io import storage
 from blues_train.io.chunk_files import ChunkFiles
 from blues_train.io.errors import BluesError
+from blues_train.mixture.mixture_chunks import MixtureChunks
 from blues_train.mixture.plan_cache import PlanCache, cache_folder, in_memory
-from blues_train.mixture.spec import held_out_by_base, read_mixture, source_base, source_manifest
+from blues_train.mixture.spec import held_out_by_base, read_mixture, source_base
 
 SPLITS = ("train", "val")
 STATE_VERSION = 1
@@ -284,37 +285,11 @@ def chunk_tokens(table: pa.Table) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-@dataclass
-class MixtureChunks:
-    """The chunks of a mixture's stores, numbered in order: their paths, sizes in tokens,
-    (sha256, bytes), and each one's store (mixture source) and number within it."""
-
-    manifests: list[dict]
-    paths: list
-    n_tokens: list[int]
-    meta: list[tuple[str, int]]
-    owner: list[tuple[int, int]]
-
-    @classmethod
-    def of(cls, mixture: dict) -> "MixtureChunks":
-        manifests = [source_manifest(entry) for entry in mixture["sources"]]
-        folders = [storage.path(entry["path"]) for entry in mixture["sources"]]
-        listed = [(i, k, store.chunk_path(folder, chunk), chunk)
-                  for i, (folder, manifest) in enumerate(zip(folders, manifests))
-                  for k, chunk in enumerate(manifest["chunks"])]
-        return cls(manifests, [path for _, _, path, _ in listed], [c["n_tokens"] for *_, c in listed],
-                   [(c["sha256"], c["bytes"]) for *_, c in listed], [(i, k) for i, k, _, _ in listed])
-
-    def source_bounds(self) -> np.ndarray:
-        """Source i's chunks are numbers [bounds[i], bounds[i + 1])."""
-        return np.cumsum([0] + [len(manifest["chunks"]) for manifest in self.manifests])
-
-
 def chunk_index(mixture: dict, chunks: MixtureChunks, files: ChunkFiles | None, number: int) -> np.ndarray:
     """Chunk `number`'s document index records (doc_index), its chunk fetched only when a store
     without a written index needs it derived."""
-    source, local = chunks.owner[number]
-    return doc_index.chunk_index(mixture["sources"][source]["path"], chunks.manifests[source], local,
+    source, local = chunks.owner(number)
+    return doc_index.chunk_index(mixture["sources"][source]["path"], chunks.manifest(source), local,
                                  lambda: chunk_file(chunks.paths, files, chunks.meta, number))
 
 
@@ -342,7 +317,8 @@ def split_batches(mixture: dict, chunks: MixtureChunks, files: ChunkFiles | None
     fraction = mixture["validation"]["fraction"]
     removed = removed_rows(mixture)
     bounds = chunks.source_bounds().tolist()
-    for source, manifest in enumerate(chunks.manifests):
+    for source in range(len(mixture["sources"])):
+        manifest = chunks.manifest(source)
         bases = np.array([source_base(s["sha256"]) for s in manifest["sources"]], dtype=np.uint64)
         batch: list[tuple[int, np.ndarray]] = []
         pending = 0  # index records in the batch
@@ -367,7 +343,7 @@ def batch_documents(batch: list[tuple[int, np.ndarray]], chunks: MixtureChunks, 
     keep = held_out_by_base(bases[records["source"]], records["index"], fraction) == (split == "val")
     keep &= lengths > 0
     for number, first, count in zip(numbers, firsts.tolist(), counts.tolist()):
-        rows = removed.get(chunks.owner[number][1])
+        rows = removed.get(chunks.owner(number)[1])
         if rows is not None:
             keep[first + rows[rows < count]] = False
     chunk_starts = np.cumsum([0] + [chunks.n_tokens[number] for number in numbers[:-1]])
@@ -422,7 +398,7 @@ def split_tokens(mixture: dict, split: str) -> list[int]:
     """Each source's tokens in `split`, from the document index a batch of chunks at a time
     (memory does not grow with documents)."""
     chunks = MixtureChunks.of(mixture)
-    files = ChunkFiles() if any(isinstance(p, storage.RemotePath) for p in chunks.paths) else None
+    files = ChunkFiles() if any(storage.is_remote(entry["path"]) for entry in mixture["sources"]) else None
     tokens = [0] * len(mixture["sources"])
     for source, documents in split_batches(mixture, chunks, files, split):
         tokens[source] += int(documents[:, DOCUMENT["length"]].sum())
@@ -585,9 +561,9 @@ class PackedSequenceDataset(IterableDataset):
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         remote = storage.is_remote(mixture_dir) or any(storage.is_remote(s["path"]) for s in self.mixture["sources"])
         self.chunk_files = chunk_files or (ChunkFiles(chunk_cache_dir, chunk_cache_bytes) if remote else None)
-        self.chunks = MixtureChunks.of(self.mixture)
-        self.chunk_paths, self.chunk_sizes, self.chunk_meta = self.chunks.paths, self.chunks.n_tokens, self.chunks.meta
         self.plan_cache = PlanCache(cache_folder(mixture_dir, self.mixture["fingerprint"], index_cache_dir))
+        self.chunks = MixtureChunks.of(self.mixture, self.plan_cache)
+        self.chunk_paths, self.chunk_sizes, self.chunk_meta = self.chunks.paths, self.chunks.n_tokens, self.chunks.meta
         self.documents = self.plan_cache.get(f"documents-{split}.npy", self._split_documents,
                                              lambda table: is_table(table, DOCUMENT))
         totals = self.plan_cache.get(f"sources-{split}.npy",
@@ -801,7 +777,7 @@ class PackedSequenceDataset(IterableDataset):
         for key in documents:
             source, chunk, row = key.document if isinstance(key, WindowPiece) else key
             record = self._chunk_index(chunk)[row]
-            raw_file = self.chunks.manifests[source]["sources"][int(record["source"])]
+            raw_file = self.chunks.manifest(source)["sources"][int(record["source"])]
             ids.append(DocumentId(str(self.mixture["sources"][source]["path"]), raw_file["path"],
                                   raw_file["sha256"], int(record["index"])))
         return ids
@@ -815,8 +791,8 @@ class PackedSequenceDataset(IterableDataset):
         index of that store's chunks. BluesError when no store of the mixture has such a
         document, or the name fits raw files of several stores."""
         matches = []
-        for i, manifest in enumerate(self.chunks.manifests):
-            for position, s in enumerate(manifest["sources"]):
+        for i in range(len(self.mixture["sources"])):
+            for position, s in enumerate(self.chunks.manifest(i)["sources"]):
                 by_hash = len(source_file) >= 8 and s["sha256"].startswith(source_file.lower())
                 if s["path"] == source_file or by_hash:
                     matches.append((i, position, s["path"]))

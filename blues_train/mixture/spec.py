@@ -143,11 +143,11 @@ def mixture_fingerprint(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def source_manifest(entry: dict) -> dict:
-    """The store manifest of a mixture source (an entry of `sources`); BluesError if the
-    store changed after merging: its fingerprint, recomputed from its tokenizer and chunk
-    hashes, is not the one the mixture recorded."""
-    manifest = store.read_manifest(entry["path"])
+def source_manifest(entry: dict, data: bytes | None = None) -> dict:
+    """The store manifest of a mixture source (an entry of `sources`; `data`: the manifest's
+    bytes, already read); BluesError if the store changed after merging: its fingerprint,
+    recomputed from its tokenizer and chunk hashes, is not the one the mixture recorded."""
+    manifest = store.read_manifest(entry["path"], data)
     current = store.store_fingerprint(manifest)
     if current != entry["fingerprint"]:
         raise BluesError(

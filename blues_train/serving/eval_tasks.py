@@ -27,7 +27,8 @@ from blues_train.data import store, tokenizer
 from blues_train.io import command_line, storage
 from blues_train.io.atomic import check_output_folder, write_atomic
 from blues_train.io.errors import BluesError
-from blues_train.mixture.loader import DOCUMENT, MixtureChunks, chunk_tokens, split_documents
+from blues_train.mixture.loader import DOCUMENT, chunk_tokens, split_documents
+from blues_train.mixture.mixture_chunks import MixtureChunks
 from blues_train.mixture.spec import read_mixture
 
 CLOZE = "blues_cloze"
