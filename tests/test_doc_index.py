@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import time
 
@@ -68,6 +69,28 @@ def test_damaged_plan_cache_is_rebuilt(tmp_path, mixture_dir):
     assert np.array_equal(windows(rebuilt, len(expected)), expected)
     assert len(np.load(plan, mmap_mode="r")) == len(first.pass_plan(0).length)
     assert not list(folder.glob(".*.tmp"))
+
+
+def test_open_hands_out_only_the_exact_array(tmp_path):
+    """`PlanCache.open` (a rank reading a token file with pread) opens a file only when it is
+    the whole array of the dtype and shape asked for; anything else goes through `get`."""
+    cache = PlanCache(tmp_path)
+    tokens = np.arange(1000, dtype=np.uint32)
+    cache.get("t.npy", lambda allocate: tokens, lambda a: True)
+    fd, offset = cache.open("t.npy", np.uint32, (1000,))
+    try:
+        out = np.empty(10, dtype=np.uint32)
+        os.preadv(fd, [out], offset + 990 * 4)
+        assert out.tolist() == tokens[990:].tolist()
+    finally:
+        os.close(fd)
+    assert cache.open("t.npy", np.uint32, (999,)) is None and cache.open("t.npy", np.int64, (1000,)) is None
+    assert cache.open("absent.npy", np.uint32, (1000,)) is None
+    path = tmp_path / "t.npy"
+    path.write_bytes(path.read_bytes()[:-4])  # cut short
+    assert cache.open("t.npy", np.uint32, (1000,)) is None
+    path.write_bytes(path.read_bytes()[:64] + b"X" + path.read_bytes()[65:] + b"\0\0\0\0")  # header damaged
+    assert cache.open("t.npy", np.uint32, (1000,)) is None
 
 
 def build_slowly(folder, log):

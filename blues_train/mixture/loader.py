@@ -191,13 +191,15 @@ class ChunkCache:
             self.files.prefetch((self.paths[c], *self.chunks[c]) for c in chunks
                                 if c not in self.tokens and isinstance(self.paths[c], storage.RemotePath))
 
-    def copy(self, chunk: int, start: int, out: np.ndarray) -> None:
-        """Chunk `chunk`'s tokens [start, start + len(out)) into `out`."""
+    def copy_many(self, chunk: int, starts: list[int], targets: list[int], sizes: list[int], out: np.ndarray) -> None:
+        """Chunk `chunk`'s tokens [starts[i], starts[i] + sizes[i]) into out[targets[i]:], for each i."""
         tokens = self.get(chunk)
         if isinstance(tokens, TokenFile):
-            tokens.read(start, out)
+            for start, target, size in zip(starts, targets, sizes):
+                tokens.read(start, out[target: target + size])
         else:
-            out[:] = tokens[start: start + len(out)]
+            for start, target, size in zip(starts, targets, sizes):
+                out[target: target + size] = tokens[start: start + size]
 
     def get(self, chunk: int) -> np.ndarray | TokenFile:
         if chunk in self.tokens:
@@ -221,10 +223,12 @@ class ChunkCache:
         return tokens
 
     def _shared(self, chunk: int) -> np.ndarray | None:
-        """Chunk `chunk`'s tokens mapped from the machine's token file (built if missing), or
-        None where the cache folder cannot hold it."""
+        """Chunk `chunk`'s tokens from the machine's token file (built if missing), or None
+        where the cache folder cannot hold it."""
         name = f"{TOKEN_FILE_PREFIX}{self.chunks[chunk][0][:32]}.npy"
-        size = self.n_tokens[chunk]
+        size = int(self.n_tokens[chunk])
+        if hasattr(os, "preadv") and (opened := self.shared.open(name, np.uint32, (size,))) is not None:
+            return TokenFile(self.shared.folder / name, *opened)
         built = not self.shared.has(name)
         try:
             tokens = self.shared.get(name, lambda allocate: self._decompress(chunk),
@@ -239,22 +243,23 @@ class ChunkCache:
         if not hasattr(os, "preadv"):
             return tokens
         try:
-            return TokenFile(tokens.base)
+            mapped = tokens.base
+            return TokenFile(mapped.filename, os.open(mapped.filename, os.O_RDONLY | os.O_CLOEXEC), mapped.offset)
         except OSError:
             return tokens  # pruned since it was mapped: the mapping still reads it
 
 
 class TokenFile:
-    """A chunk's token file, validated and mapped by PlanCache (`mapped`: its np.memmap), read
-    with pread: a rank of many reads a few pages of each chunk, and mapping them costs more
-    than the copies. The open file keeps the tokens readable if the file is pruned meanwhile."""
+    """A chunk's token file (`fd`: open on `path`, its tokens from byte `offset`), checked by
+    PlanCache and read with pread: a rank of many reads a few pages of each chunk, and mapping
+    them costs more than the copies. The open file keeps the tokens readable if the file is
+    pruned meanwhile."""
 
-    def __init__(self, mapped: np.memmap):
-        self.path, self.offset, self.itemsize = mapped.filename, mapped.offset, mapped.itemsize
-        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+    def __init__(self, path, fd: int, offset: int):
+        self.path, self.fd, self.offset = path, fd, offset
 
     def read(self, start: int, out: np.ndarray) -> None:
-        if os.preadv(self.fd, [out], self.offset + start * self.itemsize) != out.nbytes:
+        if os.preadv(self.fd, [out], self.offset + start * out.itemsize) != out.nbytes:
             raise BluesError(f"{self.path}: shorter than when it was checked; it changed while training "
                              "(delete it: it is rebuilt from its chunk)")
 
@@ -512,28 +517,27 @@ def realized_shares(mixture: dict, split: str = "train") -> tuple[list[float], l
 def pack(plan: Pass, firsts: np.ndarray, spans: np.ndarray, out: np.ndarray, cache: ChunkCache) -> None:
     """Fill `out` with runs of the pass's packed stream (documents joined by EOT), one after
     another: run r is the stream's tokens [firsts[r], firsts[r] + spans[r]). The pieces of all
-    runs are found and read from the plan at once (a rank of many reads scattered windows)."""
+    runs are found at once and read chunk by chunk (a rank of many reads scattered windows)."""
     ends = firsts + spans
     lo = np.searchsorted(plan.packed_start, firsts, side="right") - 1
     counts = np.searchsorted(plan.packed_start, ends, side="left") - lo
     pieces = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
-    packed, chunks, starts, lengths = (column.tolist() for column in (
-        plan.packed_start[pieces], plan.chunks(pieces), plan.start[pieces], plan.length[pieces]))
-    k = at = 0
-    for first, end, count in zip(firsts.tolist(), ends.tolist(), counts.tolist()):
-        pos = first
-        for j in range(k, k + count):
-            skip = pos - packed[j]
-            if skip < lengths[j]:
-                take = min(lengths[j] - skip, end - pos)
-                start = starts[j] + skip
-                cache.copy(chunks[j], start, out[at + pos - first: at + pos - first + take])
-                pos += take
-            if pos < end:
-                out[at + pos - first] = EOT_ID
-                pos += 1
-        k += count
-        at += end - first
+    first, end = np.repeat(firsts, counts), np.repeat(ends, counts)
+    base = np.repeat(np.cumsum(spans) - spans - firsts, counts)  # out[base + p] is stream position p
+    packed, length = plan.packed_start[pieces], plan.length[pieces]
+    a, b = np.maximum(packed, first), np.minimum(packed + length, end)  # the piece's tokens in its run
+    eot = packed + length  # each piece is followed by one EOT
+    out[(base + eot)[(eot >= first) & (eot < end)]] = EOT_ID
+    held = b > a
+    chunks = plan.chunks(pieces[held])
+    order = np.argsort(chunks, kind="stable")
+    targets = (base + a)[held][order].tolist()
+    sources = (plan.start[pieces] + a - packed)[held][order].tolist()
+    sizes = (b - a)[held][order].tolist()
+    chunks = chunks[order]
+    bounds = np.flatnonzero(np.diff(chunks)) + 1
+    for lo_, hi_ in zip([0, *bounds.tolist()], [*bounds.tolist(), len(chunks)]):
+        cache.copy_many(int(chunks[lo_]), sources[lo_:hi_], targets[lo_:hi_], sizes[lo_:hi_], out)
 
 
 class PackedSequenceDataset(IterableDataset):
@@ -671,17 +675,17 @@ class PackedSequenceDataset(IterableDataset):
             if window >= self.num_windows(epoch) // 2:  # half a pass to build the next one in
                 self._plan_ahead(epoch + 1)
             mine = np.flatnonzero(self._is_mine(offset + np.arange(stop - window), worker_id, n_workers))
-            breaks = np.flatnonzero(np.diff(mine) > 1) + 1
-            runs = np.split(mine, breaks) if len(mine) else []  # this rank's consecutive windows
+            breaks = np.flatnonzero(np.diff(mine) > 1) + 1  # this rank's runs of consecutive windows
+            run_firsts = (window + mine[np.r_[0, breaks]]) * L if len(mine) else mine
+            run_sizes = np.diff(np.r_[0, breaks, len(mine)])
             group, count = 0, 1  # 1, 2, 4, ... PACK_RUNS runs: the first window comes at once
-            while group < len(runs):
-                firsts = np.array([(window + int(run[0])) * L for run in runs[group: group + count]])
-                sizes = [len(run) for run in runs[group: group + count]]
-                spans = np.array(sizes) * L + 1
+            while group < len(run_firsts):
+                sizes = run_sizes[group: group + count]
+                spans = sizes * L + 1
+                pack(self.pass_plan(epoch), run_firsts[group: group + count], spans, stream, cache)
                 group, count = group + count, min(2 * count, PACK_RUNS)
-                pack(self.pass_plan(epoch), firsts, spans, stream, cache)
                 at = 0
-                for size, span in zip(sizes, spans.tolist()):
+                for size, span in zip(sizes.tolist(), spans.tolist()):
                     for row in range(size):
                         self._taken += 1
                         yield torch.from_numpy(stream[at + row * L: at + row * L + L + 1].astype(np.int64))

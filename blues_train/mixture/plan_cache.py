@@ -31,6 +31,7 @@ keeps reading it.
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 from pathlib import Path
 from typing import Callable
@@ -89,6 +90,29 @@ class PlanCache:
             raise BluesError(f"{self.folder / name}: written but unreadable; check the disk, or give "
                              "another --index_cache_dir")
         return found
+
+    def open(self, name: str, dtype, shape: tuple) -> tuple[int, int] | None:
+        """(open read-only fd, data offset) of file `name` when it holds exactly an array of
+        `dtype` and `shape` as `np.save` writes one, else None: for readers that pread a few
+        pages of many files (opening is about 10x cheaper than `get`'s mapping). The caller
+        closes the fd."""
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                      "fortran_order": False, "shape": tuple(shape)})
+        expected = header.getvalue()
+        try:
+            fd = os.open(self.folder / name, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            size = len(expected) + int(np.prod(shape)) * np.dtype(dtype).itemsize
+            if os.pread(fd, len(expected), 0) == expected and os.fstat(fd).st_size == size:
+                self._mark_used(name)
+                return fd, len(expected)
+        except OSError:
+            pass
+        os.close(fd)
+        return None
 
     def has(self, name: str) -> bool:
         """Whether the folder holds a file `name` (readable or not)."""
