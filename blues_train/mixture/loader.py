@@ -195,8 +195,7 @@ class ChunkCache:
         """Chunk `chunk`'s tokens [starts[i], starts[i] + sizes[i]) into out[targets[i]:], for each i."""
         tokens = self.get(chunk)
         if isinstance(tokens, TokenFile):
-            for start, target, size in zip(starts, targets, sizes):
-                tokens.read(start, out[target: target + size])
+            tokens.read_many(starts, targets, sizes, out)
         else:
             for start, target, size in zip(starts, targets, sizes):
                 out[target: target + size] = tokens[start: start + size]
@@ -258,8 +257,11 @@ class TokenFile:
     def __init__(self, path, fd: int, offset: int):
         self.path, self.fd, self.offset = path, fd, offset
 
-    def read(self, start: int, out: np.ndarray) -> None:
-        if os.preadv(self.fd, [out], self.offset + start * out.itemsize) != out.nbytes:
+    def read_many(self, starts: list[int], targets: list[int], sizes: list[int], out: np.ndarray) -> None:
+        """Tokens [starts[i], starts[i] + sizes[i]) into out[targets[i]:], for each i."""
+        fd, offset, item, preadv = self.fd, self.offset, out.itemsize, os.preadv
+        done = sum(preadv(fd, [out[t: t + n]], offset + s * item) for s, t, n in zip(starts, targets, sizes))
+        if done != sum(sizes) * item:
             raise BluesError(f"{self.path}: shorter than when it was checked; it changed while training "
                              "(delete it: it is rebuilt from its chunk)")
 
