@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from blues_train.mixture.loader import ChunkCache, PackedSequenceDataset
 from blues_train.mixture.merge import merge
 
 SEQ_LEN = 512
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +177,19 @@ def test_a_token_file_cut_short_while_read_is_one_line(mixture, tmp_path):
     with pytest.raises(BluesError, match="tokens-.*npy: shorter than when it was checked"):
         for _ in range(dataset.num_windows(0)):
             next(windows)
+
+
+def test_a_rank_exits_with_its_token_files_open_and_says_nothing(mixture, tmp_path):
+    """A training process ends with its loader's iterator (and the token files it has open)
+    still alive: closing them at interpreter exit must not print errors."""
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from blues_train.mixture import loader\n"
+              f"it = iter(loader.PackedSequenceDataset({str(mixture)!r}, 64, rank=1, world_size=2, "
+              f"index_cache_dir={str(tmp_path)!r}))\n"
+              "for _ in range(200): next(it)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
+    assert list(tmp_path.rglob("tokens-*.npy"))
 
 
 def test_validation_restarts_repeat_over_many_passes(mixture):

@@ -265,9 +265,9 @@ class TokenFile:
             raise BluesError(f"{self.path}: shorter than when it was checked; it changed while training "
                              "(delete it: it is rebuilt from its chunk)")
 
-    def __del__(self):
+    def __del__(self, close=os.close):  # os itself may be gone when the interpreter exits
         if hasattr(self, "fd"):
-            os.close(self.fd)
+            close(self.fd)
 
 
 def chunk_file(paths: list, files: ChunkFiles | None, chunks: list | None, chunk: int):
