@@ -534,12 +534,12 @@ def pack(plan: Pass, firsts: np.ndarray, spans: np.ndarray, out: np.ndarray, cac
     chunks = plan.chunks(pieces[held])
     order = np.argsort(chunks, kind="stable")
     targets = (base + a)[held][order].tolist()
-    sources = (plan.start[pieces] + a - packed)[held][order].tolist()
+    starts = (plan.start[pieces] + a - packed)[held][order].tolist()  # in the chunk
     sizes = (b - a)[held][order].tolist()
     chunks = chunks[order]
-    bounds = np.flatnonzero(np.diff(chunks)) + 1
-    for lo_, hi_ in zip([0, *bounds.tolist()], [*bounds.tolist(), len(chunks)]):
-        cache.copy_many(int(chunks[lo_]), sources[lo_:hi_], targets[lo_:hi_], sizes[lo_:hi_], out)
+    bounds = (np.flatnonzero(np.diff(chunks)) + 1).tolist()
+    for i, j in zip([0, *bounds], [*bounds, len(chunks)]):
+        cache.copy_many(int(chunks[i]), starts[i:j], targets[i:j], sizes[i:j], out)
 
 
 class PackedSequenceDataset(IterableDataset):
