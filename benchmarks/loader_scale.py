@@ -23,6 +23,7 @@ windows of one step) and `--document` (find a document, list its windows in pass
 
     .venv/bin/python benchmarks/loader_scale.py [--sizes 0.25,1,4] [--short] [--quick]
         [--work DIR] [--json benchmarks/results/loader_scale.json]
+    .venv/bin/python benchmarks/loader_scale.py --sizes 1 --rates 1,8,64   # windows/s only, in one process
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ PASS_TAIL = 400
 RATE_S = 3.0  # windows/s: taken for at least this long, and at least MIN_RATE_WINDOWS
 MIN_RATE_WINDOWS = 64
 SHARED_CHUNKS = 16
+RATE_CHUNKS = 128  # --rates: windows of this many chunks of the stream
 STEP_WINDOWS = 8
 
 
@@ -224,6 +226,37 @@ def bench_size(work: Path, billions: float, mean_length: float, quick: bool) -> 
     return result
 
 
+def rate_medians(work: Path, billions: float, mean_length: float, worlds: list[int], reps: int = 6) -> dict:
+    """Windows/s of rank 0 at each world size, in this one process: the median of `reps` loaders,
+    each taking rank 0's windows of the stream's first RATE_CHUNKS chunks with the token files
+    present (a first, untimed loader builds them; all of them are kept, as when the machine's
+    other ranks read the same chunks at the same time). Steadier than the fresh-process rates:
+    at world 64 about 2000 windows, not 256."""
+    import statistics
+
+    from blues_train.mixture import loader
+
+    loader.TOKEN_FILES_KEPT = max(loader.TOKEN_FILES_KEPT, 2 * RATE_CHUNKS)
+    mixture = build_mixture(work, billions, mean_length)
+    cache = work / "plans" / f"{billions:g}-{mean_length:g}"
+    result = {"tokens_billions": billions, "chunks_of_stream": RATE_CHUNKS}
+    for world in worlds:
+        n = RATE_CHUNKS * CHUNK_TOKENS // (SEQ_LEN * world)
+        rates = []
+        for rep in range(reps + 1):
+            it = iter(loader.PackedSequenceDataset(mixture, SEQ_LEN, rank=0, world_size=world, index_cache_dir=cache))
+            next(it)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                next(it)
+            if rep:
+                rates.append(n / (time.perf_counter() - t0))
+        result[f"w{world}"] = {"median": statistics.median(rates), "runs": rates}
+        print(f"  world {world:3}: median {statistics.median(rates):,.0f} windows/s of {n} "
+              f"({', '.join(f'{r:,.0f}' for r in rates)})", flush=True)
+    return result
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--measure":
         task, impl, mixture, cache, arg = sys.argv[2:7]
@@ -235,14 +268,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer measurements (no world size 64)")
     parser.add_argument("--work", default="/tmp/blues-loader-scale", help="where the synthetic stores go")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--rates", help="only windows/s of rank 0 at these world sizes (e.g. 1,8,64), "
+                        "medians of several loaders in one process")
     args = parser.parse_args()
     mean_length = 60.0 if args.short else 495.0
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
                "load_average_before": os.getloadavg()[0], "seq_len": SEQ_LEN, "rank": 0, "world_size": WORLD,
-               "sizes": [bench_size(Path(args.work), float(s), mean_length, args.quick) for s in args.sizes.split(",")]}
+               "cpus": os.cpu_count()}
+    if args.rates:
+        worlds = [int(w) for w in args.rates.split(",")]
+        results["rates"] = [rate_medians(Path(args.work), float(s), mean_length, worlds) for s in args.sizes.split(",")]
+    else:
+        results["sizes"] = [bench_size(Path(args.work), float(s), mean_length, args.quick) for s in args.sizes.split(",")]
     if args.json:
         existing = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
-        existing["short" if args.short else "default"] = results
+        existing[("short" if args.short else "default") + ("_rates" if args.rates else "")] = results
         Path(args.json).write_text(json.dumps(existing, indent=1) + "\n")
 
 
