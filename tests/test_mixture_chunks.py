@@ -103,3 +103,18 @@ def test_no_table_is_kept_for_a_store_folder_changed_just_now(mixture, tmp_path)
     (tmp_path / "code" / "notes.txt").write_text("changed now")  # within RACY_NS
     PackedSequenceDataset(mixture, SEQ_LEN, index_cache_dir=cache)
     assert [p.name.split("-")[1] for p in tables(cache)] in ([], ["1"])  # not the code store's
+
+
+def test_a_name_in_a_planted_table_never_leads_out(mixture, tmp_path, monkeypatch):
+    """A table is read from a file: one whose key fits but whose names lead out is refused
+    where a name becomes a path."""
+    monkeypatch.setattr(mixture_chunks, "RACY_NS", 0)
+    cache = tmp_path / "plans"
+    PackedSequenceDataset(mixture, SEQ_LEN, index_cache_dir=cache)
+    for table in tables(cache):
+        planted = np.load(table, allow_pickle=False).astype([("file", "U40"), ("n_tokens", "<i8"), ("bytes", "<i8"),
+                                                             ("sha256", "S64")])
+        planted["file"] = "../../outside.arrow"
+        np.save(table, planted, allow_pickle=False)
+    with pytest.raises(BluesError, match="index cache is named '../../outside.arrow', not a file name"):
+        windows(PackedSequenceDataset(mixture, SEQ_LEN, index_cache_dir=cache))

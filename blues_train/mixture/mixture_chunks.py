@@ -89,7 +89,11 @@ class ChunkPaths(Sequence):
 
     def __getitem__(self, number: int):
         source, local = self.chunks.owner(number)
-        return self.chunks.folders[source] / str(self.chunks.tables[source]["file"][local])
+        name = str(self.chunks.tables[source]["file"][local])
+        if not storage.is_plain_name(name):  # a table is read from a file: checked again where used
+            raise BluesError(f"chunk {number} of the loader's index cache is named {name!r}, not a file "
+                             "name; delete the index cache folder (--index_cache_dir) and start again")
+        return self.chunks.folders[source] / name
 
 
 class ChunkMeta(Sequence):
