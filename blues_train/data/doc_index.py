@@ -26,6 +26,7 @@ from blues_train.data import store
 from blues_train.io import storage
 from blues_train.io.atomic import os_error, write_atomic
 from blues_train.io.errors import BluesError
+from blues_train.io.npy_header import saved_header
 
 DTYPE = np.dtype([("length", "<u4"), ("source", "<u4"), ("index", "<i8")])
 SUFFIX = ".idx"
@@ -65,10 +66,7 @@ def derive_index(table, labels: list[str], where) -> bytes:
 def as_written(data: bytes, n_docs: int) -> np.ndarray | None:
     """The records of an index file whose .npy header is exactly the one `np.save` writes for
     `n_docs` records (read-only, no header parsing: a start-up reads thousands); else None."""
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(DTYPE),
-                                                  "fortran_order": False, "shape": (n_docs,)})
-    prefix = header.getvalue()
+    prefix = saved_header(DTYPE, (n_docs,))
     if len(data) != len(prefix) + n_docs * DTYPE.itemsize or not data.startswith(prefix):
         return None
     return np.frombuffer(data, dtype=DTYPE, offset=len(prefix))

@@ -323,7 +323,7 @@ def split_batches(mixture: dict, chunks: MixtureChunks, files: ChunkFiles | None
     of one store's chunks of about BATCH_DOCUMENTS index records at a time."""
     fraction = mixture["validation"]["fraction"]
     removed = removed_rows(mixture)
-    bounds = chunks.source_bounds().tolist()
+    bounds = chunks.bounds.tolist()
     for source in range(len(mixture["sources"])):
         manifest = chunks.manifest(source)
         bases = np.array([source_base(s["sha256"]) for s in manifest["sources"]], dtype=np.uint64)
@@ -377,7 +377,7 @@ def removed_rows(mixture: dict) -> list[dict[int, np.ndarray]] | None:
 def source_totals(documents: np.ndarray, chunks: MixtureChunks) -> np.ndarray:
     """(documents, tokens) of each source in a split's document table: int64, shape (sources, 2)."""
     chunk, length = documents[:, DOCUMENT["chunk"]], documents[:, DOCUMENT["length"]]
-    bounds = np.searchsorted(chunk, chunks.source_bounds()).tolist()
+    bounds = np.searchsorted(chunk, chunks.bounds).tolist()
     totals = [[hi - lo, int(length[lo:hi].sum())] for lo, hi in zip(bounds, bounds[1:])]
     return np.array(totals, dtype=np.int64).reshape(-1, 2)
 
@@ -809,7 +809,7 @@ class PackedSequenceDataset(IterableDataset):
             named = ", ".join(f"{self.mixture['sources'][i]['path']}: {label}" for i, _, label in matches[:3])
             raise BluesError(f"{source_file}: fits {len(matches)} raw files ({named}); give more of the sha256")
         source, position, label = matches[0]
-        bounds = self.chunks.source_bounds()
+        bounds = self.chunks.bounds
         for chunk in range(bounds[source], bounds[source + 1]):
             records = self._chunk_index(chunk)
             rows = np.flatnonzero((records["index"] == index) & (records["source"] == position))

@@ -42,7 +42,7 @@ class MixtureChunks:
     def __init__(self, mixture: dict, tables: list[np.ndarray], manifests: dict[int, dict]):
         self.mixture, self.tables, self._manifests = mixture, tables, manifests
         self.folders = [storage.path(entry["path"]) for entry in mixture["sources"]]
-        self.bounds = np.cumsum([0] + [len(table) for table in tables])
+        self.bounds = np.cumsum([0] + [len(table) for table in tables])  # source i: [bounds[i], bounds[i + 1])
         self.n_tokens = np.concatenate([table["n_tokens"] for table in tables] or [np.zeros(0, np.int64)])
         self.paths, self.meta = ChunkPaths(self), ChunkMeta(self)
 
@@ -72,10 +72,6 @@ class MixtureChunks:
         if source not in self._manifests:
             self._manifests[source] = source_manifest(self.mixture["sources"][source])
         return self._manifests[source]
-
-    def source_bounds(self) -> np.ndarray:
-        """Source i's chunks are numbers [bounds[i], bounds[i + 1])."""
-        return self.bounds
 
 
 class ChunkPaths(Sequence):

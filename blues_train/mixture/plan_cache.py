@@ -31,7 +31,6 @@ keeps reading it.
 from __future__ import annotations
 
 import fcntl
-import io
 import os
 from pathlib import Path
 from typing import Callable
@@ -41,6 +40,7 @@ import numpy as np
 from blues_train.io import storage
 from blues_train.io.atomic import os_error, sync_dir
 from blues_train.io.errors import BluesError
+from blues_train.io.npy_header import saved_header
 
 FORMAT_VERSION = 2
 FOLDER = ".blues-index"
@@ -96,10 +96,7 @@ class PlanCache:
         `dtype` and `shape` as `np.save` writes one, else None: for readers that pread a few
         pages of many files (opening is about 10x cheaper than `get`'s mapping). The caller
         closes the fd."""
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                      "fortran_order": False, "shape": tuple(shape)})
-        expected = header.getvalue()
+        expected = saved_header(dtype, shape)
         try:
             fd = os.open(self.folder / name, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
